@@ -1,0 +1,60 @@
+"""Shared helpers: load the agent scripts as modules, run them as programs, read their TensorBoard logs."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ["drqv2_continuous_action", "taco_continuous_action"]
+AVAILABLE_SCRIPTS = [name for name in SCRIPTS if (ROOT / f"{name}.py").exists()]
+
+# A run small enough for a CPU test: short episodes, tiny networks and batches, one evaluation episode.
+TINY_RUN = [
+    "--env-id", "cartpole_balance", "--total-timesteps", "240", "--max-episode-frames", "40",
+    "--learning-starts", "80", "--batch-size", "8", "--eval-every", "120", "--num-eval-episodes", "1",
+    "--hidden-dim", "32", "--buffer-size", "1000",
+]  # fmt: skip
+
+
+def load_script(name):
+    """Imports an agent script by file name (module-level code only: main() does not run)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture(params=AVAILABLE_SCRIPTS)
+def script(request):
+    """Each agent script in turn, as an imported module."""
+    return load_script(request.param)
+
+
+def run_script(name, args, cwd, env=None, timeout=600):
+    """Runs an agent script as a program in `cwd`; returns the completed process (output captured as text)."""
+    full_env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"), "WANDB_MODE": "offline"}
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, str(ROOT / f"{name}.py"), *args],
+        check=False,
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def read_scalars(run_dir):
+    """{tag: [(step, value), ...]} from the TensorBoard event files in run_dir."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
+    accumulator.Reload()
+    return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
