@@ -491,7 +491,7 @@ class Agent:
         return action[0].cpu().numpy()
 
     def update(self, batch: dict, step: int) -> dict:
-        """One DrQ-v2 update. Returns detached metric tensors (no host sync here)."""
+        """One DrQ-v2 update. Returns {TensorBoard tag: detached tensor} (no host sync here)."""
         batch = {k: torch.as_tensor(v, device=self.device) for k, v in batch.items()}
         obs = self.encoder(random_shift(batch["obs"].float()))
         with torch.no_grad():
@@ -500,7 +500,7 @@ class Agent:
         metrics = self.update_critic(obs, batch["action"], batch["reward"], batch["discount"], next_obs, std)
         metrics.update(self.update_actor(obs.detach(), std))
         soft_update(self.critic_target, self.critic, self.args.tau)
-        metrics["actor_std"] = torch.tensor(std)
+        metrics["charts/actor_std"] = torch.tensor(std)
         return metrics
 
     def update_critic(self, obs, action, reward, discount, next_obs, std):
@@ -514,7 +514,7 @@ class Agent:
         critic_loss.backward()
         self.critic_opt.step()
         self.encoder_opt.step()
-        return {"critic_loss": critic_loss.detach(), "q_values": q1.detach().mean()}
+        return {"losses/critic_loss": critic_loss.detach(), "losses/q_values": q1.detach().mean()}
 
     def update_actor(self, obs, std):
         action = sample_action(self.actor(obs), std, self.args.stddev_clip)
@@ -522,7 +522,7 @@ class Agent:
         self.actor_opt.zero_grad(set_to_none=True)
         actor_loss.backward()
         self.actor_opt.step()
-        return {"actor_loss": actor_loss.detach()}
+        return {"losses/actor_loss": actor_loss.detach()}
 
     def state_dict(self) -> dict:
         return {
@@ -626,8 +626,8 @@ def main(args: Args):
             writer.add_scalar("charts/episodic_return", episode_return, frame)
             writer.add_scalar("charts/episodic_length", episode_steps * args.action_repeat, frame)
             writer.add_scalar("charts/SPS", sps, frame)
-            for name, value in metrics.items():
-                writer.add_scalar(f"charts/{name}" if name == "actor_std" else f"losses/{name}", value.item(), frame)
+            for tag, value in metrics.items():  # the latest update's metrics: one host sync per episode
+                writer.add_scalar(tag, value.item(), frame)
             eta = (args.total_timesteps - frame) / sps if sps > 0 else float("inf")
             print(
                 f"frame {frame}/{args.total_timesteps} ({100 * frame / args.total_timesteps:.1f}%) | "

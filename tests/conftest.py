@@ -6,7 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ["drqv2_continuous_action", "taco_continuous_action"]
@@ -58,3 +60,25 @@ def read_scalars(run_dir):
     accumulator = EventAccumulator(str(run_dir), size_guidance={"scalars": 0})
     accumulator.Reload()
     return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
+
+
+def tiny_batch(script, batch_size=8, action_dim=1, multistep=3):
+    """A random replay batch of the script's keys, as CPU tensors (TACO's adds action_seq and future_obs)."""
+    rng = np.random.default_rng(0)
+
+    def images():
+        return torch.tensor(rng.integers(0, 256, (batch_size, 9, 84, 84)), dtype=torch.uint8)
+
+    def uniform(*shape):
+        return torch.tensor(rng.uniform(-1, 1, shape), dtype=torch.float32)
+
+    batch = {
+        "obs": images(),
+        "action": uniform(batch_size, action_dim),
+        "reward": uniform(batch_size, 1),
+        "discount": torch.full((batch_size, 1), 0.99**3),
+        "next_obs": images(),
+    }
+    if hasattr(script, "TacoHead"):
+        batch.update(action_seq=uniform(batch_size, multistep, action_dim), future_obs=images())
+    return batch

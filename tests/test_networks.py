@@ -5,6 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import tiny_batch
+
 
 def published_random_shift(x, shift, pad=4):
     """The published augmentation: replicate pad, then bilinear grid_sample by whole-pixel shifts.
@@ -93,21 +95,6 @@ def tiny_args(script, **overrides):
     return script.resolve_args(args)
 
 
-def tiny_batch(script, batch_size=16, action_dim=1):
-    rng = np.random.default_rng(0)
-    batch = {
-        "obs": rng.integers(0, 256, (batch_size, 9, 84, 84), dtype=np.uint8),
-        "action": rng.uniform(-1, 1, (batch_size, action_dim)).astype(np.float32),
-        "reward": rng.uniform(0, 1, (batch_size, 1)).astype(np.float32),
-        "discount": np.full((batch_size, 1), 0.99**3, dtype=np.float32),
-        "next_obs": rng.integers(0, 256, (batch_size, 9, 84, 84), dtype=np.uint8),
-    }
-    if hasattr(script, "TacoHead"):
-        batch["action_seq"] = rng.uniform(-1, 1, (batch_size, 3, action_dim)).astype(np.float32)
-        batch["future_obs"] = rng.integers(0, 256, (batch_size, 9, 84, 84), dtype=np.uint8)
-    return batch
-
-
 def test_update_moves_every_network_and_the_target_by_polyak(script):
     torch.manual_seed(0)
     agent = script.Agent((9, 84, 84), 1, tiny_args(script), torch.device("cpu"))
@@ -119,9 +106,9 @@ def test_update_moves_every_network_and_the_target_by_polyak(script):
         assert any(not torch.equal(a, b) for a, b in zip(snapshot[name], getattr(agent, name).parameters())), name
     for old, new, online in zip(snapshot["critic_target"], agent.critic_target.parameters(), agent.critic.parameters()):
         torch.testing.assert_close(new, 0.99 * old + 0.01 * online.detach())
-    for key in ["critic_loss", "actor_loss", "q_values", "actor_std"]:
+    for key in ["losses/critic_loss", "losses/actor_loss", "losses/q_values", "charts/actor_std"]:
         assert torch.isfinite(metrics[key]), key
-    assert metrics["actor_std"].item() == pytest.approx(1.0 + (0.1 - 1.0) * 5000 / 100_000)
+    assert metrics["charts/actor_std"].item() == pytest.approx(1.0 + (0.1 - 1.0) * 5000 / 100_000)
 
 
 def test_actor_loss_sends_no_gradient_to_the_encoder(script):

@@ -1,0 +1,777 @@
+# TACO (Zheng et al., NeurIPS 2023, arXiv 2306.13229): DrQ-v2 plus temporal action-driven contrastive learning.
+# The state at t with the next K actions must pick out the state at t+K among the batch (InfoNCE), with CURL and
+# reward prediction as auxiliary losses, and the critic scores learned latent actions.
+# One file: dm_control pixel environment, replay that stores each frame once, encoder, augmentation, losses, loop.
+# What is computed, with the published settings, is fixed in SPEC.md; docs: README.md.
+import dataclasses
+import math
+import os
+import random
+import re
+import time
+from collections import deque
+from dataclasses import dataclass
+
+os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must be set before dm_control is imported
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import tyro
+from torch import nn
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment (part of the run name)"""
+    seed: int = 1
+    """seed of the experiment (python, numpy, torch and the environment)"""
+    torch_deterministic: bool = True
+    """if toggled, sets `torch.backends.cudnn.deterministic=True`"""
+    cuda: bool = True
+    """if toggled, uses CUDA when a GPU is available (falls back to the CPU otherwise)"""
+    track: bool = False
+    """if toggled, logs to Weights and Biases (works offline with WANDB_MODE=offline)"""
+    wandb_project_name: str = "taco"
+    """the wandb project name"""
+    wandb_entity: str | None = None
+    """the entity (team) of the wandb project"""
+    capture_video: bool = False
+    """if toggled, writes the first episode of each evaluation to `videos/{run_name}/eval_{frame}.mp4`"""
+    save_model: bool = False
+    """if toggled, saves the weights and the Args to `runs/{run_name}/{exp_name}.cleanrl_model` at the end"""
+
+    # Environment
+    env_id: str = "quadruped_run"
+    """the DeepMind Control task, `domain_task` (e.g. `cartpole_swingup`, `cup_catch`, `reach_duplo`)"""
+    frame_stack: int = 3
+    """number of consecutive renders stacked into one observation"""
+    action_repeat: int = 2
+    """frames (physics steps) per agent step; rewards are summed over them"""
+    max_episode_frames: int | None = None
+    """cut episodes after this many frames (default: the task's own time limit, 1000 frames on the suite);
+    for quick tests and debugging only"""
+
+    # Budget and evaluation, all in frames (one frame = one physics step; an agent step is `action_repeat` frames)
+    total_timesteps: int | None = None
+    """total environment frames to train for (default: the task preset's budget: 1.1M easy, 3.1M medium, 30.1M hard)"""
+    learning_starts: int = 4000
+    """frames collected before the first update"""
+    eval_every: int = 10000
+    """evaluate every this many frames (and once at the end)"""
+    num_eval_episodes: int = 10
+    """episodes per evaluation, acting with the policy's mean action"""
+
+    # Algorithm
+    buffer_size: int | None = None
+    """replay capacity in transitions (default: 1e6; 1e5 for quadruped_run)"""
+    batch_size: int | None = None
+    """batch size of every update, the TACO losses' included (default: 1024)"""
+    nstep: int | None = None
+    """n of the n-step return (default: 3; 1 for walker_*)"""
+    gamma: float = 0.99
+    """the discount factor gamma"""
+    learning_rate: float | None = None
+    """Adam learning rate of the encoder, actor and critic (default: 1e-4; 8e-5 for humanoid_*)"""
+    feature_dim: int | None = None
+    """width of the actor's and critic's trunk output (default: 50; 100 for humanoid_*)"""
+    hidden_dim: int = 1024
+    """width of the hidden layers of the actor and critic MLPs"""
+    tau: float = 0.01
+    """Polyak averaging rate of the target critic"""
+    update_every_steps: int = 2
+    """update the agent every this many agent steps"""
+    num_expl_steps: int = 2000
+    """agent steps of uniformly random actions at the start"""
+    stddev_schedule: str | None = None
+    """exploration std: a number, or `linear(init,final,duration)` over agent steps
+    (default: `linear(1.0,0.1,D)` with D = 100k easy, 500k medium, 2M hard)"""
+    stddev_clip: float = 0.3
+    """clip of the policy noise when sampling actions for the losses"""
+
+    # TACO
+    multistep: int = 3
+    """K: the TACO loss predicts the state K agent steps ahead from the state and the K actions in between"""
+    latent_action_dim: int | None = None
+    """width d_u of a latent action (default: int(1.25 * action_dim) + 1)"""
+    curl: bool = True
+    """if toggled, adds the CURL loss (two augmentations of the same observation); --no-curl skips it entirely"""
+    reward_loss: bool = True
+    """if toggled, adds reward prediction from (z_t, U_t); --no-reward-loss skips it entirely"""
+
+
+# SPEC §5: per-task settings of the published runs. Preset -> (std schedule duration in agent steps, budget in frames).
+PRESETS = {"easy": (100_000, 1_100_000), "medium": (500_000, 3_100_000), "hard": (2_000_000, 30_100_000)}
+TASK_PRESET = {
+    **dict.fromkeys(
+        [
+            "cartpole_balance",
+            "cartpole_balance_sparse",
+            "cartpole_swingup",
+            "cup_catch",
+            "finger_spin",
+            "hopper_stand",
+            "pendulum_swingup",
+            "walker_stand",
+            "walker_walk",
+        ],
+        "easy",
+    ),
+    **dict.fromkeys(
+        [
+            "acrobot_swingup",
+            "acrobot_swingup_sparse",
+            "cartpole_swingup_sparse",
+            "cheetah_run",
+            "finger_turn_easy",
+            "finger_turn_hard",
+            "hopper_hop",
+            "quadruped_run",
+            "quadruped_walk",
+            "reach_duplo",
+            "reacher_easy",
+            "reacher_hard",
+            "walker_run",
+        ],
+        "medium",
+    ),
+    **dict.fromkeys(["humanoid_stand", "humanoid_walk", "humanoid_run", "manipulator_bring_ball"], "hard"),
+}
+
+
+def resolve_args(args: Args) -> Args:
+    """Fills every setting the user left unset (None) from the task's preset; what the user set wins."""
+    if args.env_id not in TASK_PRESET:
+        raise ValueError(f"unknown env_id {args.env_id!r}; valid tasks: {', '.join(sorted(TASK_PRESET))}")
+    duration, budget = PRESETS[TASK_PRESET[args.env_id]]
+    preset = {
+        "total_timesteps": budget,
+        "buffer_size": 1_000_000,
+        "batch_size": 1024,
+        "nstep": 3,
+        "learning_rate": 1e-4,
+        "feature_dim": 50,
+        "stddev_schedule": f"linear(1.0,0.1,{duration})",
+    }
+    if args.env_id.startswith("walker_"):
+        preset.update(nstep=1)  # DrQ-v2 also uses batch 512 here; TACO keeps 1024
+    if args.env_id == "quadruped_run":
+        preset.update(buffer_size=100_000)
+    if args.env_id.startswith("humanoid_"):
+        preset.update(learning_rate=8e-5, feature_dim=100)
+    args = dataclasses.replace(args, **{k: v for k, v in preset.items() if getattr(args, k) is None})
+    validate_args(args)
+    return args
+
+
+def validate_args(args: Args) -> None:
+    """Fails fast, before any environment is built, on settings that cannot work."""
+    positive = ["frame_stack", "action_repeat", "total_timesteps", "eval_every", "num_eval_episodes", "buffer_size"]
+    positive += ["batch_size", "nstep", "learning_rate", "feature_dim", "hidden_dim", "update_every_steps"]
+    positive += ["multistep"] + (["latent_action_dim"] if args.latent_action_dim is not None else [])
+    for name in positive:
+        if not getattr(args, name) > 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ["learning_starts", "num_expl_steps"]:
+        if getattr(args, name) < 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}")
+    if args.max_episode_frames is not None and args.max_episode_frames < args.action_repeat * (
+        max(args.nstep, args.multistep) + 1
+    ):
+        raise ValueError("--max-episode-frames is too short to hold one n-step and K-step transition")
+    parse_schedule(args.stddev_schedule)
+
+
+def parse_schedule(spec: str):
+    """`0.2` -> constant; `linear(init,final,duration)` -> linear interpolation over agent steps, then constant."""
+    number = r"\s*([-+0-9.eE]+)\s*"
+    try:
+        value = float(spec)
+        return lambda step: value
+    except ValueError:
+        pass
+    match = re.fullmatch(rf"linear\({number},{number},{number}\)", spec)
+    if not match:
+        raise ValueError(f"--stddev-schedule must be a number or 'linear(init,final,duration)', got {spec!r}")
+    init, final, duration = (float(g) for g in match.groups())
+    if duration <= 0:
+        raise ValueError(f"--stddev-schedule duration must be positive, got {spec!r}")
+    return lambda step: init + (final - init) * min(step / duration, 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Environment (SPEC §1): dm_control from pixels, action repeat, actions in [-1, 1], stacked renders, channels first.
+
+
+class DMCPixelEnv:
+    """A DeepMind Control task seen through 84x84 renders, with action repeat and frame stacking."""
+
+    def __init__(self, env_id, seed, action_repeat=2, frame_stack=3, max_episode_frames=None, size=84):
+        from dm_control import manipulation, suite
+
+        if env_id == "reach_duplo":
+            self._env = manipulation.load("reach_duplo_vision", seed=seed)
+            self._pixels_key = "front_close"  # the manipulation task renders its own pixels
+        else:
+            domain, task = env_id.split("_", 1)
+            domain = "ball_in_cup" if domain == "cup" else domain
+            self._env = suite.load(domain, task, task_kwargs={"random": seed}, visualize_reward=False)
+            self._pixels_key = None
+            self._camera_id = 2 if domain == "quadruped" else 0
+        spec = self._env.action_spec()
+        self._action_low, self._action_high = spec.minimum.astype(np.float32), spec.maximum.astype(np.float32)
+        self.action_dim = spec.shape[0]
+        self.frame_shape, self.observation_shape = (3, size, size), (3 * frame_stack, size, size)
+        self._size, self._action_repeat, self._max_episode_frames = size, action_repeat, max_episode_frames
+        self._frames = deque(maxlen=frame_stack)
+        self.frame = None  # the latest render, (3, size, size) uint8: what the replay stores
+
+    def _render(self, time_step) -> np.ndarray:
+        if self._pixels_key is not None:
+            pixels = time_step.observation[self._pixels_key][0]
+        else:
+            pixels = self._env.physics.render(height=self._size, width=self._size, camera_id=self._camera_id)
+        return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+    def _observation(self) -> np.ndarray:
+        return np.concatenate(self._frames, axis=0)
+
+    def reset(self) -> np.ndarray:
+        self._episode_frames = 0
+        self.frame = self._render(self._env.reset())
+        for _ in range(self._frames.maxlen):  # after a reset the first frame fills every slot
+            self._frames.append(self.frame)
+        return self._observation()
+
+    def step(self, action: np.ndarray):
+        """Returns (stacked observation, summed reward, discount, episode over)."""
+        env_action = self._action_low + (np.asarray(action, np.float32) + 1.0) / 2.0 * (
+            self._action_high - self._action_low
+        )
+        reward, discount = 0.0, 1.0
+        for _ in range(self._action_repeat):
+            time_step = self._env.step(env_action)
+            reward += (time_step.reward or 0.0) * discount
+            discount *= time_step.discount
+            self._episode_frames += 1
+            done = time_step.last() or self._episode_frames == self._max_episode_frames
+            if done:
+                break
+        self.frame = self._render(time_step)
+        self._frames.append(self.frame)
+        return self._observation(), reward, discount, done
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Replay (SPEC §2): whole episodes in a ring of frames, each frame stored once, stacks rebuilt at sampling.
+
+
+class ReplayBuffer:
+    """FIFO replay of whole episodes. Slot s of the ring holds frame o_t and, unless it is an episode's last frame,
+    the transition (a_t, r_t, d_t) taken from it. Only complete episodes are sampled."""
+
+    def __init__(self, capacity, frame_shape, action_dim, frame_stack, nstep, gamma, multistep=1, seed=0):
+        self.capacity, self.frame_stack, self.nstep, self.gamma = capacity, frame_stack, nstep, gamma
+        self.multistep = multistep
+        # An episode of T transitions stores T + 1 frames; 1% extra slots hold the episodes' last frames
+        # (exact for episodes of 100 or more steps; shorter episodes are evicted by slots before transitions).
+        self.num_slots = capacity + capacity // 100 + 1
+        self.frames = np.empty((self.num_slots, *frame_shape), dtype=np.uint8)  # pages are committed as they fill
+        self.actions = np.zeros((self.num_slots, action_dim), dtype=np.float32)
+        self.rewards = np.zeros(self.num_slots, dtype=np.float32)
+        self.discounts = np.zeros(self.num_slots, dtype=np.float32)
+        self.episodes = deque()  # (first slot, number of transitions) of complete episodes, oldest first; slots
+        self.num_transitions = 0  # count up forever and index the ring modulo num_slots
+        self._next_slot = 0
+        self._episode_start = None
+        self._sample_table = None  # cached per-episode sampling table, rebuilt when the episodes change
+        self.rng = np.random.default_rng(seed)
+
+    @property
+    def window(self) -> int:
+        """Steps after t that a sample at t reads; valid t in an episode of T transitions are 0 .. T - window."""
+        return max(self.nstep, self.multistep)
+
+    def _write_frame(self, frame):
+        while self.episodes and self.episodes[0][0] <= self._next_slot - self.num_slots:
+            self._evict_oldest()  # the slot to write still holds the oldest episode
+        if self._next_slot - self._episode_start >= self.num_slots:
+            raise ValueError(f"an episode longer than the replay ({self.num_slots} frames) cannot be stored")
+        self.frames[self._next_slot % self.num_slots] = frame
+        self._next_slot += 1
+
+    def _evict_oldest(self):
+        self.num_transitions -= self.episodes.popleft()[1]
+        self._sample_table = None
+
+    def start_episode(self, frame: np.ndarray):
+        """Stores the first frame of a new episode (an unfinished previous episode is dropped)."""
+        if self._episode_start is not None:
+            self._next_slot = self._episode_start
+        self._episode_start = self._next_slot
+        self._write_frame(frame)
+
+    def add(self, action, reward, discount, next_frame):
+        """Stores the transition from the latest frame and the frame it led to."""
+        slot = (self._next_slot - 1) % self.num_slots
+        self.actions[slot], self.rewards[slot], self.discounts[slot] = action, reward, discount
+        self._write_frame(next_frame)
+
+    def end_episode(self):
+        """Makes the current episode sampleable, then evicts the oldest episodes beyond capacity."""
+        self.episodes.append((self._episode_start, self._next_slot - 1 - self._episode_start))
+        self.num_transitions += self.episodes[-1][1]
+        self._episode_start, self._sample_table = None, None
+        while self.num_transitions > self.capacity:
+            self._evict_oldest()
+
+    def nbytes_per_transition(self) -> float:
+        """Bytes allocated per transition of capacity (frames, actions, rewards, discounts)."""
+        arrays = (self.frames, self.actions, self.rewards, self.discounts)
+        return sum(a.nbytes for a in arrays) / self.capacity
+
+    def _stack(self, slots, episode_starts):
+        """Stacked observations at absolute slots: the last `frame_stack` frames, the first one repeated."""
+        offsets = np.arange(-self.frame_stack + 1, 1)
+        idx = np.maximum(slots[:, None] + offsets, episode_starts[:, None]) % self.num_slots
+        frames = self.frames[idx]  # (B, frame_stack, 3, H, W)
+        return frames.reshape(len(slots), -1, *frames.shape[-2:])
+
+    def sample_indices(self, batch_size):
+        """Absolute slots t, uniform over every transition whose window lies inside its episode, and their
+        episodes' first slots."""
+        if self._sample_table is None:
+            starts = np.array([s for s, _ in self.episodes], dtype=np.int64)
+            valid = np.array([max(n - self.window + 1, 0) for _, n in self.episodes], dtype=np.int64)
+            self._sample_table = (starts, np.cumsum(valid))
+        starts, cumulative = self._sample_table
+        if len(cumulative) == 0 or cumulative[-1] == 0:
+            raise ValueError("the replay holds no complete episode long enough to sample from")
+        draws = self.rng.integers(0, cumulative[-1], size=batch_size)
+        episode = np.searchsorted(cumulative, draws, side="right")
+        offset_in_episode = draws - np.r_[0, cumulative][episode]
+        return starts[episode] + offset_in_episode, starts[episode]
+
+    def sample(self, batch_size):
+        """A batch of numpy arrays: obs, action, reward (n-step), discount (gamma^n times env discounts), next_obs,
+        action_seq (a_t .. a_{t+K-1}) and future_obs (the stacked observation at t+K)."""
+        slots, episode_starts = self.sample_indices(batch_size)
+        reward = np.zeros(batch_size, dtype=np.float32)
+        discount = np.ones(batch_size, dtype=np.float32)
+        for i in range(self.nstep):
+            step = (slots + i) % self.num_slots
+            reward += discount * self.rewards[step]
+            discount *= self.discounts[step] * self.gamma
+        return {
+            "obs": self._stack(slots, episode_starts),
+            "action": self.actions[slots % self.num_slots],
+            "reward": reward[:, None],
+            "discount": discount[:, None],
+            "next_obs": self._stack(slots + self.nstep, episode_starts),
+            "action_seq": self.actions[(slots[:, None] + np.arange(self.multistep)) % self.num_slots],
+            "future_obs": self._stack(slots + self.multistep, episode_starts),
+        }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Networks and augmentation (SPEC §3)
+
+
+def weight_init(m):
+    """Orthogonal weights (ReLU gain for convolutions), zero biases."""
+    if isinstance(m, nn.Linear):
+        nn.init.orthogonal_(m.weight)
+        nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Conv2d):
+        nn.init.orthogonal_(m.weight, nn.init.calculate_gain("relu"))
+        nn.init.zeros_(m.bias)
+
+
+def random_shift(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
+    """Shifts each image by a random whole number of pixels in [-pad, pad] in each axis, replicating the border.
+    The published code uses bilinear grid_sample with whole-pixel shifts, which is this crop of the padded image."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
+    shift = torch.randint(0, 2 * pad + 1, (n, 2), device=x.device)
+    rows = (torch.arange(h, device=x.device)[None, :] + shift[:, :1])[:, None, :, None]  # (n, 1, h, 1)
+    cols = (torch.arange(w, device=x.device)[None, :] + shift[:, 1:])[:, None, None, :]  # (n, 1, 1, w)
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    channel = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, channel, rows, cols]
+
+
+class Encoder(nn.Module):
+    def __init__(self, obs_shape):
+        super().__init__()
+        self.convnet = nn.Sequential(
+            nn.Conv2d(obs_shape[0], 32, 3, stride=2),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 3, stride=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 3, stride=1),
+            nn.ReLU(),
+            nn.Conv2d(32, 32, 3, stride=1),
+            nn.ReLU(),
+        )
+        side = (obs_shape[-1] - 3) // 2 + 1 - 6  # stride-2 conv, then three 3x3 convs
+        self.repr_dim = 32 * side * side  # 39 200 for 84x84 inputs
+        self.apply(weight_init)
+
+    def forward(self, obs):
+        return self.convnet(obs / 255.0 - 0.5).flatten(1)
+
+
+class Actor(nn.Module):
+    def __init__(self, repr_dim, action_dim, feature_dim, hidden_dim):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(repr_dim, feature_dim), nn.LayerNorm(feature_dim), nn.Tanh())
+        self.policy = nn.Sequential(
+            nn.Linear(feature_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, hidden_dim),
+            nn.ReLU(),
+            nn.Linear(hidden_dim, action_dim),
+        )
+        self.apply(weight_init)
+
+    def forward(self, features):
+        """The policy's mean action in [-1, 1]; its std comes from the schedule."""
+        return torch.tanh(self.policy(self.trunk(features)))
+
+
+def sample_action(mean, std, clip=None):
+    """A ~ Normal(mean, std) with the noise clipped to +-clip, clamped into [-1, 1] with a straight-through gradient."""
+    noise = torch.randn_like(mean) * std
+    if clip is not None:
+        noise = noise.clamp(-clip, clip)
+    action = mean + noise
+    eps = 1e-6
+    return action - action.detach() + action.detach().clamp(-1.0 + eps, 1.0 - eps)
+
+
+class Critic(nn.Module):
+    def __init__(self, repr_dim, action_dim, feature_dim, hidden_dim):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(repr_dim, feature_dim), nn.LayerNorm(feature_dim), nn.Tanh())
+
+        def q_head():
+            return nn.Sequential(
+                nn.Linear(feature_dim + action_dim, hidden_dim),
+                nn.ReLU(),
+                nn.Linear(hidden_dim, hidden_dim),
+                nn.ReLU(),
+                nn.Linear(hidden_dim, 1),
+            )
+
+        self.q1, self.q2 = q_head(), q_head()
+        self.apply(weight_init)
+
+    def forward(self, features, action):
+        h_action = torch.cat([self.trunk(features), action], dim=-1)
+        return self.q1(h_action), self.q2(h_action)
+
+
+@torch.no_grad()
+def soft_update(target: nn.Module, source: nn.Module, tau: float):
+    """target <- tau * source + (1 - tau) * target, parameter by parameter."""
+    for target_param, param in zip(target.parameters(), source.parameters()):
+        target_param.lerp_(param, tau)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# TACO (SPEC §4): latent actions, the state projection and predictor, and the contrastive losses
+
+
+def default_latent_action_dim(action_dim: int) -> int:
+    """d_u = int(1.25 * |A|) + 1, the published heuristic: 2, 3, 8, 16 for |A| = 1, 2, 6, 12."""
+    return int(1.25 * action_dim) + 1
+
+
+class ActionEncoder(nn.Module):
+    """g: an action -> a latent action; and the sequence encoder: K latent actions -> U_t."""
+
+    def __init__(self, action_dim, latent_dim, multistep):
+        super().__init__()
+        self.embed = nn.Sequential(nn.Linear(action_dim, 64), nn.Tanh(), nn.Linear(64, latent_dim))
+        sequence_dim = latent_dim * multistep
+        self.sequence = nn.Sequential(nn.Linear(sequence_dim, sequence_dim), nn.LayerNorm(sequence_dim), nn.Tanh())
+        self.apply(weight_init)
+
+    def forward(self, action):
+        """g(a): the latent action the critic scores."""
+        return self.embed(action)
+
+    def encode_sequence(self, action_seq):
+        """U_t from the actions a_t .. a_{t+K-1}, shape (B, K, |A|) -> (B, K * d_u)."""
+        return self.sequence(self.embed(action_seq).flatten(1))
+
+
+class TacoHead(nn.Module):
+    """The parameters only the TACO step trains: state projection h, projector G, bilinear W, reward head."""
+
+    def __init__(self, repr_dim, feature_dim, sequence_dim, hidden_dim):
+        super().__init__()
+        self.project = nn.Sequential(nn.Linear(repr_dim, feature_dim), nn.LayerNorm(feature_dim), nn.Tanh())
+        self.predictor = nn.Sequential(
+            nn.Linear(feature_dim + sequence_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, feature_dim)
+        )
+        self.reward = nn.Sequential(
+            nn.Linear(feature_dim + sequence_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, 1)
+        )
+        self.apply(weight_init)
+        self.W = nn.Parameter(torch.rand(feature_dim, feature_dim))  # uniform in [0, 1), as published
+
+
+def bilinear_logits(queries, keys, W):
+    """logits_ij = queries_i . W . keys_j, each row minus its max (which leaves the cross-entropy unchanged)."""
+    logits = queries @ W @ keys.T
+    return logits - logits.max(dim=1, keepdim=True).values
+
+
+def taco_losses(encoder, action_encoder, head, obs, action_seq, future_obs, reward, curl=True, reward_loss=True):
+    """The losses of one TACO step on float images. Returns ({tag: loss}, accuracy of the TACO logits).
+    Losses switched off are neither computed nor returned. Augmentations are drawn anchor, future, then CURL's."""
+    z_anchor = head.project(encoder(random_shift(obs)))
+    with torch.no_grad():
+        z_future = head.project(encoder(random_shift(future_obs)))
+    u = action_encoder.encode_sequence(action_seq)
+    z_u = torch.cat([z_anchor, u], dim=-1)
+    labels = torch.arange(len(obs), device=obs.device)  # the positive of row i is column i
+    logits = bilinear_logits(head.predictor(z_u), z_future, head.W)
+    losses = {"losses/taco_loss": F.cross_entropy(logits, labels)}
+    if curl:
+        with torch.no_grad():
+            z_positive = head.project(encoder(random_shift(obs)))
+        losses["losses/curl_loss"] = F.cross_entropy(bilinear_logits(z_anchor, z_positive, head.W), labels)
+    if reward_loss:
+        losses["losses/reward_loss"] = F.mse_loss(head.reward(z_u), reward)
+    accuracy = (logits.detach().argmax(dim=1) == labels).float().mean()
+    return losses, accuracy
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Agent: the networks, their optimizers, acting and the update
+
+
+class Agent:
+    def __init__(self, obs_shape, action_dim, args: Args, device):
+        self.args, self.device = args, device
+        self.encoder = Encoder(obs_shape).to(device)
+        self.actor = Actor(self.encoder.repr_dim, action_dim, args.feature_dim, args.hidden_dim).to(device)
+        latent_dim = args.latent_action_dim or default_latent_action_dim(action_dim)
+        self.action_encoder = ActionEncoder(action_dim, latent_dim, args.multistep).to(device)
+        # the critic scores latent actions g(a)
+        self.critic = Critic(self.encoder.repr_dim, latent_dim, args.feature_dim, args.hidden_dim).to(device)
+        self.critic_target = Critic(self.encoder.repr_dim, latent_dim, args.feature_dim, args.hidden_dim).to(device)
+        self.critic_target.load_state_dict(self.critic.state_dict())
+        sequence_dim = latent_dim * args.multistep
+        self.taco_head = TacoHead(self.encoder.repr_dim, args.feature_dim, sequence_dim, args.hidden_dim).to(device)
+        # the critic loss trains the encoder and g (the sequence encoder gets no gradient from it)
+        encoder_params = [*self.encoder.parameters(), *self.action_encoder.parameters()]
+        self.encoder_opt = torch.optim.Adam(encoder_params, lr=args.learning_rate)
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=args.learning_rate)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.learning_rate)
+        # the TACO step trains the encoder, g, the sequence encoder, h, G, W and the reward head
+        self.taco_opt = torch.optim.Adam([*encoder_params, *self.taco_head.parameters()], lr=args.learning_rate)
+        self.stddev = parse_schedule(args.stddev_schedule)
+
+    @torch.no_grad()
+    def act(self, obs: np.ndarray, step: int, eval_mode: bool) -> np.ndarray:
+        """Mean action for evaluation; otherwise scheduled exploration noise, uniform during the first steps."""
+        features = self.encoder(torch.as_tensor(obs, device=self.device).float()[None])
+        mean = self.actor(features)
+        if eval_mode:
+            action = mean
+        elif step < self.args.num_expl_steps:
+            action = torch.empty_like(mean).uniform_(-1.0, 1.0)
+        else:
+            action = sample_action(mean, self.stddev(step))
+        return action[0].cpu().numpy()
+
+    def update(self, batch: dict, step: int) -> dict:
+        """One TACO update: DrQ-v2's, then the TACO step. Returns {TensorBoard tag: detached tensor} (no host sync)."""
+        batch = {k: torch.as_tensor(v, device=self.device) for k, v in batch.items()}
+        obs = self.encoder(random_shift(batch["obs"].float()))
+        with torch.no_grad():
+            next_obs = self.encoder(random_shift(batch["next_obs"].float()))
+        std = self.stddev(step)
+        metrics = self.update_critic(obs, batch["action"], batch["reward"], batch["discount"], next_obs, std)
+        metrics.update(self.update_actor(obs.detach(), std))
+        soft_update(self.critic_target, self.critic, self.args.tau)
+        metrics.update(self.update_taco(batch))
+        metrics["charts/actor_std"] = torch.tensor(std)
+        return metrics
+
+    def update_critic(self, obs, action, reward, discount, next_obs, std):
+        with torch.no_grad():
+            next_action = self.action_encoder(sample_action(self.actor(next_obs), std, self.args.stddev_clip))
+            target_q = reward + discount * torch.min(*self.critic_target(next_obs, next_action))
+        q1, q2 = self.critic(obs, self.action_encoder(action))
+        critic_loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
+        self.encoder_opt.zero_grad(set_to_none=True)
+        self.critic_opt.zero_grad(set_to_none=True)
+        critic_loss.backward()
+        self.critic_opt.step()
+        self.encoder_opt.step()
+        return {"losses/critic_loss": critic_loss.detach(), "losses/q_values": q1.detach().mean()}
+
+    def update_actor(self, obs, std):
+        action = sample_action(self.actor(obs), std, self.args.stddev_clip)
+        actor_loss = -torch.min(*self.critic(obs, self.action_encoder(action))).mean()
+        self.actor_opt.zero_grad(set_to_none=True)
+        actor_loss.backward()
+        self.actor_opt.step()
+        return {"losses/actor_loss": actor_loss.detach()}
+
+    def update_taco(self, batch):
+        args = self.args
+        obs, future_obs = batch["obs"].float(), batch["future_obs"].float()
+        modules = (self.encoder, self.action_encoder, self.taco_head)
+        losses, accuracy = taco_losses(
+            *modules, obs, batch["action_seq"], future_obs, batch["reward"], args.curl, args.reward_loss
+        )
+        self.taco_opt.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        self.taco_opt.step()
+        return {**{tag: loss.detach() for tag, loss in losses.items()}, "charts/taco_accuracy": accuracy}
+
+    def state_dict(self) -> dict:
+        return {
+            "encoder": self.encoder.state_dict(),
+            "actor": self.actor.state_dict(),
+            "critic": self.critic.state_dict(),
+            "action_encoder": self.action_encoder.state_dict(),
+            "taco_head": self.taco_head.state_dict(),
+        }
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Training loop
+
+
+def evaluate(agent, env, num_episodes, step, video_path=None):
+    """Mean return of `num_episodes` episodes acting with the mean action; the first one is filmed if asked."""
+    returns, video = [], []
+    for episode in range(num_episodes):
+        obs, done, episode_return = env.reset(), False, 0.0
+        while not done:
+            if video_path and episode == 0:
+                video.append(env.frame.transpose(1, 2, 0).repeat(3, axis=0).repeat(3, axis=1))  # 84 -> 252 px
+            obs, reward, _, done = env.step(agent.act(obs, step, eval_mode=True))
+            episode_return += reward
+        returns.append(episode_return)
+    if video_path:
+        import imageio
+
+        os.makedirs(os.path.dirname(video_path), exist_ok=True)
+        imageio.mimsave(video_path, video, fps=30, macro_block_size=4)
+    return float(np.mean(returns))
+
+
+def format_duration(seconds: float) -> str:
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m" if math.isfinite(seconds) else "?"
+
+
+def main(args: Args):
+    args = resolve_args(args)  # idempotent: the command line resolves first to fail before any import or file
+    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    if args.track:
+        import wandb
+
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            save_code=True,
+        )
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(f"runs/{run_name}")
+    writer.add_text(
+        "hyperparameters",
+        "|param|value|\n|-|-|\n{}".format("\n".join(f"|{key}|{value}|" for key, value in vars(args).items())),
+    )
+
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+
+    env_kwargs = {"action_repeat": args.action_repeat, "frame_stack": args.frame_stack}
+    env_kwargs["max_episode_frames"] = args.max_episode_frames
+    env = DMCPixelEnv(args.env_id, args.seed, **env_kwargs)
+    eval_env = DMCPixelEnv(args.env_id, args.seed, **env_kwargs)
+    agent = Agent(env.observation_shape, env.action_dim, args, device)
+    replay_kwargs = {"frame_stack": args.frame_stack, "nstep": args.nstep, "gamma": args.gamma, "seed": args.seed}
+    replay_kwargs["multistep"] = args.multistep
+    rb = ReplayBuffer(args.buffer_size, env.frame_shape, env.action_dim, **replay_kwargs)
+    print(f"run {run_name} on {device}: {args.env_id}, {args.total_timesteps} frames; logs in runs/{run_name}")
+
+    total_steps = args.total_timesteps // args.action_repeat  # agent steps
+    eval_every_steps = max(args.eval_every // args.action_repeat, 1)
+    start_time = window_time = time.time()
+    window_start_frame, last_eval, metrics = 0, float("nan"), {}
+    obs, episode_return, episode_steps = env.reset(), 0.0, 0
+    rb.start_episode(env.frame)
+    for global_step in range(total_steps):
+        frame = global_step * args.action_repeat
+        if global_step % eval_every_steps == 0:
+            video_path = f"videos/{run_name}/eval_{frame}.mp4" if args.capture_video else None
+            last_eval = evaluate(agent, eval_env, args.num_eval_episodes, global_step, video_path)
+            writer.add_scalar("eval/episodic_return", last_eval, frame)
+            print(f"frame {frame}: eval return {last_eval:.1f}")
+            window_time, window_start_frame = time.time(), frame  # SPS measures training, not evaluation
+
+        action = agent.act(obs, global_step, eval_mode=False)
+        if frame >= args.learning_starts and global_step % args.update_every_steps == 0:
+            metrics = agent.update(rb.sample(args.batch_size), global_step)
+
+        obs, reward, discount, done = env.step(action)
+        rb.add(action, reward, discount, env.frame)
+        episode_return += reward
+        episode_steps += 1
+        if done:
+            frame = (global_step + 1) * args.action_repeat
+            rb.end_episode()
+            sps = (frame - window_start_frame) / (time.time() - window_time)
+            writer.add_scalar("charts/episodic_return", episode_return, frame)
+            writer.add_scalar("charts/episodic_length", episode_steps * args.action_repeat, frame)
+            writer.add_scalar("charts/SPS", sps, frame)
+            for tag, value in metrics.items():  # the latest update's metrics: one host sync per episode
+                writer.add_scalar(tag, value.item(), frame)
+            eta = (args.total_timesteps - frame) / sps if sps > 0 else float("inf")
+            print(
+                f"frame {frame}/{args.total_timesteps} ({100 * frame / args.total_timesteps:.1f}%) | "
+                f"return {episode_return:.1f} | SPS {sps:.0f} | last eval {last_eval:.1f} | "
+                f"elapsed {format_duration(time.time() - start_time)} | left {format_duration(eta)}"
+            )
+            window_time, window_start_frame = time.time(), frame
+            obs, episode_return, episode_steps = env.reset(), 0.0, 0
+            rb.start_episode(env.frame)
+
+    frame = total_steps * args.action_repeat
+    video_path = f"videos/{run_name}/eval_{frame}.mp4" if args.capture_video else None
+    last_eval = evaluate(agent, eval_env, args.num_eval_episodes, total_steps, video_path)
+    writer.add_scalar("eval/episodic_return", last_eval, frame)
+    print(f"frame {frame}: final eval return {last_eval:.1f}")
+
+    if args.save_model:
+        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
+        checkpoint = {"args": vars(args), "obs_shape": list(env.observation_shape), "action_dim": env.action_dim}
+        torch.save({**checkpoint, **agent.state_dict()}, model_path)
+        print(f"model saved to {model_path}")
+    writer.close()
+    if args.track:
+        wandb.finish()
+
+
+if __name__ == "__main__":
+    try:
+        cli_args = resolve_args(tyro.cli(Args))
+    except ValueError as error:  # bad settings: one clear line and a non-zero exit, before any work starts
+        raise SystemExit(f"error: {error}")
+    main(cli_args)
