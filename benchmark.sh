@@ -1,0 +1,231 @@
+#!/usr/bin/env bash
+# Runs a sweep of agent scripts x tasks x seeds, on this machine or as a Slurm array job, then the plotting step.
+# ./benchmark.sh --help tells how.
+set -uo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+PYTHON=${PYTHON:-$(python3 -c "import sys; print(sys.executable)")}
+
+SCRIPTS="taco_continuous_action.py drqv2_continuous_action.py"
+ENV_IDS="quadruped_run hopper_hop walker_run quadruped_walk cheetah_run finger_turn_hard acrobot_swingup reacher_hard reach_duplo"
+NUM_SEEDS=6
+FIRST_SEED=1
+OUT=benchmark
+WORKERS=1
+PLOT=1
+SLURM=0
+DRY_RUN=0
+PARTITION=""
+TIME_LIMIT="48:00:00"
+CPUS_PER_RUN=4
+GPUS_PER_RUN=1
+MEM_PER_RUN="32G"
+MAX_CONCURRENT=32
+EXTRA_ARGS=()
+
+usage() {
+  cat <<EOF
+Usage: ./benchmark.sh [options] [-- extra arguments for every run]
+
+Runs every (script, task, seed) of a sweep, then plot.py on the results.
+
+Sweep:
+  --scripts "A B"        agent scripts (default: $SCRIPTS)
+  --env-ids "A B"        tasks (default: the TACO paper's 9 tasks: $ENV_IDS)
+  --num-seeds N          seeds per (script, task) (default: $NUM_SEEDS)
+  --first-seed N         first seed; seeds are N .. N+num-seeds-1 (default: $FIRST_SEED)
+  --out DIR              where everything goes: DIR/runs (TensorBoard), DIR/logs (one log per run),
+                         DIR/plots (figures and table) (default: $OUT)
+  --no-plot              skip the plotting step
+  -- ARGS                passed to every run, e.g. -- --total-timesteps 1000000 --track
+
+Local mode (default):
+  --workers N            runs at once (default: $WORKERS); each gets OMP_NUM_THREADS = cores / N
+
+Slurm mode:
+  --slurm                submit one array job, one element per run, instead of running here
+  --partition P          partition (default: the cluster's default)
+  --time T               time limit per run (default: $TIME_LIMIT); runs get SIGUSR1 two minutes before it
+                         and are requeued (they start over until the scripts can resume from a checkpoint)
+  --cpus N               CPUs per run (default: $CPUS_PER_RUN)
+  --gpus N               GPUs per run (default: $GPUS_PER_RUN; 0 for none)
+  --mem M                memory per run (default: $MEM_PER_RUN)
+  --max-concurrent N     array elements running at once (default: $MAX_CONCURRENT)
+  --dry-run              print the job script and do not submit it
+
+Examples:
+  ./benchmark.sh --env-ids "cartpole_swingup cheetah_run" --num-seeds 3 --workers 2 -- --total-timesteps 100000
+  ./benchmark.sh --slurm --partition gpu --time 24:00:00 -- --total-timesteps 1000000 --track
+EOF
+}
+
+die() { echo "benchmark.sh: $*" >&2; exit 2; }
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -h | --help) usage; exit 0 ;;
+    --scripts) SCRIPTS=${2:?}; shift 2 ;;
+    --env-ids) ENV_IDS=${2:?}; shift 2 ;;
+    --num-seeds) NUM_SEEDS=${2:?}; shift 2 ;;
+    --first-seed) FIRST_SEED=${2:?}; shift 2 ;;
+    --out) OUT=${2:?}; shift 2 ;;
+    --workers) WORKERS=${2:?}; shift 2 ;;
+    --no-plot) PLOT=0; shift ;;
+    --slurm) SLURM=1; shift ;;
+    --partition) PARTITION=${2:?}; shift 2 ;;
+    --time) TIME_LIMIT=${2:?}; shift 2 ;;
+    --cpus) CPUS_PER_RUN=${2:?}; shift 2 ;;
+    --gpus) GPUS_PER_RUN=${2:?}; shift 2 ;;
+    --mem) MEM_PER_RUN=${2:?}; shift 2 ;;
+    --max-concurrent) MAX_CONCURRENT=${2:?}; shift 2 ;;
+    --dry-run) DRY_RUN=1; shift ;;
+    --) shift; EXTRA_ARGS=("$@"); break ;;
+    *) die "unknown option '$1' (see --help)" ;;
+  esac
+done
+
+for n in NUM_SEEDS FIRST_SEED WORKERS CPUS_PER_RUN GPUS_PER_RUN MAX_CONCURRENT; do
+  [[ ${!n} =~ ^[0-9]+$ ]] || die "$n must be a whole number, got '${!n}'"
+done
+[ "$WORKERS" -ge 1 ] && [ "$NUM_SEEDS" -ge 1 ] || die "--workers and --num-seeds must be at least 1"
+for script in $SCRIPTS; do
+  [ -f "$ROOT/$script" ] || die "no agent script '$script' in $ROOT"
+done
+
+# The sweep: one line "script task seed" per run.
+RUNS=()
+for script in $SCRIPTS; do
+  for task in $ENV_IDS; do
+    for ((seed = FIRST_SEED; seed < FIRST_SEED + NUM_SEEDS; seed++)); do
+      RUNS+=("$script $task $seed")
+    done
+  done
+done
+mkdir -p "$OUT/logs"
+OUT=$(cd "$OUT" && pwd)
+PLOT_COMMAND="$PYTHON $ROOT/plot.py --runs-dir $OUT/runs --out $OUT/plots"
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Slurm mode: one array job, one element per run.
+if [ "$SLURM" = 1 ]; then
+  job_script="$OUT/sweep.sbatch"
+  {
+    echo "#!/bin/bash"
+    echo "# ${#RUNS[@]} runs of a sweep, one array element each. Written by benchmark.sh."
+    echo "#SBATCH --job-name=taco-sweep"
+    echo "#SBATCH --array=0-$((${#RUNS[@]} - 1))%$MAX_CONCURRENT"
+    [ -n "$PARTITION" ] && echo "#SBATCH --partition=$PARTITION"
+    echo "#SBATCH --time=$TIME_LIMIT"
+    echo "#SBATCH --cpus-per-task=$CPUS_PER_RUN"
+    [ "$GPUS_PER_RUN" -gt 0 ] && echo "#SBATCH --gres=gpu:$GPUS_PER_RUN"
+    echo "#SBATCH --mem=$MEM_PER_RUN"
+    echo "#SBATCH --output=$OUT/logs/%A_%a.log"
+    echo "#SBATCH --requeue                # a preempted or timed-out element goes back in the queue"
+    echo "#SBATCH --signal=B:USR1@120      # two minutes before the time limit, tell this script"
+    echo
+    echo "# Element i of the array runs line i: script task seed."
+    echo "RUNS=("
+    printf '  "%s"\n' "${RUNS[@]}"
+    echo ")"
+    echo 'read -r script task seed <<< "${RUNS[$SLURM_ARRAY_TASK_ID]}"'
+    printf 'EXTRA_ARGS=(%s)\n' "$(printf '%q ' "${EXTRA_ARGS[@]}")"
+    echo
+    echo "cd $OUT"
+    echo 'export OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK'
+    echo 'echo "$(date) element $SLURM_ARRAY_TASK_ID (restart ${SLURM_RESTART_COUNT:-0}): $script $task seed $seed"'
+    echo
+    echo "# Near the time limit: pass the signal on to the run, then requeue this element."
+    echo 'requeue() {'
+    echo '  echo "$(date) time limit near: requeueing"'
+    echo '  kill -USR1 "$run_pid" 2>/dev/null'
+    echo '  wait "$run_pid"'
+    echo '  scontrol requeue "${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"'
+    echo '  exit 0'
+    echo '}'
+    echo 'trap requeue USR1'
+    echo "$PYTHON $ROOT/\$script --env-id \"\$task\" --seed \"\$seed\" \"\${EXTRA_ARGS[@]}\" &"
+    echo 'run_pid=$!'
+    echo 'wait "$run_pid"  # returns early when USR1 arrives; the trap then takes over'
+    echo 'status=$?'
+    echo 'echo "$(date) finished with exit code $status"'
+    echo 'exit $status'
+  } > "$job_script"
+  if [ "$DRY_RUN" = 1 ]; then
+    cat "$job_script"
+    echo "# (dry run: written to $job_script, not submitted)" >&2
+    exit 0
+  fi
+  command -v sbatch > /dev/null || die "sbatch not found: is this a Slurm login node?"
+  job_id=$(sbatch --parsable "$job_script") || die "sbatch refused $job_script"
+  job_id=${job_id%%;*}
+  echo "submitted array job $job_id: ${#RUNS[@]} runs, at most $MAX_CONCURRENT at once (job script: $job_script)"
+  echo "watch it:   squeue -j $job_id      logs: $OUT/logs/${job_id}_<element>.log"
+  if [ "$PLOT" = 1 ]; then
+    plot_id=$(sbatch --parsable --dependency=afterany:"$job_id" --job-name=taco-plot --time=01:00:00 \
+      --cpus-per-task=1 --output="$OUT/logs/plot_%j.log" --wrap="$PLOT_COMMAND") || die "could not submit the plot job"
+    echo "plots:      job ${plot_id%%;*} runs when the sweep ends; or by hand once it is done: $PLOT_COMMAND"
+  else
+    echo "plots, once the jobs are done: $PLOT_COMMAND"
+  fi
+  exit 0
+fi
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Local mode: at most WORKERS runs at once.
+cores=$(nproc)
+threads=$((cores / WORKERS > 0 ? cores / WORKERS : 1))
+declare -A NAME_OF_PID=()
+FAILED=()
+finished=0
+
+stop_children() {
+  echo "benchmark.sh: interrupted; stopping ${#NAME_OF_PID[@]} running runs" >&2
+  for pid in "${!NAME_OF_PID[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null; done
+  wait
+  exit 130
+}
+trap stop_children INT TERM
+
+reap_one() {  # waits for the next run to end and reports it
+  local pid status
+  wait -n -p pid "${!NAME_OF_PID[@]}"
+  status=$?
+  finished=$((finished + 1))
+  if [ "$status" = 0 ]; then
+    echo "[$(date +%T)] done    ($finished/${#RUNS[@]}) ${NAME_OF_PID[$pid]}"
+  else
+    echo "[$(date +%T)] FAILED  ($finished/${#RUNS[@]}) ${NAME_OF_PID[$pid]} (exit code $status, log: $OUT/logs/${NAME_OF_PID[$pid]}.log)"
+    FAILED+=("${NAME_OF_PID[$pid]}")
+  fi
+  unset "NAME_OF_PID[$pid]"
+}
+
+echo "benchmark.sh: ${#RUNS[@]} runs, $WORKERS at a time, OMP_NUM_THREADS=$threads; output in $OUT"
+for run in "${RUNS[@]}"; do
+  read -r script task seed <<< "$run"
+  while [ "${#NAME_OF_PID[@]}" -ge "$WORKERS" ]; do reap_one; done
+  name="${script%.py}__${task}__${seed}"
+  # setsid: each run leads its own process group, so Ctrl-C here stops it with all its children
+  (cd "$OUT" && OMP_NUM_THREADS=$threads exec setsid --wait "$PYTHON" "$ROOT/$script" --env-id "$task" --seed "$seed" \
+    "${EXTRA_ARGS[@]}" > "$OUT/logs/$name.log" 2>&1) &
+  NAME_OF_PID[$!]=$name
+  echo "[$(date +%T)] start   $name"
+done
+while [ "${#NAME_OF_PID[@]}" -gt 0 ]; do reap_one; done
+
+plot_status=0
+if [ "$PLOT" = 1 ]; then
+  $PLOT_COMMAND > "$OUT/logs/plot.log" 2>&1
+  plot_status=$?
+  if [ "$plot_status" = 0 ]; then
+    echo "plots: $OUT/plots/tasks.png, aggregate.png, results.md"
+  else
+    echo "the plotting step failed (log: $OUT/logs/plot.log)" >&2
+  fi
+fi
+if [ "${#FAILED[@]}" -gt 0 ]; then
+  echo "benchmark.sh: ${#FAILED[@]} of ${#RUNS[@]} runs failed: ${FAILED[*]}" >&2
+  exit 1
+fi
+echo "benchmark.sh: all ${#RUNS[@]} runs finished"
+exit "$plot_status"

@@ -1,0 +1,299 @@
+# The plotting step of a sweep: reads the TensorBoard logs of every run under a folder and writes
+#   tasks.png      one panel per task: mean return over seeds and a 95% bootstrap band, against frames,
+#                  with the DrQ-v2 authors' published curves overlaid (--reference);
+#   aggregate.png  IQM and mean of the normalised return over tasks, with 95% stratified bootstrap bands;
+#   results.md     per task and method, return at chosen budgets as mean ± standard error (seeds), and the aggregates.
+# Runs are grouped by the method (exp_name) and task (env_id) that each run logged in its hyperparameters.
+import csv
+import glob
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import tyro
+
+DEFAULT_REFERENCE = os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "..", "shared", "reference", "drqv2_curves"
+)
+REFERENCE_METHOD = "DrQ-v2 (published)"
+
+
+@dataclass
+class Args:
+    runs_dir: str = "runs"
+    """folder searched (recursively) for run directories holding TensorBoard event files"""
+    out: str = "plots"
+    """folder for tasks.png, aggregate.png and results.md"""
+    tag: str = "eval/episodic_return"
+    """the scalar to plot and tabulate"""
+    budgets: list[int] = field(default_factory=lambda: [100_000, 500_000, 1_000_000])
+    """frame budgets of the table's columns"""
+    reference: str | None = DEFAULT_REFERENCE
+    """folder of published curves (`dmc_<task>.csv`) to overlay and tabulate; `None` for none"""
+    score_scale: float = 1000.0
+    """returns are divided by this before aggregating over tasks (DeepMind Control returns lie in [0, 1000])"""
+    bootstrap_reps: int = 2000
+    """bootstrap resamples for the confidence intervals"""
+    seed: int = 0
+    """seed of the bootstrap"""
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Reading
+
+
+def parse_hyperparameters(markdown: str) -> dict:
+    """The `|param|value|` table the agent scripts log as text, back into a dict of strings."""
+    rows = [line.strip().strip("|").split("|") for line in markdown.splitlines() if line.startswith("|")]
+    return {row[0]: row[1] for row in rows[2:] if len(row) == 2}
+
+
+def read_run(run_dir: str, tag: str):
+    """(hyperparameters, frames, values) of one run; values of `tag` by frame, the last write of a frame winning."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(run_dir, size_guidance={"scalars": 0, "tensors": 0})
+    accumulator.Reload()
+    hyperparameters = {}
+    if "hyperparameters/text_summary" in accumulator.Tags()["tensors"]:
+        text = accumulator.Tensors("hyperparameters/text_summary")[0].tensor_proto.string_val[0].decode()
+        hyperparameters = parse_hyperparameters(text)
+    points = {}
+    if tag in accumulator.Tags()["scalars"]:
+        points = {event.step: event.value for event in accumulator.Scalars(tag)}
+    frames = np.array(sorted(points), dtype=np.int64)
+    return hyperparameters, frames, np.array([points[f] for f in frames], dtype=np.float64)
+
+
+def find_runs(runs_dir: str, tag: str):
+    """{(method, task): {seed: (frames, values)}} and the lines telling the user what was read and skipped."""
+    runs, report = defaultdict(dict), []
+    run_dirs = sorted({os.path.dirname(p) for p in glob.glob(f"{runs_dir}/**/events.out.tfevents.*", recursive=True)})
+    for run_dir in run_dirs:
+        hyperparameters, frames, values = read_run(run_dir, tag)
+        if not {"exp_name", "env_id", "seed"} <= set(hyperparameters):
+            report.append(f"  skipped {run_dir}: no hyperparameters table (not a run of the agent scripts)")
+        elif len(frames) == 0:
+            report.append(f"  skipped {run_dir}: no {tag}")
+        else:
+            key = (hyperparameters["exp_name"], hyperparameters["env_id"])
+            seed = int(hyperparameters["seed"])
+            if seed in runs[key]:  # a repeated seed (a re-run): keep the run that got furthest
+                report.append(f"  note: {key[0]} {key[1]} seed {seed} appears twice; keeping the longer run")
+                if runs[key][seed][0][-1] >= frames[-1]:
+                    continue
+            runs[key][seed] = (frames, values)
+            report.append(
+                f"  read {run_dir}: {key[0]} {key[1]} seed {seed}, {len(frames)} points to frame {frames[-1]}"
+            )
+    return dict(runs), report
+
+
+def read_reference(reference_dir: str | None, task: str):
+    """{seed: (frames, returns)} of the published curves of a task, or {} if there are none."""
+    path = os.path.join(reference_dir or "", f"dmc_{task}.csv")
+    if not reference_dir or not os.path.exists(path):
+        return {}
+    by_seed = defaultdict(list)
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            by_seed[int(row["seed"])].append((int(float(row["frame"])), float(row["episode_reward"])))
+    return {seed: tuple(np.array(column) for column in zip(*sorted(points))) for seed, points in by_seed.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Statistics
+
+
+def iqm(x: np.ndarray) -> float:
+    """Interquartile mean: the mean of the middle 50% (as scipy's trim_mean(x, 0.25), which rliable uses)."""
+    x = np.sort(np.ravel(x))
+    cut = int(0.25 * len(x))
+    return float(x[cut : len(x) - cut].mean())
+
+
+def bootstrap_ci(samples_by_group, statistic, reps, rng):
+    """95% percentile interval of statistic(pooled samples), resampling within each group (stratified bootstrap;
+    with one group, the plain bootstrap)."""
+    estimates = [
+        statistic(np.concatenate([g[rng.integers(0, len(g), len(g))] for g in samples_by_group])) for _ in range(reps)
+    ]
+    return np.percentile(estimates, [2.5, 97.5])
+
+
+def value_at(frames, values, budget):
+    """The last value at or before `budget`, if the run reached the budget; None otherwise."""
+    if len(frames) == 0 or frames[-1] < budget:
+        return None
+    return float(values[np.searchsorted(frames, budget, side="right") - 1])
+
+
+def curve(seeds: dict, rng, reps):
+    """Frames, mean over the seeds that reached each frame, and a 95% bootstrap band."""
+    frames = np.array(sorted({int(f) for fs, _ in seeds.values() for f in fs}))
+    means, lows, highs = [], [], []
+    for frame in frames:
+        at_frame = np.array([v[fs == frame][0] for fs, v in seeds.values() if frame in fs])
+        low, high = bootstrap_ci([at_frame], np.mean, reps, rng) if len(at_frame) > 1 else (at_frame[0],) * 2
+        means.append(at_frame.mean())
+        lows.append(low)
+        highs.append(high)
+    return frames, np.array(means), np.array(lows), np.array(highs)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Outputs
+
+
+def format_frames(frames: int) -> str:
+    if frames >= 1_000_000 and frames % 100_000 == 0:
+        return f"{frames / 1_000_000:g}M"
+    return f"{frames / 1000:g}k" if frames >= 1000 and frames % 100 == 0 else str(frames)
+
+
+def format_cell(values: list) -> str:
+    """mean ± standard error (n seeds) of the values that exist; missing runs are named, never counted as zero."""
+    present = [v for v in values if v is not None]
+    missing = len(values) - len(present)
+    if not present:
+        return f"– (none of {len(values)} reached it)"
+    cell = f"{np.mean(present):.1f} ({len(present)})"  # one seed: no standard error
+    if len(present) > 1:
+        cell = f"{np.mean(present):.1f} ± {np.std(present, ddof=1) / np.sqrt(len(present)):.1f} ({len(present)})"
+    return cell + (f", {missing} short of budget" if missing else "")
+
+
+def write_table(runs, references, args, rng) -> str:
+    methods = sorted({method for method, _ in runs})
+    tasks = sorted({task for _, task in runs})
+    header = "| task | method | " + " | ".join(f"{format_frames(b)} frames" for b in args.budgets) + " |"
+    lines = [f"Return ({args.tag}) at each budget: mean ± standard error (seeds).", "", header]
+    lines.append("|" + " --- |" * (2 + len(args.budgets)))
+    for task in tasks:
+        rows = [(m, runs[(m, task)]) for m in methods if (m, task) in runs]
+        if references.get(task):
+            rows.append((REFERENCE_METHOD, references[task]))
+        for method, seeds in rows:
+            cells = [format_cell([value_at(f, v, b) for f, v in seeds.values()]) for b in args.budgets]
+            lines.append(f"| {task} | {method} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        f"Aggregate over tasks of return / {args.score_scale:g}: point estimate [95% stratified bootstrap CI].",
+        "",
+    ]
+    lines += ["| method | statistic | " + " | ".join(f"{format_frames(b)} frames" for b in args.budgets) + " |"]
+    lines.append("|" + " --- |" * (2 + len(args.budgets)))
+    for method in methods:
+        for name, statistic in [("IQM", iqm), ("mean", np.mean)]:
+            cells = []
+            for budget in args.budgets:
+                groups = aggregate_groups(runs, method, tasks, budget, args.score_scale)
+                if groups is None:
+                    cells.append("– (a task has no run at this budget)")
+                    continue
+                low, high = bootstrap_ci(groups, statistic, args.bootstrap_reps, rng)
+                cells.append(f"{statistic(np.concatenate(groups)):.3f} [{low:.3f}, {high:.3f}]")
+            lines.append(f"| {method} | {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def aggregate_groups(runs, method, tasks, budget, scale):
+    """Per task, the normalised values of the runs that reached `budget`; None if some task has none."""
+    groups = []
+    for task in tasks:
+        values = [value_at(f, v, budget) for f, v in runs.get((method, task), {}).values()]
+        values = [v / scale for v in values if v is not None]
+        if not values:
+            return None
+        groups.append(np.array(values))
+    return groups
+
+
+def plot_tasks(runs, references, args, rng, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = sorted({method for method, _ in runs})
+    tasks = sorted({task for _, task in runs})
+    columns = min(3, len(tasks))
+    rows = -(-len(tasks) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.6 * rows), squeeze=False)
+    colours = {m: f"C{i}" for i, m in enumerate([*methods, REFERENCE_METHOD])}
+    for ax, task in zip(axes.flat, tasks):
+        series = [(m, runs[(m, task)]) for m in methods if (m, task) in runs]
+        if references.get(task):
+            max_frame = max(int(f[-1]) for _, seeds in series for f, _ in seeds.values())
+            clipped = {s: (f[f <= max_frame], v[f <= max_frame]) for s, (f, v) in references[task].items()}
+            series.append((REFERENCE_METHOD, {s: fv for s, fv in clipped.items() if len(fv[0])}))
+        for method, seeds in series:
+            frames, mean, low, high = curve(seeds, rng, args.bootstrap_reps)
+            style = "--" if method == REFERENCE_METHOD else "-"
+            ax.plot(frames, mean, style, color=colours[method], label=f"{method} ({len(seeds)} seeds)")
+            ax.fill_between(frames, low, high, color=colours[method], alpha=0.2)
+        ax.set_title(task)
+        ax.set_xlabel("frames")
+        ax.set_ylabel(args.tag)
+        ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(tasks) :]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_aggregate(runs, args, rng, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = sorted({method for method, _ in runs})
+    tasks = sorted({task for _, task in runs})
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for i, method in enumerate(methods):
+        frames = sorted({int(f) for task in tasks for fs, _ in runs.get((method, task), {}).values() for f in fs})
+        for ax, (name, statistic) in zip(axes, [("IQM", iqm), ("mean", np.mean)]):
+            points = []
+            for frame in frames:
+                groups = aggregate_groups(runs, method, tasks, frame, args.score_scale)
+                if groups is not None:
+                    low, high = bootstrap_ci(groups, statistic, max(args.bootstrap_reps // 4, 100), rng)
+                    points.append((frame, statistic(np.concatenate(groups)), low, high))
+            if points:
+                f, estimate, low, high = map(np.array, zip(*points))
+                ax.plot(f, estimate, color=f"C{i}", label=method)
+                ax.fill_between(f, low, high, color=f"C{i}", alpha=0.2)
+            ax.set_title(f"{name} over {len(tasks)} tasks")
+            ax.set_xlabel("frames")
+            ax.set_ylabel(f"return / {args.score_scale:g}")
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(args: Args):
+    runs, report = find_runs(args.runs_dir, args.tag)
+    print(f"plot.py: {len(report)} run directories under {args.runs_dir}")
+    print("\n".join(report))
+    if not runs:
+        raise SystemExit(f"plot.py: no run under {args.runs_dir} has {args.tag}; nothing to plot")
+    rng = np.random.default_rng(args.seed)
+    references = {}
+    if args.tag == "eval/episodic_return":  # the published curves are evaluation returns
+        references = {task: read_reference(args.reference, task) for _, task in runs}
+    os.makedirs(args.out, exist_ok=True)
+    table = write_table(runs, references, args, rng)
+    with open(os.path.join(args.out, "results.md"), "w") as f:
+        f.write(table)
+    plot_tasks(runs, references, args, rng, os.path.join(args.out, "tasks.png"))
+    plot_aggregate(runs, args, rng, os.path.join(args.out, "aggregate.png"))
+    print(table)
+    print(f"plot.py: wrote {args.out}/tasks.png, {args.out}/aggregate.png and {args.out}/results.md")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))

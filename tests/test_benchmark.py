@@ -1,0 +1,264 @@
+"""The sweep (benchmark.sh, here and on a real one-node Slurm cluster) and the plotting step (plot.py)."""
+
+import csv
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, TINY_RUN, load_script
+
+plot = load_script("plot")
+REFERENCE = ROOT.parent / "shared" / "reference" / "drqv2_curves"
+
+
+def write_run(run_dir, hyperparameters, points, tag="eval/episodic_return"):
+    """A TensorBoard run as the agent scripts write it: the hyperparameters table and scalars of `tag`."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(run_dir))
+    table = "\n".join(f"|{key}|{value}|" for key, value in hyperparameters.items())
+    writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+    for frame, value in points:
+        writer.add_scalar(tag, value, frame)
+    writer.close()
+
+
+def returns(seed, task_offset, frames):
+    return [(f, task_offset + 100 * seed + f / 2000) for f in frames]
+
+
+@pytest.fixture(scope="module")
+def synthetic_runs(tmp_path_factory):
+    """Two methods (one with underscores in its name) x two tasks (underscores too) x seeds; the method "a__b" has
+    one seed that stopped at 500k frames; plus a run with no evaluation and a folder that is not a run."""
+    root = tmp_path_factory.mktemp("synthetic") / "runs"
+    full, short = range(0, 1_000_001, 100_000), range(0, 500_001, 100_000)
+    layout = {"a__b": {"cheetah_run": [1, 2, 3], "finger_turn_hard": [1, 2, 3]}, "c": {"cheetah_run": [1, 2]}}
+    for method, tasks in layout.items():
+        for offset, (task, seeds) in enumerate(tasks.items()):
+            for seed in seeds:
+                frames = short if (method, task, seed) == ("a__b", "finger_turn_hard", 3) else full
+                run = root / f"x_{method}_{task}_{seed}"  # names that a split on underscores would misread
+                write_run(run, {"exp_name": method, "env_id": task, "seed": seed}, returns(seed, offset * 10, frames))
+    hyper = {"exp_name": "c", "env_id": "cheetah_run", "seed": 9}
+    write_run(root / "no_eval", hyper, [(0, 1.0)], tag="charts/episodic_return")
+    write_run(root / "not_a_run", {}, [(0, 1.0)])
+    return root
+
+
+def expected_cell(values):
+    mean, se = np.mean(values), np.std(values, ddof=1) / np.sqrt(len(values))
+    return f"{mean:.1f} ± {se:.1f} ({len(values)})"
+
+
+def reference_mean(task, frame):
+    with open(REFERENCE / f"dmc_{task}.csv") as f:
+        values = [float(r["episode_reward"]) for r in csv.DictReader(f) if int(float(r["frame"])) == frame]
+    return np.mean(values), np.std(values, ddof=1) / np.sqrt(len(values)), len(values)
+
+
+def test_plot_table_numbers_equal_a_hand_computation(synthetic_runs, tmp_path, capsys):
+    out = tmp_path / "plots"
+    reference = str(REFERENCE) if REFERENCE.exists() else None
+    plot.main(plot.Args(runs_dir=str(synthetic_runs), out=str(out), reference=reference, bootstrap_reps=200))
+    table = (out / "results.md").read_text()
+    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in table.splitlines() if "|" in line}
+
+    # cheetah_run, a__b, seeds 1-3: return = 100 * seed + frame / 2000
+    for budget in [100_000, 500_000, 1_000_000]:
+        assert expected_cell([100 * s + budget / 2000 for s in (1, 2, 3)]) in rows[("cheetah_run", "a__b")]
+        assert expected_cell([100 * s + budget / 2000 for s in (1, 2)]) in rows[("cheetah_run", "c")]
+    # finger_turn_hard, a__b: seed 3 stopped at 500k, so 1M has two seeds and says one fell short
+    cells = rows[("finger_turn_hard", "a__b")].split("|")[3:6]
+    assert expected_cell([10 + 100 * s + 50 for s in (1, 2, 3)]) in cells[0]
+    assert expected_cell([10 + 100 * s + 500 for s in (1, 2)]) + ", 1 short of budget" in cells[2]
+    assert ("finger_turn_hard", "c") not in rows
+
+    # aggregate of a__b at 100k over both tasks, returns / 1000: mean and IQM of the six runs
+    scores = np.array([(100 * s + 50) / 1000 for s in (1, 2, 3)] + [(10 + 100 * s + 50) / 1000 for s in (1, 2, 3)])
+    middle = np.sort(scores)[1:5]  # the interquartile mean of 6 values drops int(0.25 * 6) = 1 at each end
+    iqm_cell, mean_cell = rows[("a__b", "IQM")].split("|")[3], rows[("a__b", "mean")].split("|")[3]
+    assert iqm_cell.strip().startswith(f"{middle.mean():.3f} [") and mean_cell.strip().startswith(
+        f"{scores.mean():.3f} ["
+    )
+    low, high = map(float, re.search(r"\[(.*), (.*)\]", mean_cell).groups())
+    assert low <= scores.mean() <= high
+    assert "a task has no run" in rows[("c", "IQM")], "method c has no run on finger_turn_hard"
+
+    if reference:  # the published curves are tabulated next to ours
+        mean, se, n = reference_mean("cheetah_run", 100_000)
+        assert f"{mean:.1f} ± {se:.1f} ({n})" in rows[("cheetah_run", "DrQ-v2 (published)")]
+
+    printed = capsys.readouterr().out
+    assert "skipped" in printed and "no_eval: no eval/episodic_return" in printed
+    assert "not_a_run: no hyperparameters table" in printed and printed.count("  read ") == 8
+
+    import matplotlib.image
+
+    for name in ["tasks.png", "aggregate.png"]:
+        image = matplotlib.image.imread(out / name)
+        assert image.shape[0] > 200 and image.shape[1] > 200 and image.std() > 0.01, f"{name} is blank"
+
+
+def test_plot_of_another_tag_and_of_nothing(synthetic_runs, tmp_path):
+    plot.main(plot.Args(runs_dir=str(synthetic_runs), out=str(tmp_path / "p"), tag="charts/episodic_return"))
+    assert "| cheetah_run | c | – (none of 1 reached it)" in (tmp_path / "p" / "results.md").read_text()
+    with pytest.raises(SystemExit, match="no run under"):
+        plot.main(plot.Args(runs_dir=str(tmp_path / "empty"), out=str(tmp_path / "q")))
+
+
+def run_benchmark(args, cwd, env=None, timeout=600):
+    return subprocess.run(
+        ["bash", str(ROOT / "benchmark.sh"), *args],
+        cwd=cwd,
+        env={**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"), **(env or {})},
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def max_concurrency(output):
+    running = peak = 0
+    for line in output.splitlines():
+        if re.match(r"\[\S+\] start ", line):
+            running += 1
+            peak = max(peak, running)
+        elif re.match(r"\[\S+\] (done|FAILED) ", line):
+            running -= 1
+    return peak
+
+
+def test_local_sweep_runs_at_most_workers_at_once_and_plots(tmp_path):
+    out = tmp_path / "sweep"
+    sweep = ["--scripts", "drqv2_continuous_action.py", "--env-ids", "cartpole_balance cartpole_swingup"]
+    result = run_benchmark(
+        [*sweep, "--num-seeds", "2", "--workers", "2", "--out", str(out), "--", *TINY_RUN[2:]], tmp_path
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert max_concurrency(result.stdout) == 2 and result.stdout.count(" start ") == 4
+    assert len(list((out / "runs").iterdir())) == 4
+    assert len(list((out / "logs").glob("drqv2_continuous_action__*.log"))) == 4
+    assert (out / "plots" / "tasks.png").stat().st_size > 10_000
+    assert "cartpole_swingup" in (out / "plots" / "results.md").read_text()
+
+
+def test_local_sweep_names_the_failed_run_after_the_others_finish(tmp_path):
+    out = tmp_path / "sweep"
+    sweep = ["--scripts", "drqv2_continuous_action.py", "--env-ids", "cartpole_balance bogus_task", "--num-seeds", "1"]
+    result = run_benchmark([*sweep, "--workers", "2", "--out", str(out), "--", *TINY_RUN[2:]], tmp_path)
+    assert result.returncode != 0
+    assert "1 of 2 runs failed: drqv2_continuous_action__bogus_task__1" in result.stderr
+    assert "unknown env_id" in (out / "logs" / "drqv2_continuous_action__bogus_task__1.log").read_text()
+    assert len(list((out / "runs").iterdir())) == 1, "the good run still finished"
+
+
+def test_bad_benchmark_options_fail_fast(tmp_path):
+    assert run_benchmark(["--workers", "two"], tmp_path).returncode == 2
+    result = run_benchmark(["--scripts", "nope.py"], tmp_path)
+    assert result.returncode == 2 and "no agent script 'nope.py'" in result.stderr
+
+
+def test_slurm_dry_run_prints_a_readable_array_job(tmp_path):
+    args = ["--slurm", "--dry-run", "--env-ids", "cheetah_run walker_walk", "--num-seeds", "3", "--partition", "gpu"]
+    result = run_benchmark([*args, "--out", str(tmp_path / "s"), "--", "--total-timesteps", "1000000"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    script = result.stdout
+    assert "#SBATCH --array=0-11%32" in script and "#SBATCH --partition=gpu" in script
+    assert "#SBATCH --requeue" in script and "#SBATCH --signal=B:USR1@120" in script
+    assert "#SBATCH --gres=gpu:1" in script and '"taco_continuous_action.py walker_walk 3"' in script
+    assert "--total-timesteps 1000000" in script
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def slurm_cluster(tmp_path_factory):
+    """A one-node Slurm cluster on 127.0.0.1 (munged, slurmctld, slurmd), stopped after the module."""
+    missing = [tool for tool in ["munged", "slurmctld", "slurmd", "sbatch"] if shutil.which(tool) is None]
+    if missing or os.geteuid() != 0 or not Path("/etc/munge/munge.key").exists():
+        reason = f"Slurm test needs root and Debian's slurm-wlm and munge (missing: {missing or 'root or munge key'})"
+        if os.environ.get("CI"):
+            pytest.fail(reason + "; CI must install them (./setup.sh --dev)")
+        pytest.skip(reason)
+    base = tmp_path_factory.mktemp("slurm")
+    for sub in ["state", "spool"]:
+        (base / sub).mkdir()
+    host = socket.gethostname().split(".")[0]
+    conf = base / "slurm.conf"
+    conf.write_text(
+        f"""ClusterName=taco-test
+SlurmctldHost={host}(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+AuthInfo=socket={base}/munge.socket
+StateSaveLocation={base}/state
+SlurmdSpoolDir={base}/spool
+SlurmctldPidFile={base}/slurmctld.pid
+SlurmdPidFile={base}/slurmd.pid
+SlurmctldLogFile={base}/slurmctld.log
+SlurmdLogFile={base}/slurmd.log
+SlurmctldPort={free_port()}
+SlurmdPort={free_port()}
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ReturnToService=2
+MpiDefault=none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+NodeName=testnode NodeHostname={host} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} RealMemory=4000 State=UNKNOWN
+PartitionName=debug Nodes=testnode Default=YES MaxTime=INFINITE State=UP
+"""
+    )
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    munge = [f"--socket={base}/munge.socket", f"--pid-file={base}/munged.pid", f"--log-file={base}/munged.log"]
+    subprocess.run(["munged", "--force", *munge, f"--seed-file={base}/munged.seed"], check=True, env=env)
+    subprocess.run(["slurmctld", "-f", str(conf)], check=True, env=env)
+    subprocess.run(["slurmd", "-f", str(conf), "-N", "testnode"], check=True, env=env)
+    try:
+        deadline = time.time() + 60
+        while "idle" not in subprocess.check_output(["sinfo", "-h", "-o", "%T"], env=env, text=True):
+            assert time.time() < deadline, "the test cluster did not come up: " + (base / "slurmctld.log").read_text()
+            time.sleep(1)
+        yield env
+    finally:
+        for daemon in ["slurmd", "slurmctld", "munged"]:
+            pid_file = base / f"{daemon}.pid"
+            if pid_file.exists():
+                try:
+                    os.kill(int(pid_file.read_text().split()[0]), signal.SIGTERM)
+                except (ProcessLookupError, ValueError):
+                    pass
+
+
+def test_slurm_array_job_runs_the_sweep_and_the_plots(slurm_cluster, tmp_path):
+    out = tmp_path / "sweep"
+    sweep = ["--slurm", "--scripts", "drqv2_continuous_action.py", "--env-ids", "cartpole_balance cartpole_swingup"]
+    resources = ["--num-seeds", "2", "--gpus", "0", "--cpus", "1", "--mem", "500M", "--time", "00:10:00"]
+    result = run_benchmark([*sweep, *resources, "--out", str(out), "--", *TINY_RUN[2:]], tmp_path, env=slurm_cluster)
+    assert result.returncode == 0, result.stdout + result.stderr
+    job_id = re.search(r"submitted array job (\d+)", result.stdout).group(1)
+    deadline = time.time() + 480
+    while subprocess.check_output(["squeue", "-h"], env=slurm_cluster, text=True).strip():
+        assert time.time() < deadline, "the array job did not finish in time"
+        time.sleep(2)
+    logs = sorted((out / "logs").glob(f"{job_id}_*.log"))
+    assert len(logs) == 4 and all("finished with exit code 0" in log.read_text() for log in logs)
+    assert len(list((out / "runs").iterdir())) == 4
+    assert (out / "plots" / "tasks.png").stat().st_size > 10_000, "the dependent plot job ran"
