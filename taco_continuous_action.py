@@ -3,11 +3,15 @@
 # reward prediction as auxiliary losses, and the critic scores learned latent actions.
 # One file: dm_control pixel environment, replay that stores each frame once, encoder, augmentation, losses, loop.
 # What is computed, with the published settings, is fixed in SPEC.md; docs: README.md.
+import contextlib
 import dataclasses
+import glob
+import hashlib
 import math
 import os
 import random
 import re
+import signal
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -21,6 +25,10 @@ import tyro
 from torch import nn
 
 
+class RunError(ValueError):
+    """A problem the user can fix (bad settings, a damaged checkpoint, no renderer): one clear line, non-zero exit."""
+
+
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
@@ -30,7 +38,7 @@ class Args:
     torch_deterministic: bool = True
     """if toggled, sets `torch.backends.cudnn.deterministic=True`"""
     cuda: bool = True
-    """if toggled, uses CUDA when a GPU is available (falls back to the CPU otherwise)"""
+    """if toggled, uses CUDA when a GPU is available (without one: runs on the CPU and prints a warning)"""
     track: bool = False
     """if toggled, logs to Weights and Biases (works offline with WANDB_MODE=offline)"""
     wandb_project_name: str = "taco"
@@ -62,6 +70,20 @@ class Args:
     """evaluate every this many frames (and once at the end)"""
     num_eval_episodes: int = 10
     """episodes per evaluation, acting with the policy's mean action"""
+
+    # Checkpoints (see "Long runs" in the README)
+    checkpoint_every: int = 100_000
+    """write `runs/{run_name}/checkpoint.pt` every this many frames (at the next episode end), at the end, and on
+    SIGTERM, SIGINT or SIGUSR1 (then exit); 0 turns checkpoints off. With the replay a checkpoint takes about 21.4 kB
+    per stored transition: 21 GB with a full 1M-transition replay, 2.1 GB for quadruped_run's 100k"""
+    checkpoint_replay: bool = True
+    """if toggled, checkpoints hold the replay buffer; with --no-checkpoint-replay they hold only the networks,
+    optimizers, counters and RNG states (a few tens of MB), and a resumed run refills its replay for
+    `learning_starts` frames before updating again"""
+    resume: str | None = None
+    """continue a run from its checkpoint: a run directory, or `auto` for the newest run under runs/ of the same
+    env_id, exp_name and seed (a new run when there is none, so a requeued job can always pass it). Settings other
+    than budget, evaluation, checkpoint and logging ones must equal the checkpoint's"""
 
     # Algorithm
     buffer_size: int | None = None
@@ -143,7 +165,7 @@ TASK_PRESET = {
 def resolve_args(args: Args) -> Args:
     """Fills every setting the user left unset (None) from the task's preset; what the user set wins."""
     if args.env_id not in TASK_PRESET:
-        raise ValueError(f"unknown env_id {args.env_id!r}; valid tasks: {', '.join(sorted(TASK_PRESET))}")
+        raise RunError(f"unknown env_id {args.env_id!r}; valid tasks: {', '.join(sorted(TASK_PRESET))}")
     duration, budget = PRESETS[TASK_PRESET[args.env_id]]
     preset = {
         "total_timesteps": budget,
@@ -172,14 +194,19 @@ def validate_args(args: Args) -> None:
     positive += ["multistep"] + (["latent_action_dim"] if args.latent_action_dim is not None else [])
     for name in positive:
         if not getattr(args, name) > 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ["learning_starts", "num_expl_steps"]:
+            raise RunError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ["learning_starts", "num_expl_steps", "checkpoint_every"]:
         if getattr(args, name) < 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}")
-    if args.max_episode_frames is not None and args.max_episode_frames < args.action_repeat * (
-        max(args.nstep, args.multistep) + 1
-    ):
-        raise ValueError("--max-episode-frames is too short to hold one n-step and K-step transition")
+            raise RunError(f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}")
+    stored_at_start = min(args.buffer_size, args.learning_starts // args.action_repeat)
+    if args.batch_size > stored_at_start:
+        raise RunError(
+            f"--batch-size {args.batch_size} is larger than the {stored_at_start} transitions the replay holds when "
+            f"updates start (--learning-starts {args.learning_starts} frames, --buffer-size {args.buffer_size})"
+        )
+    episode_steps = (args.max_episode_frames or (250 if args.env_id == "reach_duplo" else 1000)) // args.action_repeat
+    if max(args.nstep, args.multistep) >= episode_steps:
+        raise RunError(f"--nstep and --multistep must be shorter than an episode ({episode_steps} agent steps)")
     parse_schedule(args.stddev_schedule)
 
 
@@ -193,10 +220,10 @@ def parse_schedule(spec: str):
         pass
     match = re.fullmatch(rf"linear\({number},{number},{number}\)", spec)
     if not match:
-        raise ValueError(f"--stddev-schedule must be a number or 'linear(init,final,duration)', got {spec!r}")
+        raise RunError(f"--stddev-schedule must be a number or 'linear(init,final,duration)', got {spec!r}")
     init, final, duration = (float(g) for g in match.groups())
     if duration <= 0:
-        raise ValueError(f"--stddev-schedule duration must be positive, got {spec!r}")
+        raise RunError(f"--stddev-schedule duration must be positive, got {spec!r}")
     return lambda step: init + (final - init) * min(step / duration, 1.0)
 
 
@@ -204,11 +231,23 @@ def parse_schedule(spec: str):
 # Environment (SPEC §1): dm_control from pixels, action repeat, actions in [-1, 1], stacked renders, channels first.
 
 
+def renderer_advice(error) -> str:
+    backend = os.environ.get("MUJOCO_GL")
+    return (
+        f"MuJoCo rendering could not start with MUJOCO_GL={backend} ({type(error).__name__}: {error}). "
+        "Try MUJOCO_GL=egl (NVIDIA driver, or Mesa on CPU-only machines: apt-get install libegl1 libgl1-mesa-dri) "
+        "or MUJOCO_GL=osmesa (apt-get install libosmesa6)"
+    )
+
+
 class DMCPixelEnv:
     """A DeepMind Control task seen through 84x84 renders, with action repeat and frame stacking."""
 
     def __init__(self, env_id, seed, action_repeat=2, frame_stack=3, max_episode_frames=None, size=84):
-        from dm_control import manipulation, suite
+        try:
+            from dm_control import manipulation, suite
+        except Exception as error:  # dm_control picks the renderer at import: a bad MUJOCO_GL fails here
+            raise RunError(renderer_advice(error)) from error
 
         if env_id == "reach_duplo":
             self._env = manipulation.load("reach_duplo_vision", seed=seed)
@@ -226,6 +265,15 @@ class DMCPixelEnv:
         self._size, self._action_repeat, self._max_episode_frames = size, action_repeat, max_episode_frames
         self._frames = deque(maxlen=frame_stack)
         self.frame = None  # the latest render, (3, size, size) uint8: what the replay stores
+        try:
+            self._env.physics.render(height=8, width=8)
+        except Exception as error:
+            raise RunError(renderer_advice(error)) from error
+
+    @property
+    def random_state(self) -> np.random.RandomState:
+        """The task's random state: initial states, targets and noise of the episodes come from it."""
+        return self._env.random_state if self._pixels_key else self._env.task.random
 
     def _render(self, time_step) -> np.ndarray:
         if self._pixels_key is not None:
@@ -270,6 +318,8 @@ class DMCPixelEnv:
 class ReplayBuffer:
     """FIFO replay of whole episodes. Slot s of the ring holds frame o_t and, unless it is an episode's last frame,
     the transition (a_t, r_t, d_t) taken from it. Only complete episodes are sampled."""
+
+    ARRAYS = ("frames", "actions", "rewards", "discounts")
 
     def __init__(self, capacity, frame_shape, action_dim, frame_stack, nstep, gamma, multistep=1, seed=0):
         self.capacity, self.frame_stack, self.nstep, self.gamma = capacity, frame_stack, nstep, gamma
@@ -326,10 +376,26 @@ class ReplayBuffer:
         while self.num_transitions > self.capacity:
             self._evict_oldest()
 
+    def state_dict(self) -> dict:
+        """The stored data as tensors (no copy), the episode table and the sampling RNG; an unfinished episode is
+        dropped."""
+        end = self._episode_start if self._episode_start is not None else self._next_slot
+        used = min(end, self.num_slots)
+        arrays = {name: torch.from_numpy(getattr(self, name)[:used]) for name in self.ARRAYS}
+        counters = {"episodes": list(self.episodes), "num_transitions": self.num_transitions, "next_slot": end}
+        return {**arrays, **counters, "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict):
+        for name in self.ARRAYS:
+            getattr(self, name)[: len(state[name])] = state[name].numpy()
+        self.episodes = deque(tuple(episode) for episode in state["episodes"])
+        self.num_transitions, self._next_slot = state["num_transitions"], state["next_slot"]
+        self._episode_start, self._sample_table = None, None
+        self.rng.bit_generator.state = state["rng"]
+
     def nbytes_per_transition(self) -> float:
         """Bytes allocated per transition of capacity (frames, actions, rewards, discounts)."""
-        arrays = (self.frames, self.actions, self.rewards, self.discounts)
-        return sum(a.nbytes for a in arrays) / self.capacity
+        return sum(getattr(self, name).nbytes for name in self.ARRAYS) / self.capacity
 
     def _stack(self, slots, episode_starts):
         """Stacked observations at absolute slots: the last `frame_stack` frames, the first one repeated."""
@@ -636,14 +702,153 @@ class Agent:
         self.taco_opt.step()
         return {**{tag: loss.detach() for tag, loss in losses.items()}, "charts/taco_accuracy": accuracy}
 
-    def state_dict(self) -> dict:
-        return {
-            "encoder": self.encoder.state_dict(),
-            "actor": self.actor.state_dict(),
-            "critic": self.critic.state_dict(),
-            "action_encoder": self.action_encoder.state_dict(),
-            "taco_head": self.taco_head.state_dict(),
-        }
+    def state_dict(self, optimizers=True) -> dict:
+        """State dicts of the agent's networks (and optimizers), by attribute name."""
+        kinds = (nn.Module, torch.optim.Optimizer) if optimizers else nn.Module
+        return {name: part.state_dict() for name, part in vars(self).items() if isinstance(part, kinds)}
+
+    def load_state_dict(self, state: dict):
+        for name, part_state in state.items():
+            getattr(self, name).load_state_dict(part_state)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Checkpoints: everything needed to continue a run exactly, written atomically, loadable without running any code
+
+CHECKPOINT = "checkpoint.pt"
+# Settings that may differ when a run is resumed; every other setting must equal the checkpoint's.
+RESUMABLE_CHANGES = {"total_timesteps", "eval_every", "num_eval_episodes", "checkpoint_every", "checkpoint_replay"}
+RESUMABLE_CHANGES |= {"resume", "cuda", "torch_deterministic", "track", "wandb_project_name", "wandb_entity"}
+RESUMABLE_CHANGES |= {"capture_video", "save_model"}
+
+
+def payload_digest(payload) -> str:
+    """SHA-256 of a checkpoint's content (every key, value and tensor byte). torch.load does not check the zip's
+    CRCs, so without this a flipped byte in a tensor would load silently."""
+    digest = hashlib.sha256()
+
+    def feed(x):
+        if isinstance(x, torch.Tensor):
+            x = x.detach().cpu().contiguous()
+            digest.update(f"tensor{x.dtype}{tuple(x.shape)}".encode())
+            digest.update(x.reshape(-1).view(torch.uint8).numpy())
+        elif isinstance(x, dict):
+            digest.update(f"dict{len(x)}".encode())
+            for key, value in x.items():
+                feed(key)
+                feed(value)
+        elif isinstance(x, (list, tuple)):
+            digest.update(f"list{len(x)}".encode())
+            for value in x:
+                feed(value)
+        else:
+            digest.update(repr(x).encode())
+
+    feed(payload)
+    return digest.hexdigest()
+
+
+def save_checkpoint(path: str, payload: dict):
+    """Writes payload and its digest into a temporary file in the same folder, fsyncs, then renames it over `path`:
+    a kill or a full disk at any moment leaves the previous checkpoint whole."""
+    payload = {**payload, "digest": payload_digest(payload)}
+    temporary = f"{path}.tmp"
+    try:
+        with open(temporary, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+        folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+        os.fsync(folder)  # the rename itself reaches the disk
+        os.close(folder)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        raise RunError(f"could not write {path} ({error}); the previous checkpoint is kept") from error
+
+
+def load_checkpoint(path: str) -> dict:
+    """The checkpoint's payload, after checking it against its digest; tensors are memory-mapped from the file."""
+    try:
+        payload = torch.load(path, weights_only=True, mmap=True)
+    except Exception as error:  # a damaged file fails in many ways inside torch.load
+        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        raise RunError(f"the checkpoint {path} is unreadable or corrupt ({reason})") from error
+    if not isinstance(payload, dict) or payload.pop("digest", None) != payload_digest(payload):
+        raise RunError(f"the checkpoint {path} is corrupt: its content does not match its digest")
+    return payload
+
+
+def rng_state(envs) -> dict:
+    """Python, numpy, torch (and CUDA) and the environments' random states, with numpy arrays as tensors."""
+
+    def numpy_state(state):
+        return [state[0], torch.from_numpy(state[1].copy()), *state[2:]]
+
+    return {
+        "python": random.getstate(),
+        "numpy": numpy_state(np.random.get_state()),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "envs": [numpy_state(env.random_state.get_state()) for env in envs],
+    }
+
+
+def set_rng_state(state: dict, envs):
+    def numpy_state(saved):
+        return (saved[0], saved[1].numpy(), *saved[2:])
+
+    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
+    np.random.set_state(numpy_state(state["numpy"]))
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for env, env_state in zip(envs, state["envs"]):
+        env.random_state.set_state(numpy_state(env_state))
+
+
+def find_run_to_resume(args: Args) -> str | None:
+    """The run directory `--resume` names; for `auto`, the newest run under runs/ of the same env_id, exp_name and
+    seed that has a checkpoint, or None."""
+    if args.resume == "auto":
+        found = glob.glob(f"runs/{args.env_id}__{args.exp_name}__{args.seed}__*/{CHECKPOINT}")
+        return os.path.dirname(max(found, key=os.path.getmtime)) if found else None
+    if not os.path.isfile(os.path.join(args.resume, CHECKPOINT)):
+        raise RunError(f"--resume {args.resume}: there is no {CHECKPOINT} in that directory")
+    return os.path.normpath(args.resume)
+
+
+def check_resumable(saved: dict, args: Args):
+    differences = [
+        f"--{name.replace('_', '-')} is {saved.get(name)!r} in the checkpoint but {value!r} now"
+        for name, value in vars(args).items()
+        if name not in RESUMABLE_CHANGES and saved.get(name) != value
+    ]
+    if differences:
+        raise RunError("cannot resume with settings other than the checkpoint's: " + "; ".join(differences))
+
+
+def check_finite(agent, frame: int):
+    for name, network in agent.state_dict(optimizers=False).items():
+        if not all(torch.isfinite(tensor).all() for tensor in network.values()):
+            raise RunError(f"non-finite parameters in the {name} at frame {frame}; stopping without checkpointing")
+
+
+class StopRequest:
+    """SIGTERM, SIGINT and SIGUSR1 ask the run to checkpoint at the end of the current episode and exit; a second
+    signal exits at once (the previous checkpoint stays whole)."""
+
+    def __init__(self):
+        self.signal = None
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, _):
+        if self.signal is not None:
+            raise SystemExit(128 + signum)
+        self.signal = signum
+        print(f"{signal.Signals(signum).name}: finishing this episode, then checkpointing and exiting", flush=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -675,31 +880,20 @@ def format_duration(seconds: float) -> str:
 
 def main(args: Args):
     args = resolve_args(args)  # idempotent: the command line resolves first to fail before any import or file
-    run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    if args.track:
-        import wandb
-
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=run_name,
-            save_code=True,
-        )
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(f"runs/{run_name}")
-    writer.add_text(
-        "hyperparameters",
-        "|param|value|\n|-|-|\n{}".format("\n".join(f"|{key}|{value}|" for key, value in vars(args).items())),
-    )
-
+    # Everything that can be wrong (settings, checkpoint, renderer) is found before any file is written.
+    run_dir = find_run_to_resume(args) if args.resume else None
+    checkpoint = load_checkpoint(os.path.join(run_dir, CHECKPOINT)) if run_dir else None
+    if checkpoint is not None:
+        check_resumable(checkpoint["args"], args)
+    elif args.resume:
+        print("--resume auto: no checkpoint of this env_id, exp_name and seed under runs/; starting a new run")
+    if args.cuda and not torch.cuda.is_available():
+        print("warning: no CUDA device is available; running on the CPU")
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     torch.backends.cudnn.deterministic = args.torch_deterministic
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
 
     env_kwargs = {"action_repeat": args.action_repeat, "frame_stack": args.frame_stack}
     env_kwargs["max_episode_frames"] = args.max_episode_frames
@@ -709,33 +903,86 @@ def main(args: Args):
     replay_kwargs = {"frame_stack": args.frame_stack, "nstep": args.nstep, "gamma": args.gamma, "seed": args.seed}
     replay_kwargs["multistep"] = args.multistep
     rb = ReplayBuffer(args.buffer_size, env.frame_shape, env.action_dim, **replay_kwargs)
-    print(f"run {run_name} on {device}: {args.env_id}, {args.total_timesteps} frames; logs in runs/{run_name}")
+    start_step, total_steps = 0, args.total_timesteps // args.action_repeat  # in agent steps
+    if checkpoint is not None:
+        agent.load_state_dict(checkpoint["agent"])
+        if checkpoint["replay"] is not None:
+            rb.load_state_dict(checkpoint["replay"])
+        set_rng_state(checkpoint["rng"], (env, eval_env))
+        start_step = checkpoint["global_step"]
+        del checkpoint  # its tensors are memory-mapped from the file
+        if start_step >= total_steps:
+            print(f"{run_dir} already ran {start_step * args.action_repeat} frames: nothing to do")
+            return
+    resumed = start_step > 0
+    run_dir = run_dir or f"runs/{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+    run_name = os.path.basename(run_dir)
 
-    total_steps = args.total_timesteps // args.action_repeat  # agent steps
+    if args.track:
+        import wandb
+
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            id=run_name,  # a resumed run continues the same wandb run
+            resume="allow",
+            save_code=True,
+        )
+    from torch.utils.tensorboard import SummaryWriter
+
+    frame = start_step * args.action_repeat
+    # On resume, TensorBoard drops what the interrupted run logged after its checkpoint: each step appears once.
+    writer = SummaryWriter(run_dir, purge_step=frame + 1 if resumed else None)
+    if not resumed:
+        table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+    print(f"{'resuming' if resumed else 'run'} {run_name} on {device}: {args.env_id}, frame {frame} of ", end="")
+    print(f"{args.total_timesteps}; logs in {run_dir}")
+
+    def log_evaluation(frame):
+        nonlocal last_eval, window_time, window_start_frame
+        video_path = f"videos/{run_name}/eval_{frame}.mp4" if args.capture_video else None
+        last_eval = evaluate(agent, eval_env, args.num_eval_episodes, frame // args.action_repeat, video_path)
+        writer.add_scalar("eval/episodic_return", last_eval, frame)
+        print(f"frame {frame}: eval return {last_eval:.1f}")
+        window_time, window_start_frame = time.time(), frame  # SPS measures training, not evaluation
+
+    def write_checkpoint(global_step):
+        check_finite(agent, global_step * args.action_repeat)
+        replay = rb.state_dict() if args.checkpoint_replay else None
+        rng = rng_state((env, eval_env))
+        payload = {"args": vars(args), "global_step": global_step, "agent": agent.state_dict(), "replay": replay}
+        save_checkpoint(os.path.join(run_dir, CHECKPOINT), {**payload, "rng": rng})
+
+    # Resumed without the replay: collect `learning_starts` frames anew before updating.
+    updates_start = frame + args.learning_starts if resumed and rb.num_transitions == 0 else args.learning_starts
     eval_every_steps = max(args.eval_every // args.action_repeat, 1)
     start_time = window_time = time.time()
-    window_start_frame, last_eval, metrics = 0, float("nan"), {}
-    obs, episode_return, episode_steps = env.reset(), 0.0, 0
-    rb.start_episode(env.frame)
-    for global_step in range(total_steps):
-        frame = global_step * args.action_repeat
-        if global_step % eval_every_steps == 0:
-            video_path = f"videos/{run_name}/eval_{frame}.mp4" if args.capture_video else None
-            last_eval = evaluate(agent, eval_env, args.num_eval_episodes, global_step, video_path)
-            writer.add_scalar("eval/episodic_return", last_eval, frame)
-            print(f"frame {frame}: eval return {last_eval:.1f}")
-            window_time, window_start_frame = time.time(), frame  # SPS measures training, not evaluation
+    window_start_frame = last_checkpoint_frame = frame
+    last_eval, metrics, stop = float("nan"), {}, StopRequest()
+    try:
+        if not resumed:
+            log_evaluation(0)
+        obs, episode_return, episode_steps = env.reset(), 0.0, 0
+        rb.start_episode(env.frame)
+        for global_step in range(start_step, total_steps):
+            action = agent.act(obs, global_step, eval_mode=False)
+            if global_step * args.action_repeat >= updates_start and global_step % args.update_every_steps == 0:
+                metrics = agent.update(rb.sample(args.batch_size), global_step)
 
-        action = agent.act(obs, global_step, eval_mode=False)
-        if frame >= args.learning_starts and global_step % args.update_every_steps == 0:
-            metrics = agent.update(rb.sample(args.batch_size), global_step)
-
-        obs, reward, discount, done = env.step(action)
-        rb.add(action, reward, discount, env.frame)
-        episode_return += reward
-        episode_steps += 1
-        if done:
+            obs, reward, discount, done = env.step(action)
+            rb.add(action, reward, discount, env.frame)
+            episode_return += reward
+            episode_steps += 1
             frame = (global_step + 1) * args.action_repeat
+            if (global_step + 1) % eval_every_steps == 0 or global_step + 1 == total_steps:
+                log_evaluation(frame)
+            if not done:
+                continue
+
             rb.end_episode()
             sps = (frame - window_start_frame) / (time.time() - window_time)
             writer.add_scalar("charts/episodic_return", episode_return, frame)
@@ -743,35 +990,46 @@ def main(args: Args):
             writer.add_scalar("charts/SPS", sps, frame)
             for tag, value in metrics.items():  # the latest update's metrics: one host sync per episode
                 writer.add_scalar(tag, value.item(), frame)
+                if not math.isfinite(value.item()):
+                    raise RunError(
+                        f"non-finite {tag} ({value.item()}) at frame {frame}; stopping without checkpointing "
+                        f"(the last checkpoint, at frame {last_checkpoint_frame}, is kept)"
+                    )
             eta = (args.total_timesteps - frame) / sps if sps > 0 else float("inf")
             print(
                 f"frame {frame}/{args.total_timesteps} ({100 * frame / args.total_timesteps:.1f}%) | "
                 f"return {episode_return:.1f} | SPS {sps:.0f} | last eval {last_eval:.1f} | "
                 f"elapsed {format_duration(time.time() - start_time)} | left {format_duration(eta)}"
             )
+            checkpoint_due = args.checkpoint_every and frame // args.checkpoint_every > last_checkpoint_frame // (
+                args.checkpoint_every
+            )
+            if args.checkpoint_every and (checkpoint_due or stop.signal):
+                write_checkpoint(global_step + 1)
+                last_checkpoint_frame = frame
+            if stop.signal:
+                saved = f"checkpoint at frame {frame}" if args.checkpoint_every else "no checkpoint (checkpoints off)"
+                print(f"stopped by {signal.Signals(stop.signal).name} with a {saved}; resume with --resume {run_dir}")
+                raise SystemExit(128 + stop.signal)
             window_time, window_start_frame = time.time(), frame
             obs, episode_return, episode_steps = env.reset(), 0.0, 0
             rb.start_episode(env.frame)
 
-    frame = total_steps * args.action_repeat
-    video_path = f"videos/{run_name}/eval_{frame}.mp4" if args.capture_video else None
-    last_eval = evaluate(agent, eval_env, args.num_eval_episodes, total_steps, video_path)
-    writer.add_scalar("eval/episodic_return", last_eval, frame)
-    print(f"frame {frame}: final eval return {last_eval:.1f}")
-
-    if args.save_model:
-        model_path = f"runs/{run_name}/{args.exp_name}.cleanrl_model"
-        checkpoint = {"args": vars(args), "obs_shape": list(env.observation_shape), "action_dim": env.action_dim}
-        torch.save({**checkpoint, **agent.state_dict()}, model_path)
-        print(f"model saved to {model_path}")
-    writer.close()
-    if args.track:
-        wandb.finish()
+        if args.checkpoint_every:  # a last episode cut short by the budget is not kept
+            write_checkpoint(total_steps)
+        if args.save_model:
+            model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
+            saved = {"args": vars(args), "obs_shape": list(env.observation_shape), "action_dim": env.action_dim}
+            torch.save({**saved, **agent.state_dict(optimizers=False)}, model_path)
+            print(f"model saved to {model_path}")
+    finally:
+        writer.close()
+        if args.track:
+            wandb.finish()
 
 
 if __name__ == "__main__":
     try:
-        cli_args = resolve_args(tyro.cli(Args))
-    except ValueError as error:  # bad settings: one clear line and a non-zero exit, before any work starts
+        main(tyro.cli(Args))
+    except RunError as error:  # one clear line and a non-zero exit
         raise SystemExit(f"error: {error}")
-    main(cli_args)
