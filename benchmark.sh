@@ -45,8 +45,8 @@ Local mode (default):
 Slurm mode:
   --slurm                submit one array job, one element per run, instead of running here
   --partition P          partition (default: the cluster's default)
-  --time T               time limit per run (default: $TIME_LIMIT); runs get SIGUSR1 two minutes before it
-                         and are requeued (they start over until the scripts can resume from a checkpoint)
+  --time T               time limit per run (default: $TIME_LIMIT); two minutes before it a run gets SIGUSR1,
+                         finishes its episode, checkpoints and is requeued, and then resumes (--resume auto)
   --cpus N               CPUs per run (default: $CPUS_PER_RUN)
   --gpus N               GPUs per run (default: $GPUS_PER_RUN; 0 for none)
   --mem M                memory per run (default: $MEM_PER_RUN)
@@ -134,7 +134,7 @@ if [ "$SLURM" = 1 ]; then
     echo 'export OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK'
     echo 'echo "$(date) element $SLURM_ARRAY_TASK_ID (restart ${SLURM_RESTART_COUNT:-0}): $script $task seed $seed"'
     echo
-    echo "# Near the time limit: pass the signal on to the run, then requeue this element."
+    echo "# Near the time limit: pass the signal on (the run checkpoints at its episode end), then requeue."
     echo 'requeue() {'
     echo '  echo "$(date) time limit near: requeueing"'
     echo '  kill -USR1 "$run_pid" 2>/dev/null'
@@ -143,7 +143,8 @@ if [ "$SLURM" = 1 ]; then
     echo '  exit 0'
     echo '}'
     echo 'trap requeue USR1'
-    echo "$PYTHON $ROOT/\$script --env-id \"\$task\" --seed \"\$seed\" \"\${EXTRA_ARGS[@]}\" &"
+    echo "# --resume auto: a requeued element continues from its run's last checkpoint (a new run the first time)"
+    echo "$PYTHON $ROOT/\$script --env-id \"\$task\" --seed \"\$seed\" --resume auto \"\${EXTRA_ARGS[@]}\" &"
     echo 'run_pid=$!'
     echo 'wait "$run_pid"  # returns early when USR1 arrives; the trap then takes over'
     echo 'status=$?'

@@ -177,6 +177,7 @@ def test_slurm_dry_run_prints_a_readable_array_job(tmp_path):
     assert "#SBATCH --requeue" in script and "#SBATCH --signal=B:USR1@120" in script
     assert "#SBATCH --gres=gpu:1" in script and '"taco_continuous_action.py walker_walk 3"' in script
     assert "--total-timesteps 1000000" in script
+    assert "--resume auto" in script, "a requeued element resumes from its checkpoint"
 
 
 def free_port():
