@@ -13,6 +13,7 @@ import signal
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Literal
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must be set before dm_control is imported
 
@@ -68,6 +69,14 @@ class Args:
     """evaluate every this many frames (and once at the end)"""
     num_eval_episodes: int = 10
     """episodes per evaluation, acting with the policy's mean action"""
+
+    # Speed options: off by default until a GPU learning run shows they do no harm (see "Speed" in the README)
+    amp: Literal["none", "bf16"] = "none"
+    """`bf16`: run the encoder and networks of the update under bfloat16 autocast (losses and the optimizer in fp32)"""
+    compile: bool = False
+    """if toggled, compiles the networks with torch.compile"""
+    cudagraphs: bool = False
+    """if toggled (CUDA only), compiles the networks with CUDA graphs (torch.compile mode `reduce-overhead`)"""
 
     # Checkpoints (see "Long runs" in the README)
     checkpoint_every: int = 100_000
@@ -548,6 +557,9 @@ class Agent:
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=args.learning_rate)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.learning_rate)
         self.stddev = parse_schedule(args.stddev_schedule)
+        if args.compile or args.cudagraphs:
+            for network in [part for part in vars(self).values() if isinstance(part, nn.Module)]:
+                network.compile(mode="reduce-overhead" if args.cudagraphs else None)  # keeps state_dict keys
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, step: int, eval_mode: bool) -> np.ndarray:
@@ -564,23 +576,24 @@ class Agent:
 
     def update(self, batch: dict, step: int) -> dict:
         """One DrQ-v2 update. Returns {TensorBoard tag: detached tensor} (no host sync here)."""
-        batch = {k: torch.as_tensor(v, device=self.device) for k, v in batch.items()}
-        obs = self.encoder(random_shift(batch["obs"]))
-        with torch.no_grad():
-            next_obs = self.encoder(random_shift(batch["next_obs"]))
-        std = self.stddev(step)
-        metrics = self.update_critic(obs, batch["action"], batch["reward"], batch["discount"], next_obs, std)
-        metrics.update(self.update_actor(obs.detach(), std))
-        soft_update(self.critic_target, self.critic, self.args.tau)
-        metrics["charts/actor_std"] = torch.tensor(std)
-        return metrics
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.amp == "bf16"):
+            batch = {k: torch.as_tensor(v, device=self.device) for k, v in batch.items()}
+            obs = self.encoder(random_shift(batch["obs"]))
+            with torch.no_grad():
+                next_obs = self.encoder(random_shift(batch["next_obs"]))
+            std = self.stddev(step)
+            metrics = self.update_critic(obs, batch["action"], batch["reward"], batch["discount"], next_obs, std)
+            metrics.update(self.update_actor(obs.detach(), std))
+            soft_update(self.critic_target, self.critic, self.args.tau)
+            metrics["charts/actor_std"] = torch.tensor(std)
+            return metrics
 
     def update_critic(self, obs, action, reward, discount, next_obs, std):
         with torch.no_grad():
             next_action = sample_action(self.actor(next_obs), std, self.args.stddev_clip)
             target_q = reward + discount * torch.min(*self.critic_target(next_obs, next_action))
         q1, q2 = self.critic(obs, action)
-        critic_loss = F.mse_loss(q1, target_q) + F.mse_loss(q2, target_q)
+        critic_loss = F.mse_loss(q1.float(), target_q.float()) + F.mse_loss(q2.float(), target_q.float())
         self.encoder_opt.zero_grad(set_to_none=True)
         self.critic_opt.zero_grad(set_to_none=True)
         critic_loss.backward()
@@ -590,7 +603,7 @@ class Agent:
 
     def update_actor(self, obs, std):
         action = sample_action(self.actor(obs), std, self.args.stddev_clip)
-        actor_loss = -torch.min(*self.critic(obs, action)).mean()
+        actor_loss = -torch.min(*self.critic(obs, action)).float().mean()
         self.actor_opt.zero_grad(set_to_none=True)
         actor_loss.backward()
         self.actor_opt.step()
@@ -613,7 +626,7 @@ CHECKPOINT = "checkpoint.pt"
 # Settings that may differ when a run is resumed; every other setting must equal the checkpoint's.
 RESUMABLE_CHANGES = {"total_timesteps", "eval_every", "num_eval_episodes", "checkpoint_every", "checkpoint_replay"}
 RESUMABLE_CHANGES |= {"resume", "cuda", "torch_deterministic", "track", "wandb_project_name", "wandb_entity"}
-RESUMABLE_CHANGES |= {"capture_video", "save_model"}
+RESUMABLE_CHANGES |= {"capture_video", "save_model", "compile", "cudagraphs"}
 
 
 def payload_digest(payload) -> str:
@@ -784,6 +797,8 @@ def main(args: Args):
     if args.cuda and not torch.cuda.is_available():
         print("warning: no CUDA device is available; running on the CPU")
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if args.cudagraphs and device.type != "cuda":
+        raise RunError("--cudagraphs needs a CUDA device")
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -836,12 +851,13 @@ def main(args: Args):
     print(f"{args.total_timesteps}; logs in {run_dir}")
 
     def log_evaluation(frame):
-        nonlocal last_eval, window_time, window_start_frame
+        nonlocal last_eval, window_time
+        eval_start = time.time()
         video_path = f"videos/{run_name}/eval_{frame}.mp4" if args.capture_video else None
         last_eval = evaluate(agent, eval_env, args.num_eval_episodes, frame // args.action_repeat, video_path)
         writer.add_scalar("eval/episodic_return", last_eval, frame)
         print(f"frame {frame}: eval return {last_eval:.1f}")
-        window_time, window_start_frame = time.time(), frame  # SPS measures training, not evaluation
+        window_time += time.time() - eval_start  # SPS measures training, not evaluation
 
     def write_checkpoint(global_step):
         check_finite(agent, global_step * args.action_repeat)

@@ -2,11 +2,14 @@
 convolutions, out-of-place ReLUs, augmentation by padding and cropping float images) to float tolerance."""
 
 import copy
+import glob
 
+import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import tiny_batch
+from conftest import TINY_RUN, read_scalars, run_script, tiny_batch
 
 
 def plain_encoder_forward(self, obs):
@@ -83,3 +86,41 @@ def test_update_equals_the_straightforward_computation(script, monkeypatch):
             # the encoder alone agrees to ~1e-6 (test above); through the critic's trunk and ReLU kinks whose
             # inputs round to the other side of zero, its gradient agrees to a few 1e-3 of its largest element
             torch.testing.assert_close(moments["exp_avg"], expected, rtol=1e-2, atol=1e-2 * scale, msg=name)
+
+
+def test_bf16_autocast_update_stays_close_to_fp32(script):
+    args = script.resolve_args(script.Args(env_id="cheetah_run", hidden_dim=64, batch_size=16))
+    args = script.dataclasses.replace(args, learning_rate=0.0)  # every loss on the same weights (see above)
+    torch.manual_seed(0)
+    fp32 = script.Agent((9, 84, 84), 6, args, torch.device("cpu"))
+    bf16 = copy.deepcopy(fp32)
+    bf16.args = script.dataclasses.replace(args, amp="bf16")
+    batch = tiny_batch(script, batch_size=16, action_dim=6)
+    torch.manual_seed(1)
+    expected = fp32.update(batch, step=3000)
+    torch.manual_seed(1)
+    ours = bf16.update(batch, step=3000)
+    for tag, value in ours.items():
+        assert value.dtype == torch.float32 or "q_values" in tag, f"{tag} is computed in fp32"
+        torch.testing.assert_close(value.float(), expected[tag], rtol=0.05, atol=0.02, msg=tag)
+
+
+@pytest.mark.parametrize("flags", [["--amp", "bf16"], ["--compile"]], ids=["amp-bf16", "compile"])
+def test_speed_flags_run_end_to_end(flags, tmp_path):
+    name = "taco_continuous_action"
+    result = run_script(name, [*TINY_RUN, "--total-timesteps", "120", "--eval-every", "120", *flags], cwd=tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    scalars = read_scalars(run_dir)
+    for tag in ["losses/critic_loss", "losses/actor_loss", "losses/taco_loss", "losses/curl_loss"]:
+        assert all(np.isfinite(value) for _, value in scalars[tag]), tag
+
+
+def test_cudagraphs_needs_cuda(tmp_path):
+    if torch.cuda.is_available():  # on a GPU machine the flag must work instead
+        result = run_script("drqv2_continuous_action", [*TINY_RUN, "--cudagraphs"], cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+    else:
+        result = run_script("drqv2_continuous_action", [*TINY_RUN, "--cudagraphs"], cwd=tmp_path)
+        assert result.returncode != 0 and "error: --cudagraphs needs a CUDA device" in result.stderr
+        assert not (tmp_path / "runs").exists()

@@ -1,0 +1,229 @@
+# Speed and memory of the agent scripts, on random data of the right shapes:
+#   seconds per update at each script's default batch, with default flags and with each speed option,
+#   the update's floating-point work (counted by torch from the layer shapes) against a measured matmul peak,
+#   seconds to sample a batch from a filled replay, bytes per stored transition and the memory of a filled replay,
+#   and environment frames per second (step + render).
+# Prints a Markdown table and appends it, with the commit, the command and the machine, to benchmarks/RESULTS.md.
+#   python benchmarks/speed.py                   # CPU here; the same command uses CUDA where a GPU is present
+import dataclasses
+import importlib.util
+import os
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import tyro
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class Args:
+    scripts: list[str] = field(default_factory=lambda: ["drqv2_continuous_action", "taco_continuous_action"])
+    """agent scripts to measure (file names without .py)"""
+    options: list[str] = field(default_factory=lambda: ["default", "amp-bf16", "compile", "cudagraphs"])
+    """speed options to time: default, amp-bf16, compile, cudagraphs (CUDA only; skipped on the CPU)"""
+    repeats: int = 5
+    """timed updates per configuration, after one untimed warm-up (which includes compilation)"""
+    env_id: str = "cheetah_run"
+    """task whose shapes (6-dimensional actions) the update uses, and whose frames per second are measured"""
+    replay_transitions: int = 100_000
+    """transitions in the replay that is filled, measured and sampled from"""
+    env_steps: int = 200
+    """agent steps timed in the environment"""
+    results: str = os.path.join(ROOT, "benchmarks", "RESULTS.md")
+    """Markdown file the results are appended to; empty to only print them"""
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(function, repeats, device):
+    """Median and minimum seconds of `repeats` calls after one untimed warm-up call."""
+    function()
+    synchronize(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)), float(np.min(times))
+
+
+def random_batch(module, batch_size, action_dim, device):
+    rng = np.random.default_rng(0)
+
+    def images():
+        return torch.tensor(rng.integers(0, 256, (batch_size, 9, 84, 84), dtype=np.uint8), device=device)
+
+    def uniform(*shape):
+        return torch.tensor(rng.uniform(-1, 1, shape), dtype=torch.float32, device=device)
+
+    batch = {
+        "obs": images(),
+        "action": uniform(batch_size, action_dim),
+        "reward": uniform(batch_size, 1),
+        "discount": torch.full((batch_size, 1), 0.97, device=device),
+        "next_obs": images(),
+    }
+    if hasattr(module, "TacoHead"):
+        batch.update(action_seq=uniform(batch_size, 3, action_dim), future_obs=images())
+    return batch
+
+
+def matmul_peak(device, dtype, size):
+    """FLOP/s of a square matmul, the practical limit of the device for this dtype."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    median, _ = timed(lambda: a @ b, 3, device)
+    return 2 * size**3 / median
+
+
+def update_flops(agent, batch):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        agent.update(batch, step=10_000)
+    return counter.get_total_flops()
+
+
+def rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def fill_replay(module, args, transitions, action_dim):
+    """A replay of `transitions` transitions in 500-step episodes (frames cycled from a small random set)."""
+    kwargs = {"frame_stack": 3, "nstep": 3, "gamma": 0.99}
+    if hasattr(module, "TacoHead"):
+        kwargs["multistep"] = 3
+    before = rss_bytes()
+    replay = module.ReplayBuffer(transitions, (3, 84, 84), action_dim, **kwargs)
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (16, 3, 84, 84), dtype=np.uint8)
+    action = np.zeros(action_dim, dtype=np.float32)
+    step = 0
+    while replay.num_transitions + 500 <= transitions:
+        replay.start_episode(frames[step % 16])
+        for _ in range(500):
+            step += 1
+            replay.add(action, 1.0, 1.0, frames[step % 16])
+        replay.end_episode()
+    return replay, rss_bytes() - before
+
+
+def environment_fps(module, env_id, steps):
+    env = module.DMCPixelEnv(env_id, seed=0)
+    env.reset()
+    rng = np.random.default_rng(0)
+    start = time.perf_counter()
+    frames = 0
+    for _ in range(steps):
+        _, _, _, done = env.step(rng.uniform(-1, 1, env.action_dim).astype(np.float32))
+        frames += 2
+        if done:
+            env.reset()
+    return frames / (time.perf_counter() - start)
+
+
+def machine(device):
+    cpu = platform.processor()
+    if os.path.exists("/proc/cpuinfo"):
+        with open("/proc/cpuinfo") as f:
+            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "none"
+    return f"CPU {cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads); GPU {gpu}; torch {torch.__version__}"
+
+
+def commit():
+    def git(*command):
+        return subprocess.run(["git", *command], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
+
+    return git("rev-parse", "--short", "HEAD") + (" (with uncommitted changes)" if git("status", "--porcelain") else "")
+
+
+def main(args: Args):
+    os.environ.setdefault("MUJOCO_GL", "egl")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    peaks = {}
+    rows = [
+        "| script | batch | option | s / update (median) | min | GFLOP / update | achieved | share of matmul peak |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    memory_rows = []
+    for name in args.scripts:
+        module = load_script(name)
+        base = module.resolve_args(module.Args(env_id=args.env_id))
+        action_dim = 6
+        batch = random_batch(module, base.batch_size, action_dim, device)
+        flops = None
+        for option in args.options:
+            if option == "cudagraphs" and device.type != "cuda":
+                continue
+            flags = {"default": {}, "amp-bf16": {"amp": "bf16"}, "compile": {"compile": True}}
+            flags["cudagraphs"] = {"cudagraphs": True}
+            torch.manual_seed(0)
+            agent = module.Agent((9, 84, 84), action_dim, dataclasses.replace(base, **flags[option]), device)
+            if flops is None:
+                flops = update_flops(agent, batch)  # the work of one update, independent of the option
+            print(f"{name}: timing {option} at batch {base.batch_size} ...", flush=True)
+            median, best = timed(lambda a=agent, b=batch: a.update(b, step=10_000), args.repeats, device)
+            dtype = torch.bfloat16 if option == "amp-bf16" else torch.float32
+            if dtype not in peaks:
+                peaks[dtype] = matmul_peak(device, dtype, 4096 if device.type == "cuda" else 2048)
+            achieved = flops / median
+            rows.append(
+                f"| {name} | {base.batch_size} | {option} | {median:.3f} | {best:.3f} | {flops / 1e9:.0f} | "
+                f"{achieved / 1e9:.1f} GFLOP/s | {100 * achieved / peaks[dtype]:.0f}% of {peaks[dtype] / 1e9:.0f} "
+                f"GFLOP/s ({str(dtype).split('.')[-1]}) |"
+            )
+            print(rows[-1], flush=True)
+            del agent
+
+        replay, replay_rss = fill_replay(module, base, args.replay_transitions, action_dim)
+        sample, _ = timed(lambda r=replay, n=base.batch_size: r.sample(n), max(args.repeats, 5), device)
+        memory_rows.append(
+            f"| {name} | {replay.num_transitions} | {replay.nbytes_per_transition():.0f} | "
+            f"{replay_rss / 1e6:.0f} MB ({replay_rss / replay.num_transitions:.0f} B / transition) | "
+            f"{base.batch_size} | {sample:.3f} |"
+        )
+        print(memory_rows[-1], flush=True)
+        del replay
+
+    fps = environment_fps(module, args.env_id, args.env_steps)
+    table = "\n".join(rows)
+    table += "\n\n| script | transitions in the replay | bytes allocated / transition | resident memory of the filled "
+    table += "replay | batch | s / sampled batch (median) |\n| --- | --- | --- | --- | --- | --- |\n"
+    table += "\n".join(memory_rows)
+    table += f"\n\nEnvironment: {args.env_id}, {fps:.0f} frames / s (step and 84x84 render, MUJOCO_GL="
+    table += f"{os.environ['MUJOCO_GL']}, one process).\n"
+    header = f"## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit()}, {device.type}\n\n"
+    header += f"- command: `python {' '.join(sys.argv)}`\n- machine: {machine(device)}\n"
+    header += f"- updates: median and minimum of {args.repeats} after one warm-up, random data of the shapes of "
+    header += f"{args.env_id}; FLOPs counted by torch.utils.flop_counter over one update\n\n"
+    print("\n" + header + table)
+    if args.results:
+        with open(args.results, "a") as f:
+            f.write(header + table + "\n")
+        print(f"appended to {args.results}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
