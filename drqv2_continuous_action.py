@@ -455,8 +455,8 @@ def random_shift(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
     shift = torch.randint(0, 2 * pad + 1, (n, 2), device=x.device) - pad
     rows = (torch.arange(h, device=x.device) + shift[:, :1]).clamp(0, h - 1)  # clamping = replicate padding
     cols = (torch.arange(w, device=x.device) + shift[:, 1:]).clamp(0, w - 1)
-    x = x.gather(2, rows[:, None, :, None].expand(n, c, h, w))
-    return x.gather(3, cols[:, None, None, :].expand(n, c, h, w))
+    pixels = (rows[:, :, None] * w + cols[:, None, :]).reshape(n, 1, h * w)  # source pixel of each output pixel
+    return x.reshape(n, c, h * w).gather(2, pixels.expand(n, c, h * w)).reshape(n, c, h, w)
 
 
 class Encoder(nn.Module):

@@ -131,6 +131,10 @@ class Args:
     """if toggled, adds the CURL loss (two augmentations of the same observation); --no-curl skips it entirely"""
     reward_loss: bool = True
     """if toggled, adds reward prediction from (z_t, U_t); --no-reward-loss skips it entirely"""
+    taco_anchor_from_critic: bool = False
+    """speed option, off by default: the TACO anchor z_t reuses the critic's encoding of o_t (its augmentation, and
+    the encoder before this update's steps) instead of encoding a fresh augmentation after the critic and actor
+    steps as published; one encoder pass with gradient fewer"""
 
 
 # SPEC §5: per-task settings of the published runs. Preset -> (std schedule duration in agent steps, budget in frames).
@@ -472,8 +476,8 @@ def random_shift(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
     shift = torch.randint(0, 2 * pad + 1, (n, 2), device=x.device) - pad
     rows = (torch.arange(h, device=x.device) + shift[:, :1]).clamp(0, h - 1)  # clamping = replicate padding
     cols = (torch.arange(w, device=x.device) + shift[:, 1:]).clamp(0, w - 1)
-    x = x.gather(2, rows[:, None, :, None].expand(n, c, h, w))
-    return x.gather(3, cols[:, None, None, :].expand(n, c, h, w))
+    pixels = (rows[:, :, None] * w + cols[:, None, :]).reshape(n, 1, h * w)  # source pixel of each output pixel
+    return x.reshape(n, c, h * w).gather(2, pixels.expand(n, c, h * w)).reshape(n, c, h, w)
 
 
 class Encoder(nn.Module):
@@ -610,10 +614,13 @@ def bilinear_logits(queries, keys, W):
     return logits - logits.max(dim=1, keepdim=True).values
 
 
-def taco_losses(encoder, action_encoder, head, obs, action_seq, future_obs, reward, curl=True, reward_loss=True):
+def taco_losses(
+    encoder, action_encoder, head, obs, action_seq, future_obs, reward, curl=True, reward_loss=True, anchor=None
+):
     """The losses of one TACO step on uint8 images. Returns ({tag: loss}, accuracy of the TACO logits).
-    Losses switched off are neither computed nor returned. Augmentations are drawn anchor, future, then CURL's."""
-    z_anchor = head.project(encoder(random_shift(obs)))
+    Losses switched off are neither computed nor returned. Augmentations are drawn anchor, future, then CURL's.
+    `anchor`: encoder features of an augmentation of obs to use as the anchor instead of encoding a fresh one."""
+    z_anchor = head.project(encoder(random_shift(obs)) if anchor is None else anchor)
     with torch.no_grad():
         z_future = head.project(encoder(random_shift(future_obs)))
     u = action_encoder.encode_sequence(action_seq)
@@ -681,10 +688,12 @@ class Agent:
             with torch.no_grad():
                 next_obs = self.encoder(random_shift(batch["next_obs"]))
             std = self.stddev(step)
+            # --taco-anchor-from-critic: the TACO gradients come from the critic's encoding, before the encoder moves
+            taco_step = self.taco_gradients(batch, anchor=obs) if self.args.taco_anchor_from_critic else None
             metrics = self.update_critic(obs, batch["action"], batch["reward"], batch["discount"], next_obs, std)
             metrics.update(self.update_actor(obs.detach(), std))
             soft_update(self.critic_target, self.critic, self.args.tau)
-            metrics.update(self.update_taco(batch))
+            metrics.update(self.update_taco(batch, taco_step))
             metrics["charts/actor_std"] = torch.tensor(std)
             return metrics
 
@@ -709,22 +718,27 @@ class Agent:
         self.actor_opt.step()
         return {"losses/actor_loss": actor_loss.detach()}
 
-    def update_taco(self, batch):
+    def taco_gradients(self, batch, anchor=None):
+        """Gradients of the TACO step's losses for every parameter of the TACO optimizer, and its metrics."""
         args = self.args
         modules = (self.encoder, self.action_encoder, self.taco_head)
-        losses, accuracy = taco_losses(
-            *modules,
-            batch["obs"],
-            batch["action_seq"],
-            batch["future_obs"],
-            batch["reward"],
-            args.curl,
-            args.reward_loss,
+        inputs = (batch["obs"], batch["action_seq"], batch["future_obs"], batch["reward"])
+        losses, accuracy = taco_losses(*modules, *inputs, args.curl, args.reward_loss, anchor=anchor)
+        parameters = [p for group in self.taco_opt.param_groups for p in group["params"]]
+        # with a reused anchor the critic's loss still needs the encoder's graph; unused parameters get None
+        gradients = torch.autograd.grad(
+            sum(losses.values()), parameters, retain_graph=anchor is not None, allow_unused=True
         )
-        self.taco_opt.zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
+        metrics = {**{tag: loss.detach() for tag, loss in losses.items()}, "charts/taco_accuracy": accuracy}
+        return gradients, metrics
+
+    def update_taco(self, batch, taco_step=None):
+        gradients, metrics = taco_step or self.taco_gradients(batch)
+        parameters = (p for group in self.taco_opt.param_groups for p in group["params"])
+        for parameter, gradient in zip(parameters, gradients):
+            parameter.grad = gradient
         self.taco_opt.step()
-        return {**{tag: loss.detach() for tag, loss in losses.items()}, "charts/taco_accuracy": accuracy}
+        return metrics
 
     def state_dict(self, optimizers=True) -> dict:
         """State dicts of the agent's networks (and optimizers), by attribute name."""

@@ -21,12 +21,23 @@ import tyro
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# Speed options by name: the flags they set.
+OPTIONS = {
+    "default": {},
+    "amp-bf16": {"amp": "bf16"},
+    "compile": {"compile": True},
+    "cudagraphs": {"cudagraphs": True},
+    "taco-anchor-from-critic": {"taco_anchor_from_critic": True},
+    "amp-bf16+taco-anchor-from-critic": {"amp": "bf16", "taco_anchor_from_critic": True},
+}
+
+
 @dataclass
 class Args:
     scripts: list[str] = field(default_factory=lambda: ["drqv2_continuous_action", "taco_continuous_action"])
     """agent scripts to measure (file names without .py)"""
-    options: list[str] = field(default_factory=lambda: ["default", "amp-bf16", "compile", "cudagraphs"])
-    """speed options to time: default, amp-bf16, compile, cudagraphs (CUDA only; skipped on the CPU)"""
+    options: list[str] = field(default_factory=lambda: list(OPTIONS))
+    """speed options to time (see OPTIONS); cudagraphs needs CUDA and TACO's anchor option TACO: skipped elsewhere"""
     repeats: int = 5
     """timed updates per configuration, after one untimed warm-up (which includes compilation)"""
     env_id: str = "cheetah_run"
@@ -175,17 +186,16 @@ def main(args: Args):
         batch = random_batch(module, base.batch_size, action_dim, device)
         flops = None
         for option in args.options:
-            if option == "cudagraphs" and device.type != "cuda":
+            flags = OPTIONS[option]
+            if (option == "cudagraphs" and device.type != "cuda") or not set(flags) <= set(vars(base)):
                 continue
-            flags = {"default": {}, "amp-bf16": {"amp": "bf16"}, "compile": {"compile": True}}
-            flags["cudagraphs"] = {"cudagraphs": True}
             torch.manual_seed(0)
-            agent = module.Agent((9, 84, 84), action_dim, dataclasses.replace(base, **flags[option]), device)
+            agent = module.Agent((9, 84, 84), action_dim, dataclasses.replace(base, **flags), device)
             if flops is None:
                 flops = update_flops(agent, batch)  # the work of one update, independent of the option
             print(f"{name}: timing {option} at batch {base.batch_size} ...", flush=True)
             median, best = timed(lambda a=agent, b=batch: a.update(b, step=10_000), args.repeats, device)
-            dtype = torch.bfloat16 if option == "amp-bf16" else torch.float32
+            dtype = torch.bfloat16 if flags.get("amp") == "bf16" else torch.float32
             if dtype not in peaks:
                 peaks[dtype] = matmul_peak(device, dtype, 4096 if device.type == "cuda" else 2048)
             achieved = flops / median

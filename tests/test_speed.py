@@ -105,7 +105,33 @@ def test_bf16_autocast_update_stays_close_to_fp32(script):
         torch.testing.assert_close(value.float(), expected[tag], rtol=0.05, atol=0.02, msg=tag)
 
 
-@pytest.mark.parametrize("flags", [["--amp", "bf16"], ["--compile"]], ids=["amp-bf16", "compile"])
+def test_taco_anchor_from_critic_uses_the_critic_encoding():
+    from conftest import load_script
+
+    taco = load_script("taco_continuous_action")
+    args = taco.resolve_args(taco.Args(env_id="cheetah_run", hidden_dim=64, batch_size=16))
+    args = taco.dataclasses.replace(args, learning_rate=0.0, taco_anchor_from_critic=True)
+    torch.manual_seed(0)
+    agent = taco.Agent((9, 84, 84), 6, args, torch.device("cpu"))
+    batch = tiny_batch(taco, batch_size=16, action_dim=6)
+    torch.manual_seed(1)
+    metrics = agent.update(batch, step=3000)
+    torch.manual_seed(1)  # the draws: the critic's augmentations of o_t and o_t+n, then the TACO step's
+    anchor = agent.encoder(taco.random_shift(batch["obs"]))
+    taco.random_shift(batch["next_obs"])
+    modules = (agent.encoder, agent.action_encoder, agent.taco_head)
+    inputs = (batch["obs"], batch["action_seq"], batch["future_obs"], batch["reward"])
+    expected, accuracy = taco.taco_losses(*modules, *inputs, anchor=anchor)
+    for tag, loss in expected.items():
+        torch.testing.assert_close(metrics[tag], loss.detach(), rtol=1e-5, atol=1e-6, msg=tag)
+    assert metrics["charts/taco_accuracy"] == accuracy
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [["--amp", "bf16"], ["--compile"], ["--taco-anchor-from-critic"]],
+    ids=["amp-bf16", "compile", "taco-anchor-from-critic"],
+)
 def test_speed_flags_run_end_to_end(flags, tmp_path):
     name = "taco_continuous_action"
     result = run_script(name, [*TINY_RUN, "--total-timesteps", "120", "--eval-every", "120", *flags], cwd=tmp_path)
