@@ -1,6 +1,7 @@
 # DrQ-v2 (Yarats et al., 2021, arXiv 2107.09645): data-augmented actor-critic for continuous control from pixels.
 # One file: dm_control pixel environment, replay that stores each frame once, encoder, augmentation, losses, loop.
 # What is computed, with the published settings, is fixed in SPEC.md; docs: README.md.
+import concurrent.futures
 import contextlib
 import dataclasses
 import glob
@@ -10,6 +11,7 @@ import os
 import random
 import re
 import signal
+import threading
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -333,6 +335,7 @@ class ReplayBuffer:
         self._episode_start = None
         self._sample_table = None  # cached per-episode sampling table, rebuilt when the episodes change
         self.rng = np.random.default_rng(seed)
+        self.lock = threading.Lock()  # writers wait while a background sample (BatchPrefetcher) reads
 
     @property
     def window(self) -> int:
@@ -353,24 +356,27 @@ class ReplayBuffer:
 
     def start_episode(self, frame: np.ndarray):
         """Stores the first frame of a new episode (an unfinished previous episode is dropped)."""
-        if self._episode_start is not None:
-            self._next_slot = self._episode_start
-        self._episode_start = self._next_slot
-        self._write_frame(frame)
+        with self.lock:
+            if self._episode_start is not None:
+                self._next_slot = self._episode_start
+            self._episode_start = self._next_slot
+            self._write_frame(frame)
 
     def add(self, action, reward, discount, next_frame):
         """Stores the transition from the latest frame and the frame it led to."""
-        slot = (self._next_slot - 1) % self.num_slots
-        self.actions[slot], self.rewards[slot], self.discounts[slot] = action, reward, discount
-        self._write_frame(next_frame)
+        with self.lock:
+            slot = (self._next_slot - 1) % self.num_slots
+            self.actions[slot], self.rewards[slot], self.discounts[slot] = action, reward, discount
+            self._write_frame(next_frame)
 
     def end_episode(self):
         """Makes the current episode sampleable, then evicts the oldest episodes beyond capacity."""
-        self.episodes.append((self._episode_start, self._next_slot - 1 - self._episode_start))
-        self.num_transitions += self.episodes[-1][1]
-        self._episode_start, self._sample_table = None, None
-        while self.num_transitions > self.capacity:
-            self._evict_oldest()
+        with self.lock:
+            self.episodes.append((self._episode_start, self._next_slot - 1 - self._episode_start))
+            self.num_transitions += self.episodes[-1][1]
+            self._episode_start, self._sample_table = None, None
+            while self.num_transitions > self.capacity:
+                self._evict_oldest()
 
     def state_dict(self) -> dict:
         """The stored data as tensors (no copy), the episode table and the sampling RNG; an unfinished episode is
@@ -431,6 +437,48 @@ class ReplayBuffer:
             "discount": discount[:, None],
             "next_obs": self._stack(slots + self.nstep, episode_starts),
         }
+
+
+class BatchPrefetcher:
+    """Samples the next batch on a background thread while the agent updates, acts and steps the environment (numpy's
+    gathers release the GIL). The sample is taken under the replay's lock, which the replay's writers wait for, so a
+    batch is exactly what `replay.sample` gave when it was requested: right after the previous update, 2 agent steps
+    before its own update (the published code's loader lags further). On CUDA the batch comes through pinned memory,
+    so that its copy to the GPU overlaps with computation as well."""
+
+    def __init__(self, replay: ReplayBuffer, batch_size: int, device: torch.device):
+        self.replay, self.batch_size, self.device = replay, batch_size, device
+        self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+        self._pending = None
+
+    def _sample(self):
+        try:
+            batch = self.replay.sample(self.batch_size)
+        finally:
+            self.replay.lock.release()
+        batch = {key: torch.from_numpy(value) for key, value in batch.items()}
+        return {key: value.pin_memory() for key, value in batch.items()} if self.device.type == "cuda" else batch
+
+    def _request(self):
+        self.replay.lock.acquire()  # released by the worker once the sample is taken
+        self._pending = self._worker.submit(self._sample)
+
+    def next(self) -> dict:
+        """The requested batch (sampled now if none is), on the device; then requests the following one."""
+        if self._pending is None:
+            self._request()
+        batch = self._pending.result()
+        self._request()
+        return {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
+
+    def state_dict(self):
+        """The requested batch (its draw already moved the replay's RNG), for a checkpoint; None if there is none."""
+        return None if self._pending is None else self._pending.result()
+
+    def load_state_dict(self, batch):
+        if batch is not None:
+            self._pending = concurrent.futures.Future()
+            self._pending.set_result(batch)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -811,11 +859,13 @@ def main(args: Args):
     agent = Agent(env.observation_shape, env.action_dim, args, device)
     replay_kwargs = {"frame_stack": args.frame_stack, "nstep": args.nstep, "gamma": args.gamma, "seed": args.seed}
     rb = ReplayBuffer(args.buffer_size, env.frame_shape, env.action_dim, **replay_kwargs)
+    prefetcher = BatchPrefetcher(rb, args.batch_size, device)
     start_step, total_steps = 0, args.total_timesteps // args.action_repeat  # in agent steps
     if checkpoint is not None:
         agent.load_state_dict(checkpoint["agent"])
         if checkpoint["replay"] is not None:
             rb.load_state_dict(checkpoint["replay"])
+            prefetcher.load_state_dict(checkpoint["prefetched"])
         set_rng_state(checkpoint["rng"], (env, eval_env))
         start_step = checkpoint["global_step"]
         del checkpoint  # its tensors are memory-mapped from the file
@@ -861,10 +911,11 @@ def main(args: Args):
 
     def write_checkpoint(global_step):
         check_finite(agent, global_step * args.action_repeat)
+        prefetched = prefetcher.state_dict() if args.checkpoint_replay else None  # first: it holds the replay's lock
         replay = rb.state_dict() if args.checkpoint_replay else None
         rng = rng_state((env, eval_env))
         payload = {"args": vars(args), "global_step": global_step, "agent": agent.state_dict(), "replay": replay}
-        save_checkpoint(os.path.join(run_dir, CHECKPOINT), {**payload, "rng": rng})
+        save_checkpoint(os.path.join(run_dir, CHECKPOINT), {**payload, "prefetched": prefetched, "rng": rng})
 
     # Resumed without the replay: collect `learning_starts` frames anew before updating.
     updates_start = frame + args.learning_starts if resumed and rb.num_transitions == 0 else args.learning_starts
@@ -880,7 +931,7 @@ def main(args: Args):
         for global_step in range(start_step, total_steps):
             action = agent.act(obs, global_step, eval_mode=False)
             if global_step * args.action_repeat >= updates_start and global_step % args.update_every_steps == 0:
-                metrics = agent.update(rb.sample(args.batch_size), global_step)
+                metrics = agent.update(prefetcher.next(), global_step)
 
             obs, reward, discount, done = env.step(action)
             rb.add(action, reward, discount, env.frame)
