@@ -528,7 +528,10 @@ class Encoder(nn.Module):
     def forward(self, obs):
         """obs: uint8 (or float) images in [0, 255]. Channels-last memory speeds up the convolutions on CPU and GPU;
         the features come out in the usual (channel, row, column) order."""
-        x = obs.contiguous(memory_format=torch.channels_last).to(torch.float32, copy=True)
+        # under --amp bf16 the images go straight to bfloat16, without a float32 copy for the convolutions to cast
+        autocast = torch.is_autocast_enabled(obs.device.type)
+        dtype = torch.get_autocast_dtype(obs.device.type) if autocast else torch.float32
+        x = obs.contiguous(memory_format=torch.channels_last).to(dtype, copy=True)
         return self.convnet(x.div_(255.0).sub_(0.5)).flatten(1)  # in place: the same numbers, no new buffers
 
 

@@ -173,6 +173,7 @@ def commit():
 def main(args: Args):
     os.environ.setdefault("MUJOCO_GL", "egl")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    measured = commit()  # the code as it is when the measurement starts
     peaks = {}
     rows = [
         "| script | batch | option | s / update (median) | min | GFLOP / update | achieved | share of matmul peak |",
@@ -184,23 +185,27 @@ def main(args: Args):
         base = module.resolve_args(module.Args(env_id=args.env_id))
         action_dim = 6
         batch = random_batch(module, base.batch_size, action_dim, device)
-        flops = None
+        flops = {}  # FLOPs of one update by the options that change the computation (compiling changes none)
         for option in args.options:
             flags = OPTIONS[option]
             if (option == "cudagraphs" and device.type != "cuda") or not set(flags) <= set(vars(base)):
                 continue
+            work = {key: value for key, value in flags.items() if key not in ("compile", "cudagraphs")}
+            if str(work) not in flops:
+                torch.manual_seed(0)
+                plain = module.Agent((9, 84, 84), action_dim, dataclasses.replace(base, **work), device)
+                flops[str(work)] = update_flops(plain, batch)
+                del plain
             torch.manual_seed(0)
             agent = module.Agent((9, 84, 84), action_dim, dataclasses.replace(base, **flags), device)
-            if flops is None:
-                flops = update_flops(agent, batch)  # the work of one update, independent of the option
             print(f"{name}: timing {option} at batch {base.batch_size} ...", flush=True)
             median, best = timed(lambda a=agent, b=batch: a.update(b, step=10_000), args.repeats, device)
             dtype = torch.bfloat16 if flags.get("amp") == "bf16" else torch.float32
             if dtype not in peaks:
                 peaks[dtype] = matmul_peak(device, dtype, 4096 if device.type == "cuda" else 2048)
-            achieved = flops / median
+            achieved = flops[str(work)] / median
             rows.append(
-                f"| {name} | {base.batch_size} | {option} | {median:.3f} | {best:.3f} | {flops / 1e9:.0f} | "
+                f"| {name} | {base.batch_size} | {option} | {median:.3f} | {best:.3f} | {flops[str(work)] / 1e9:.0f} | "
                 f"{achieved / 1e9:.1f} GFLOP/s | {100 * achieved / peaks[dtype]:.0f}% of {peaks[dtype] / 1e9:.0f} "
                 f"GFLOP/s ({str(dtype).split('.')[-1]}) |"
             )
@@ -224,7 +229,7 @@ def main(args: Args):
     table += "\n".join(memory_rows)
     table += f"\n\nEnvironment: {args.env_id}, {fps:.0f} frames / s (step and 84x84 render, MUJOCO_GL="
     table += f"{os.environ['MUJOCO_GL']}, one process).\n"
-    header = f"## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit()}, {device.type}\n\n"
+    header = f"## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {measured}, {device.type}\n\n"
     header += f"- command: `python {' '.join(sys.argv)}`\n- machine: {machine(device)}\n"
     header += f"- updates: median and minimum of {args.repeats} after one warm-up, random data of the shapes of "
     header += f"{args.env_id}; FLOPs counted by torch.utils.flop_counter over one update\n\n"
