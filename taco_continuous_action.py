@@ -74,7 +74,7 @@ class Args:
     num_eval_episodes: int = 10
     """episodes per evaluation, acting with the policy's mean action"""
 
-    # Speed options: off by default until a GPU learning run shows they do no harm (see "Speed" in the README)
+    # Speed options: off by default until a GPU learning run shows they do no harm ("Speed and memory", README)
     amp: Literal["none", "bf16"] = "none"
     """`bf16`: run the encoder and networks of the update under bfloat16 autocast (losses and the optimizer in fp32)"""
     compile: bool = False
@@ -86,11 +86,11 @@ class Args:
     checkpoint_every: int = 100_000
     """write `runs/{run_name}/checkpoint.pt` every this many frames (at the next episode end), at the end, and on
     SIGTERM, SIGINT or SIGUSR1 (then exit); 0 turns checkpoints off. A checkpoint takes about 21.4 kB per stored
-    transition plus 0.1 GB: 10.8 GB at the end of a 1M-frame run (500k transitions), 2.3 GB with quadruped_run's
-    100k-transition replay"""
+    transition plus 0.15 GB (DrQ-v2) or 0.35 GB (TACO) of networks, optimizers and the next batch: about 11 GB at
+    the end of a 1M-frame run (500k transitions), 2.5 GB with quadruped_run's 100k-transition replay"""
     checkpoint_replay: bool = True
     """if toggled, checkpoints hold the replay buffer; with --no-checkpoint-replay they hold only the networks,
-    optimizers, counters and RNG states (a few tens of MB), and a resumed run refills its replay for
+    optimizers, counters and RNG states (about 0.1 GB), and a resumed run refills its replay for
     `learning_starts` frames before updating again"""
     resume: str | None = None
     """continue a run from its checkpoint: a run directory, or `auto` for the newest run under runs/ of the same
@@ -136,7 +136,7 @@ class Args:
     taco_anchor_from_critic: bool = False
     """speed option, off by default: the TACO anchor z_t reuses the critic's encoding of o_t (its augmentation, and
     the encoder before this update's steps) instead of encoding a fresh augmentation after the critic and actor
-    steps as published; one encoder pass with gradient fewer"""
+    steps as published; one encoder forward pass fewer"""
 
 
 # SPEC §5: per-task settings of the published runs. Preset -> (std schedule duration in agent steps, budget in frames).
