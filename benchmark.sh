@@ -120,6 +120,7 @@ if [ "$SLURM" = 1 ]; then
     [ "$GPUS_PER_RUN" -gt 0 ] && echo "#SBATCH --gres=gpu:$GPUS_PER_RUN"
     echo "#SBATCH --mem=$MEM_PER_RUN"
     echo "#SBATCH --output=$OUT/logs/%A_%a.log"
+    echo "#SBATCH --open-mode=append         # a requeued element adds to its log"
     echo "#SBATCH --requeue                # a preempted or timed-out element goes back in the queue"
     echo "#SBATCH --signal=B:USR1@120      # two minutes before the time limit, tell this script"
     echo

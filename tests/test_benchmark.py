@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY_RUN, load_script
+from conftest import ROOT, TINY_RUN, load_script, read_scalars
 
 plot = load_script("plot")
 REFERENCE = ROOT.parent / "shared" / "reference" / "drqv2_curves"
@@ -263,3 +263,32 @@ def test_slurm_array_job_runs_the_sweep_and_the_plots(slurm_cluster, tmp_path):
     assert len(logs) == 4 and all("finished with exit code 0" in log.read_text() for log in logs)
     assert len(list((out / "runs").iterdir())) == 4
     assert (out / "plots" / "tasks.png").stat().st_size > 10_000, "the dependent plot job ran"
+
+
+def test_slurm_requeue_resumes_from_the_checkpoint(slurm_cluster, tmp_path):
+    """A requeued element (as after preemption) checkpoints on SIGTERM, starts again and resumes its run."""
+    out = tmp_path / "sweep"
+    sweep = ["--slurm", "--no-plot", "--scripts", "drqv2_continuous_action.py", "--env-ids", "cartpole_balance"]
+    resources = ["--num-seeds", "1", "--gpus", "0", "--cpus", "1", "--mem", "500M", "--time", "00:10:00"]
+    run = [*TINY_RUN[2:], "--total-timesteps", "400", "--checkpoint-every", "40"]
+    result = run_benchmark([*sweep, *resources, "--out", str(out), "--", *run], tmp_path, env=slurm_cluster)
+    assert result.returncode == 0, result.stdout + result.stderr
+    job_id = re.search(r"submitted array job (\d+)", result.stdout).group(1)
+    deadline = time.time() + 240
+    while not list((out / "runs").glob("*/checkpoint.pt")):
+        assert time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.5)
+    subprocess.run(["scontrol", "requeue", f"{job_id}_0"], env=slurm_cluster, check=True)
+    log_file = out / "logs" / f"{job_id}_0.log"
+    start_now = ["scontrol", "update", f"JobId={job_id}_0", "StartTime=now"]
+    while "(restart 1)" not in log_file.read_text() or "exit code" not in log_file.read_text().split("(restart 1)")[1]:
+        assert time.time() < deadline + 300, "the requeued element did not run to its end: " + log_file.read_text()
+        # Slurm holds a requeued job back for a while; make it eligible at once (refused until it is pending)
+        subprocess.run(start_now, env=slurm_cluster, capture_output=True, check=False)
+        time.sleep(1)
+    log = log_file.read_text()
+    assert "(restart 1)" in log and "resuming cartpole_balance__drqv2_continuous_action__1__" in log, log[-3000:]
+    assert "finished with exit code 0" in log
+    (run_dir,) = list((out / "runs").iterdir())
+    steps = [step for step, _ in read_scalars(run_dir)["charts/episodic_return"]]
+    assert steps == list(range(40, 401, 40)), "each episode logged once across the two attempts"
