@@ -51,11 +51,13 @@ class Args:
 
 
 def load_script(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    """Imports an agent script by file name, once (module-level code only: its main() does not run)."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
 
 
 def synchronize(device):
@@ -76,7 +78,8 @@ def timed(function, repeats, device):
     return float(np.median(times)), float(np.min(times))
 
 
-def random_batch(module, batch_size, action_dim, device):
+def random_batch(module, batch_size, action_dim, device=None):
+    """A replay batch of the script's keys with random values (TACO's adds action_seq and future_obs, K = 3)."""
     rng = np.random.default_rng(0)
 
     def images():

@@ -1,16 +1,16 @@
 """Shared helpers: load the agent scripts as modules, run them as programs, read their TensorBoard logs."""
 
-import importlib.util
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))  # the tests share the benchmark's script loader and random batches
+from speed import load_script, random_batch
+
 SCRIPTS = ["drqv2_continuous_action", "taco_continuous_action"]
 AVAILABLE_SCRIPTS = [name for name in SCRIPTS if (ROOT / f"{name}.py").exists()]
 
@@ -20,16 +20,6 @@ TINY_RUN = [
     "--learning-starts", "80", "--batch-size", "8", "--eval-every", "120", "--num-eval-episodes", "1",
     "--hidden-dim", "32", "--buffer-size", "1000",
 ]  # fmt: skip
-
-
-def load_script(name):
-    """Imports an agent script by file name (module-level code only: main() does not run)."""
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 @pytest.fixture(params=AVAILABLE_SCRIPTS)
@@ -62,23 +52,6 @@ def read_scalars(run_dir):
     return {tag: [(e.step, e.value) for e in accumulator.Scalars(tag)] for tag in accumulator.Tags()["scalars"]}
 
 
-def tiny_batch(script, batch_size=8, action_dim=1, multistep=3):
-    """A random replay batch of the script's keys, as CPU tensors (TACO's adds action_seq and future_obs)."""
-    rng = np.random.default_rng(0)
-
-    def images():
-        return torch.tensor(rng.integers(0, 256, (batch_size, 9, 84, 84)), dtype=torch.uint8)
-
-    def uniform(*shape):
-        return torch.tensor(rng.uniform(-1, 1, shape), dtype=torch.float32)
-
-    batch = {
-        "obs": images(),
-        "action": uniform(batch_size, action_dim),
-        "reward": uniform(batch_size, 1),
-        "discount": torch.full((batch_size, 1), 0.99**3),
-        "next_obs": images(),
-    }
-    if hasattr(script, "TacoHead"):
-        batch.update(action_seq=uniform(batch_size, multistep, action_dim), future_obs=images())
-    return batch
+def tiny_batch(script, batch_size=8, action_dim=1):
+    """A random replay batch of the script's keys, as CPU tensors."""
+    return random_batch(script, batch_size, action_dim)
