@@ -951,11 +951,12 @@ def main(args: Args):
             writer.add_scalar("charts/episodic_return", episode_return, frame)
             writer.add_scalar("charts/episodic_length", episode_steps * args.action_repeat, frame)
             writer.add_scalar("charts/SPS", sps, frame)
-            for tag, value in metrics.items():  # the latest update's metrics: one host sync per episode
-                writer.add_scalar(tag, value.item(), frame)
-                if not math.isfinite(value.item()):
+            for tag, tensor in metrics.items():  # the latest update's metrics: read once per episode
+                value = tensor.item()
+                writer.add_scalar(tag, value, frame)
+                if not math.isfinite(value):
                     raise RunError(
-                        f"non-finite {tag} ({value.item()}) at frame {frame}; stopping without checkpointing "
+                        f"non-finite {tag} ({value}) at frame {frame}; stopping without checkpointing "
                         f"(the last checkpoint, at frame {last_checkpoint_frame}, is kept)"
                     )
             eta = (args.total_timesteps - frame) / sps if sps > 0 else float("inf")

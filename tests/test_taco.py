@@ -5,14 +5,13 @@ import pytest
 import torch
 
 from conftest import load_script, tiny_batch
-from test_replay import GAMMA, make_episode, reference_sample, source_of, stacked, store
+from test_replay import FRAME_SHAPE, GAMMA, make_episode, reference_sample, source_of, stacked, store
 
 taco = load_script("taco_continuous_action")
 
 
 def make_replay(nstep, multistep, capacity=10_000):
-    shape = make_episode(np.random.default_rng(0), 0, 1)["frames"].shape[1:]
-    return taco.ReplayBuffer(capacity, shape, 2, frame_stack=3, nstep=nstep, gamma=GAMMA, multistep=multistep)
+    return taco.ReplayBuffer(capacity, FRAME_SHAPE, 2, frame_stack=3, nstep=nstep, gamma=GAMMA, multistep=multistep)
 
 
 @pytest.mark.parametrize("nstep,multistep", [(3, 3), (1, 3), (3, 1), (2, 5)])
