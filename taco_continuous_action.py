@@ -5,6 +5,7 @@
 # What is computed, with the published settings, is fixed in SPEC.md; docs: README.md.
 import concurrent.futures
 import contextlib
+import copy
 import dataclasses
 import glob
 import hashlib
@@ -80,7 +81,15 @@ class Args:
     compile: bool = False
     """if toggled, compiles the networks with torch.compile"""
     cudagraphs: bool = False
-    """if toggled (CUDA only), compiles the networks with CUDA graphs (torch.compile mode `reduce-overhead`)"""
+    """if toggled (CUDA only), records the whole update once as a CUDA graph and replays it: one launch per update"""
+    tf32: bool = True
+    """on CUDA, convolutions may round their fp32 inputs to TF32 (10-bit mantissa), PyTorch's default and so what the
+    published code ran on such GPUs (2x faster TACO updates on an H200); --no-tf32 runs them in full fp32. Matmuls
+    always run in full fp32"""
+    replay_device: Literal["auto", "cpu", "cuda"] = "auto"
+    """where the replay's frames are stored and gathered into batches: `cuda` on the GPU (no batch crosses from the
+    host), `cpu` in host memory (batches sampled on a background thread), `auto` the GPU when the replay's full
+    capacity fits in half of its free memory. The batches drawn are the same on either"""
 
     # Checkpoints (see "Long runs" in the README)
     checkpoint_every: int = 100_000
@@ -333,17 +342,22 @@ class DMCPixelEnv:
 
 class ReplayBuffer:
     """FIFO replay of whole episodes. Slot s of the ring holds frame o_t and, unless it is an episode's last frame,
-    the transition (a_t, r_t, d_t) taken from it. Only complete episodes are sampled."""
+    the transition (a_t, r_t, d_t) taken from it. Only complete episodes are sampled. The frames live on `device`
+    (the GPU when they fit, see --replay-device); actions, rewards, discounts and the sampling happen on the host,
+    so every device draws the same batches from the same seed and only the frame gather runs on the device. The
+    running episode's frames wait on the host and reach the ring in one copy when the episode ends."""
 
     ARRAYS = ("frames", "actions", "rewards", "discounts")
 
-    def __init__(self, capacity, frame_shape, action_dim, frame_stack, nstep, gamma, multistep=1, seed=0):
+    def __init__(self, capacity, frame_shape, action_dim, frame_stack, nstep, gamma, multistep=1, seed=0, device="cpu"):
         self.capacity, self.frame_stack, self.nstep, self.gamma = capacity, frame_stack, nstep, gamma
         self.multistep = multistep
+        self.device = torch.device(device)
         # An episode of T transitions stores T + 1 frames; 1% extra slots hold the episodes' last frames
         # (exact for episodes of 100 or more steps; shorter episodes are evicted by slots before transitions).
         self.num_slots = capacity + capacity // 100 + 1
-        self.frames = np.empty((self.num_slots, *frame_shape), dtype=np.uint8)  # pages are committed as they fill
+        # on the CPU, pages are committed as they fill
+        self.frames = torch.empty((self.num_slots, *frame_shape), dtype=torch.uint8, device=self.device)
         self.actions = np.zeros((self.num_slots, action_dim), dtype=np.float32)
         self.rewards = np.zeros(self.num_slots, dtype=np.float32)
         self.discounts = np.zeros(self.num_slots, dtype=np.float32)
@@ -351,6 +365,7 @@ class ReplayBuffer:
         self.num_transitions = 0  # count up forever and index the ring modulo num_slots
         self._next_slot = 0
         self._episode_start = None
+        self._episode_frames = []  # the running episode's frames, not yet in the ring
         self._sample_table = None  # cached per-episode sampling table, rebuilt when the episodes change
         self.rng = np.random.default_rng(seed)
         self.lock = threading.Lock()  # writers wait while a background sample (BatchPrefetcher) reads
@@ -360,13 +375,27 @@ class ReplayBuffer:
         """Steps after t that a sample at t reads; valid t in an episode of T transitions are 0 .. T - window."""
         return max(self.nstep, self.multistep)
 
-    def _write_frame(self, frame):
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        """A host array on the replay's device (an ordered copy: sampling runs when the GPU has nothing queued)."""
+        return torch.from_numpy(array).to(self.device)
+
+    def _claim_slot(self, frame):
+        """Takes the next slot of the ring for a frame of the running episode."""
         while self.episodes and self.episodes[0][0] <= self._next_slot - self.num_slots:
-            self._evict_oldest()  # the slot to write still holds the oldest episode
+            self._evict_oldest()  # the slot still holds the oldest episode
         if self._next_slot - self._episode_start >= self.num_slots:
             raise ValueError(f"an episode longer than the replay ({self.num_slots} frames) cannot be stored")
-        self.frames[self._next_slot % self.num_slots] = frame
+        self._episode_frames.append(frame)
         self._next_slot += 1
+
+    def _write_episode_frames(self):
+        """Copies the running episode's frames into its slots of the ring (which may wrap around)."""
+        frames = torch.from_numpy(np.stack(self._episode_frames))
+        first = self._episode_start % self.num_slots
+        head = min(len(frames), self.num_slots - first)
+        self.frames[first : first + head] = frames[:head].to(self.device)
+        self.frames[: len(frames) - head] = frames[head:].to(self.device)
+        self._episode_frames = []
 
     def _evict_oldest(self):
         self.num_transitions -= self.episodes.popleft()[1]
@@ -377,19 +406,20 @@ class ReplayBuffer:
         with self.lock:
             if self._episode_start is not None:
                 self._next_slot = self._episode_start
-            self._episode_start = self._next_slot
-            self._write_frame(frame)
+            self._episode_start, self._episode_frames = self._next_slot, []
+            self._claim_slot(frame)
 
     def add(self, action, reward, discount, next_frame):
         """Stores the transition from the latest frame and the frame it led to."""
         with self.lock:
             slot = (self._next_slot - 1) % self.num_slots
             self.actions[slot], self.rewards[slot], self.discounts[slot] = action, reward, discount
-            self._write_frame(next_frame)
+            self._claim_slot(next_frame)
 
     def end_episode(self):
         """Makes the current episode sampleable, then evicts the oldest episodes beyond capacity."""
         with self.lock:
+            self._write_episode_frames()
             self.episodes.append((self._episode_start, self._next_slot - 1 - self._episode_start))
             self.num_transitions += self.episodes[-1][1]
             self._episode_start, self._sample_table = None, None
@@ -397,32 +427,43 @@ class ReplayBuffer:
                 self._evict_oldest()
 
     def state_dict(self) -> dict:
-        """The stored data as tensors (no copy), the episode table and the sampling RNG; an unfinished episode is
-        dropped."""
+        """The stored data as host tensors (no copy on the CPU), the episode table and the sampling RNG; an
+        unfinished episode is dropped."""
         end = self._episode_start if self._episode_start is not None else self._next_slot
         used = min(end, self.num_slots)
-        arrays = {name: torch.from_numpy(getattr(self, name)[:used]) for name in self.ARRAYS}
+        arrays = {name: torch.from_numpy(getattr(self, name)[:used]) for name in self.ARRAYS[1:]}
         counters = {"episodes": list(self.episodes), "num_transitions": self.num_transitions, "next_slot": end}
-        return {**arrays, **counters, "rng": self.rng.bit_generator.state}
+        return {"frames": self.frames[:used].cpu(), **arrays, **counters, "rng": self.rng.bit_generator.state}
 
     def load_state_dict(self, state: dict):
-        for name in self.ARRAYS:
+        self.frames[: len(state["frames"])] = state["frames"].to(self.device)
+        for name in self.ARRAYS[1:]:
             getattr(self, name)[: len(state[name])] = state[name].numpy()
         self.episodes = deque(tuple(episode) for episode in state["episodes"])
         self.num_transitions, self._next_slot = state["num_transitions"], state["next_slot"]
-        self._episode_start, self._sample_table = None, None
+        self._episode_start, self._episode_frames, self._sample_table = None, [], None
         self.rng.bit_generator.state = state["rng"]
 
     def nbytes_per_transition(self) -> float:
         """Bytes allocated per transition of capacity (frames, actions, rewards, discounts)."""
         return sum(getattr(self, name).nbytes for name in self.ARRAYS) / self.capacity
 
-    def _stack(self, slots, episode_starts):
-        """Stacked observations at absolute slots: the last `frame_stack` frames, the first one repeated."""
+    def _stack_slots(self, slots, episode_starts):
+        """Ring slots of the stacked observations at absolute slots: the last `frame_stack` frames, the first one
+        repeated, shape (B, frame_stack)."""
         offsets = np.arange(-self.frame_stack + 1, 1)
-        idx = np.maximum(slots[:, None] + offsets, episode_starts[:, None]) % self.num_slots
-        frames = self.frames[idx]  # (B, frame_stack, 3, H, W)
-        return frames.reshape(len(slots), -1, *frames.shape[-2:])
+        return np.maximum(slots[:, None] + offsets, episode_starts[:, None]) % self.num_slots
+
+    def _gather_stacks(self, *stack_slots):
+        """The stacked observations of each (B, frame_stack) array of ring slots, gathered in one pass on the
+        replay's device: uint8 tensors of shape (B, frame_stack * 3, H, W)."""
+        index = np.concatenate(stack_slots)
+        if self.device.type == "cpu":  # numpy's gather is several times faster than torch's on the CPU
+            frames = torch.from_numpy(self.frames.numpy()[index])  # (n * B, frame_stack, 3, H, W)
+        else:
+            frames = self.frames[self._to_device(index)]
+        frames = frames.reshape(len(index), -1, *frames.shape[-2:])
+        return frames.split([len(slots) for slots in stack_slots])
 
     def sample_indices(self, batch_size):
         """Absolute slots t, uniform over every transition whose window lies inside its episode, and their
@@ -440,8 +481,8 @@ class ReplayBuffer:
         return starts[episode] + offset_in_episode, starts[episode]
 
     def sample(self, batch_size):
-        """A batch of numpy arrays: obs, action, reward (n-step), discount (gamma^n times env discounts), next_obs,
-        action_seq (a_t .. a_{t+K-1}) and future_obs (the stacked observation at t+K)."""
+        """A batch of tensors on the replay's device: obs, action, reward (n-step), discount (gamma^n times env
+        discounts), next_obs, action_seq (a_t .. a_{t+K-1}) and future_obs (the stacked observation at t+K)."""
         slots, episode_starts = self.sample_indices(batch_size)
         reward = np.zeros(batch_size, dtype=np.float32)
         discount = np.ones(batch_size, dtype=np.float32)
@@ -449,40 +490,52 @@ class ReplayBuffer:
             step = (slots + i) % self.num_slots
             reward += discount * self.rewards[step]
             discount *= self.discounts[step] * self.gamma
-        return {
-            "obs": self._stack(slots, episode_starts),
+        obs, next_obs, future_obs = self._gather_stacks(
+            self._stack_slots(slots, episode_starts),
+            self._stack_slots(slots + self.nstep, episode_starts),
+            self._stack_slots(slots + self.multistep, episode_starts),
+        )
+        host = {
             "action": self.actions[slots % self.num_slots],
             "reward": reward[:, None],
             "discount": discount[:, None],
-            "next_obs": self._stack(slots + self.nstep, episode_starts),
-            "action_seq": self.actions[(slots[:, None] + np.arange(self.multistep)) % self.num_slots],
-            "future_obs": self._stack(slots + self.multistep, episode_starts),
         }
+        host["action_seq"] = self.actions[(slots[:, None] + np.arange(self.multistep)) % self.num_slots]
+        batch = {"obs": obs, "next_obs": next_obs, "future_obs": future_obs}
+        return {**batch, **{key: self._to_device(value) for key, value in host.items()}}
 
 
 class BatchPrefetcher:
-    """Samples the next batch on a background thread while the agent updates, acts and steps the environment (numpy's
-    gathers release the GIL). The sample is taken under the replay's lock, which the replay's writers wait for, so a
-    batch is exactly what `replay.sample` gave when it was requested: right after the previous update, 2 agent steps
-    before its own update (the published code's loader lags further). On CUDA the batch comes through pinned memory,
-    so that its copy to the GPU overlaps with computation as well."""
+    """Hands out the next batch and draws the one after it at once: right after the previous update, 2 agent steps
+    before its own update (the published code's loader lags further). A replay on the CPU is sampled on a background
+    thread while the agent updates, acts and steps the environment (torch's gathers release the GIL); the sample is
+    taken under the replay's lock, which the replay's writers wait for, so a batch is exactly what `replay.sample`
+    gave when it was requested. With a CUDA training device the batch then comes through pinned memory, so that its
+    copy overlaps with computation. A replay on the GPU is sampled in the main thread: the host only draws indices
+    and queues one gather."""
 
     def __init__(self, replay: ReplayBuffer, batch_size: int, device: torch.device):
         self.replay, self.batch_size, self.device = replay, batch_size, device
-        self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1)
-        self._pending = None
+        self._background = replay.device.type == "cpu"
+        self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1) if self._background else None
+        self._pending = self._in_transfer = None
 
     def _sample(self):
         try:
             batch = self.replay.sample(self.batch_size)
         finally:
             self.replay.lock.release()
-        batch = {key: torch.from_numpy(value) for key, value in batch.items()}
-        return {key: value.pin_memory() for key, value in batch.items()} if self.device.type == "cuda" else batch
+        if self.device.type == "cuda" and self._background:
+            batch = {key: value.pin_memory() for key, value in batch.items()}
+        return batch
 
     def _request(self):
-        self.replay.lock.acquire()  # released by the worker once the sample is taken
-        self._pending = self._worker.submit(self._sample)
+        self.replay.lock.acquire()  # released once the sample is taken
+        if self._background:
+            self._pending = self._worker.submit(self._sample)
+        else:
+            self._pending = concurrent.futures.Future()
+            self._pending.set_result(self._sample())
 
     def next(self) -> dict:
         """The requested batch (sampled now if none is), on the device; then requests the following one."""
@@ -490,16 +543,19 @@ class BatchPrefetcher:
             self._request()
         batch = self._pending.result()
         self._request()
+        # the pinned batch is kept until the next call: its copy has surely finished by then
+        self._in_transfer = batch
         return {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
 
     def state_dict(self):
-        """The requested batch (its draw already moved the replay's RNG), for a checkpoint; None if there is none."""
-        return None if self._pending is None else self._pending.result()
+        """The requested batch on the host (its draw already moved the replay's RNG), for a checkpoint; None if there
+        is none."""
+        return None if self._pending is None else {key: value.cpu() for key, value in self._pending.result().items()}
 
     def load_state_dict(self, batch):
         if batch is not None:
             self._pending = concurrent.futures.Future()
-            self._pending.set_result(batch)
+            self._pending.set_result({key: value.to(self.replay.device) for key, value in batch.items()})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -608,9 +664,8 @@ class Critic(nn.Module):
 
 @torch.no_grad()
 def soft_update(target: nn.Module, source: nn.Module, tau: float):
-    """target <- tau * source + (1 - tau) * target, parameter by parameter."""
-    for target_param, param in zip(target.parameters(), source.parameters()):
-        target_param.lerp_(param, tau)
+    """target <- tau * source + (1 - tau) * target, parameter by parameter (one fused lerp over the list)."""
+    torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -706,17 +761,26 @@ class Agent:
         self.critic_target.load_state_dict(self.critic.state_dict())
         sequence_dim = latent_dim * args.multistep
         self.taco_head = TacoHead(self.encoder.repr_dim, args.feature_dim, sequence_dim, args.hidden_dim).to(device)
+        adam = {"lr": args.learning_rate, "capturable": args.cudagraphs}  # capturable: Adam's step count on the GPU
         # the critic loss trains the encoder and g (the sequence encoder gets no gradient from it)
         encoder_params = [*self.encoder.parameters(), *self.action_encoder.parameters()]
-        self.encoder_opt = torch.optim.Adam(encoder_params, lr=args.learning_rate)
-        self.actor_opt = torch.optim.Adam(self.actor.parameters(), lr=args.learning_rate)
-        self.critic_opt = torch.optim.Adam(self.critic.parameters(), lr=args.learning_rate)
+        self.encoder_opt = torch.optim.Adam(encoder_params, **adam)
+        self.actor_opt = torch.optim.Adam(self.actor.parameters(), **adam)
+        self.critic_opt = torch.optim.Adam(self.critic.parameters(), **adam)
         # the TACO step trains the encoder, g, the sequence encoder, h, G, W and the reward head
-        self.taco_opt = torch.optim.Adam([*encoder_params, *self.taco_head.parameters()], lr=args.learning_rate)
+        self.taco_opt = torch.optim.Adam([*encoder_params, *self.taco_head.parameters()], **adam)
         self.stddev = parse_schedule(args.stddev_schedule)
-        if args.compile or args.cudagraphs:
+        if args.compile:
             for network in [part for part in vars(self).values() if isinstance(part, nn.Module)]:
-                network.compile(mode="reduce-overhead" if args.cudagraphs else None)  # keeps state_dict keys
+                network.compile()  # keeps state_dict keys
+        self.cuda_graph = CudaGraph(self) if args.cudagraphs else None
+
+    def autocast(self):
+        """bf16 autocast of forward passes under --amp bf16. Every region ends before an optimizer step, and keeps no
+        cache of bf16 weights: with a cache, a forward after a step in the same region would use the weights from
+        before the step (and a CUDA graph would not record the casts)."""
+        bf16 = self.args.amp == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False)
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, step: int, eval_mode: bool) -> np.ndarray:
@@ -732,38 +796,45 @@ class Agent:
         return action[0].cpu().numpy()
 
     def update(self, batch: dict, step: int) -> dict:
-        """One TACO update: DrQ-v2's, then the TACO step. Returns {TensorBoard tag: detached tensor} (no host sync)."""
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.args.amp == "bf16"):
-            batch = {k: torch.as_tensor(v, device=self.device) for k, v in batch.items()}
+        """One TACO update (DrQ-v2's, then the TACO step) on a batch already on the device. Returns {TensorBoard tag: detached tensor}; nothing in
+        it waits for the GPU, so the environment steps while the update runs."""
+        if self.cuda_graph is not None:
+            return self.cuda_graph(batch, self.stddev(step))
+        return self.compute_update(batch, self.stddev(step))
+
+    def compute_update(self, batch: dict, std) -> dict:
+        with self.autocast():
             obs = self.encoder(random_shift(batch["obs"]))
             with torch.no_grad():
                 next_obs = self.encoder(random_shift(batch["next_obs"]))
-            std = self.stddev(step)
-            # --taco-anchor-from-critic: the TACO gradients come from the critic's encoding, before the encoder moves
-            taco_step = self.taco_gradients(batch, anchor=obs) if self.args.taco_anchor_from_critic else None
-            metrics = self.update_critic(obs, batch["action"], batch["reward"], batch["discount"], next_obs, std)
-            metrics.update(self.update_actor(obs.detach(), std))
-            soft_update(self.critic_target, self.critic, self.args.tau)
-            metrics.update(self.update_taco(batch, taco_step))
-            metrics["charts/actor_std"] = torch.tensor(std)
-            return metrics
+        # --taco-anchor-from-critic: the TACO gradients come from the critic's encoding, before the encoder moves
+        taco_step = self.taco_gradients(batch, anchor=obs) if self.args.taco_anchor_from_critic else None
+        metrics = self.update_critic(obs, batch["action"], batch["reward"], batch["discount"], next_obs, std)
+        metrics.update(self.update_actor(obs.detach(), std))
+        soft_update(self.critic_target, self.critic, self.args.tau)
+        metrics.update(self.update_taco(batch, taco_step))
+        metrics["charts/actor_std"] = torch.as_tensor(std)
+        return metrics
 
     def update_critic(self, obs, action, reward, discount, next_obs, std):
-        with torch.no_grad():
-            next_action = self.action_encoder(sample_action(self.actor(next_obs), std, self.args.stddev_clip))
-            target_q = reward + discount * torch.min(*self.critic_target(next_obs, next_action))
-        q1, q2 = self.critic(obs, self.action_encoder(action))
+        with self.autocast():
+            with torch.no_grad():
+                next_action = self.action_encoder(sample_action(self.actor(next_obs), std, self.args.stddev_clip))
+                target_q = reward + discount * torch.min(*self.critic_target(next_obs, next_action))
+            q1, q2 = self.critic(obs, self.action_encoder(action))
         critic_loss = F.mse_loss(q1.float(), target_q.float()) + F.mse_loss(q2.float(), target_q.float())
         self.encoder_opt.zero_grad(set_to_none=True)
         self.critic_opt.zero_grad(set_to_none=True)
         critic_loss.backward()
         self.critic_opt.step()
         self.encoder_opt.step()
-        return {"losses/critic_loss": critic_loss.detach(), "losses/q_values": q1.detach().mean()}
+        return {"losses/critic_loss": critic_loss.detach(), "losses/q_values": q1.detach().float().mean()}
 
     def update_actor(self, obs, std):
-        action = sample_action(self.actor(obs), std, self.args.stddev_clip)
-        actor_loss = -torch.min(*self.critic(obs, self.action_encoder(action))).float().mean()
+        with self.autocast():
+            action = sample_action(self.actor(obs), std, self.args.stddev_clip)
+            q = torch.min(*self.critic(obs, self.action_encoder(action)))
+        actor_loss = -q.float().mean()
         self.actor_opt.zero_grad(set_to_none=True)
         actor_loss.backward()
         self.actor_opt.step()
@@ -774,7 +845,8 @@ class Agent:
         args = self.args
         modules = (self.encoder, self.action_encoder, self.taco_head)
         inputs = (batch["obs"], batch["action_seq"], batch["future_obs"], batch["reward"])
-        losses, accuracy = taco_losses(*modules, *inputs, args.curl, args.reward_loss, anchor=anchor)
+        with self.autocast():
+            losses, accuracy = taco_losses(*modules, *inputs, args.curl, args.reward_loss, anchor=anchor)
         parameters = [p for group in self.taco_opt.param_groups for p in group["params"]]
         # with a reused anchor the critic's loss still needs the encoder's graph; unused parameters get None
         gradients = torch.autograd.grad(
@@ -791,6 +863,9 @@ class Agent:
         self.taco_opt.step()
         return metrics
 
+    def optimizers(self) -> list:
+        return [part for part in vars(self).values() if isinstance(part, torch.optim.Optimizer)]
+
     def state_dict(self, optimizers=True) -> dict:
         """State dicts of the agent's networks (and optimizers), by attribute name."""
         kinds = (nn.Module, torch.optim.Optimizer) if optimizers else nn.Module
@@ -801,6 +876,55 @@ class Agent:
             getattr(self, name).load_state_dict(part_state)
 
 
+class CudaGraph:
+    """--cudagraphs: the whole update (forward, backward, optimizer steps, target update) recorded once as a CUDA graph
+    and replayed: one launch instead of hundreds, so a small update is no longer bound by kernel launches and the CPU
+    is free at once. The batch and the std are copied into the graph's input tensors before each replay; the metrics
+    it returns are its output tensors, which the next replay overwrites. Random draws replay from the CUDA generator."""
+
+    def __init__(self, agent: Agent):
+        self.agent, self.graph = agent, None
+
+    def __call__(self, batch: dict, std: float) -> dict:
+        if self.graph is None:
+            self.batch = {key: value.clone() for key, value in batch.items()}
+            self.std = torch.full((), std, device=self.agent.device)
+            self.capture()
+        else:
+            for key, value in batch.items():
+                self.batch[key].copy_(value, non_blocking=True)
+            self.std.fill_(std)
+        self.graph.replay()
+        return self.metrics
+
+    def capture(self):
+        agent = self.agent
+        # A warm-up update on a side stream sets up what a graph cannot (library handles, Adam's state); then the
+        # weights, the optimizer states and the random generator are put back, in place, as they were before it.
+        saved, rng = copy.deepcopy(agent.state_dict()), torch.cuda.get_rng_state()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            agent.compute_update(self.batch, self.std)
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.no_grad():
+            for name, part in vars(agent).items():
+                if isinstance(part, nn.Module):
+                    part.load_state_dict(saved[name])
+                elif isinstance(part, torch.optim.Optimizer):
+                    parameters = [p for group in part.param_groups for p in group["params"]]
+                    for index, parameter in enumerate(parameters):
+                        before = saved[name]["state"].get(index)
+                        for key, tensor in part.state[parameter].items():
+                            tensor.copy_(before[key]) if before else tensor.zero_()  # no state before: zeros
+        torch.cuda.set_rng_state(rng)
+        for optimizer in agent.optimizers():
+            optimizer.zero_grad(set_to_none=True)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):  # the sampling thread may pin memory
+            self.metrics = agent.compute_update(self.batch, self.std)
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Checkpoints: everything needed to continue a run exactly, written atomically, loadable without running any code
 
@@ -808,7 +932,7 @@ CHECKPOINT = "checkpoint.pt"
 # Settings that may differ when a run is resumed; every other setting must equal the checkpoint's.
 RESUMABLE_CHANGES = {"total_timesteps", "eval_every", "num_eval_episodes", "checkpoint_every", "checkpoint_replay"}
 RESUMABLE_CHANGES |= {"resume", "cuda", "torch_deterministic", "track", "wandb_project_name", "wandb_entity"}
-RESUMABLE_CHANGES |= {"capture_video", "save_model", "compile", "cudagraphs"}
+RESUMABLE_CHANGES |= {"capture_video", "save_model", "compile", "cudagraphs", "tf32", "replay_device"}
 
 
 def payload_digest(payload) -> str:
@@ -944,6 +1068,25 @@ class StopRequest:
 # Training loop
 
 
+def configure_torch(args: Args):
+    """cuDNN's deterministic algorithms (--torch-deterministic) and the precision of fp32 convolutions (--tf32)."""
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = args.tf32, False
+
+
+def choose_replay_device(args: Args, device: torch.device) -> torch.device:
+    """--replay-device: `auto` puts the frames on the GPU when the replay's full capacity fits in half its free memory."""
+    if args.replay_device == "cpu" or device.type == "cpu":
+        if args.replay_device == "cuda":
+            raise RunError("--replay-device cuda needs a CUDA device")
+        return torch.device("cpu")
+    if args.replay_device == "auto":
+        needed = (args.buffer_size + args.buffer_size // 100 + 1) * 3 * 84 * 84
+        free, _ = torch.cuda.mem_get_info(device)
+        return device if needed <= free / 2 else torch.device("cpu")
+    return device
+
+
 def evaluate(agent, env, num_episodes, step, video_path=None):
     """Mean return of `num_episodes` episodes acting with the mean action; the first one is filmed if asked."""
     returns, video = [], []
@@ -981,10 +1124,11 @@ def main(args: Args):
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.cudagraphs and device.type != "cuda":
         raise RunError("--cudagraphs needs a CUDA device")
+    replay_device = choose_replay_device(args, device)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
-    torch.backends.cudnn.deterministic = args.torch_deterministic
+    configure_torch(args)
 
     env_kwargs = {"action_repeat": args.action_repeat, "frame_stack": args.frame_stack}
     env_kwargs["max_episode_frames"] = args.max_episode_frames
@@ -993,7 +1137,7 @@ def main(args: Args):
     agent = Agent(env.observation_shape, env.action_dim, args, device)
     replay_kwargs = {"frame_stack": args.frame_stack, "nstep": args.nstep, "gamma": args.gamma, "seed": args.seed}
     replay_kwargs["multistep"] = args.multistep
-    rb = ReplayBuffer(args.buffer_size, env.frame_shape, env.action_dim, **replay_kwargs)
+    rb = ReplayBuffer(args.buffer_size, env.frame_shape, env.action_dim, **replay_kwargs, device=replay_device)
     prefetcher = BatchPrefetcher(rb, args.batch_size, device)
     start_step, total_steps = 0, args.total_timesteps // args.action_repeat  # in agent steps
     if checkpoint is not None:
@@ -1033,7 +1177,7 @@ def main(args: Args):
         table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
     print(f"{'resuming' if resumed else 'run'} {run_name} on {device}: {args.env_id}, frame {frame} of ", end="")
-    print(f"{args.total_timesteps}; logs in {run_dir}")
+    print(f"{args.total_timesteps}; logs in {run_dir}; replay on {replay_device}")
 
     def log_evaluation(frame):
         nonlocal last_eval, window_time
@@ -1111,6 +1255,12 @@ def main(args: Args):
             obs, episode_return, episode_steps = env.reset(), 0.0, 0
             rb.start_episode(env.frame)
 
+        elapsed = time.time() - start_time
+        done_frames = args.total_timesteps - start_step * args.action_repeat
+        print(
+            f"done: {done_frames} frames in {elapsed:.0f} s ({done_frames / elapsed:.0f} frames/s with "
+            f"evaluations); last eval return {last_eval:.1f}"
+        )
         if args.checkpoint_every:  # a last episode cut short by the budget is not kept
             write_checkpoint(total_steps)
         if args.save_model:

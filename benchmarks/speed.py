@@ -25,11 +25,17 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPTIONS = {
     "default": {},
     "amp-bf16": {"amp": "bf16"},
-    "compile": {"compile": True},
+    "no-tf32": {"tf32": False},
     "cudagraphs": {"cudagraphs": True},
+    "cudagraphs+amp-bf16": {"cudagraphs": True, "amp": "bf16"},
+    "cudagraphs+no-tf32": {"cudagraphs": True, "tf32": False},
     "taco-anchor-from-critic": {"taco_anchor_from_critic": True},
     "amp-bf16+taco-anchor-from-critic": {"amp": "bf16", "taco_anchor_from_critic": True},
+    "cudagraphs+amp-bf16+taco-anchor-from-critic": {"cudagraphs": True, "amp": "bf16", "taco_anchor_from_critic": True},
+    "compile": {"compile": True},
 }
+CUDA_ONLY = ("cudagraphs", "tf32")  # flags that need CUDA (TF32 changes nothing on a CPU)
+SAME_WORK = ("compile", "cudagraphs", "tf32")  # flags that change how the update runs, not its FLOPs
 
 
 @dataclass
@@ -37,7 +43,8 @@ class Args:
     scripts: list[str] = field(default_factory=lambda: ["drqv2_continuous_action", "taco_continuous_action"])
     """agent scripts to measure (file names without .py)"""
     options: list[str] = field(default_factory=lambda: list(OPTIONS))
-    """speed options to time (see OPTIONS); cudagraphs needs CUDA and TACO's anchor option TACO: skipped elsewhere"""
+    """speed options to time (see OPTIONS); cudagraphs and tf32 need CUDA and TACO's anchor option TACO: skipped
+    elsewhere"""
     repeats: int = 5
     """timed updates per configuration, after one untimed warm-up (which includes compilation)"""
     env_id: str = "cheetah_run"
@@ -101,7 +108,7 @@ def random_batch(module, batch_size, action_dim, device=None):
 
 
 def matmul_peak(device, dtype, size):
-    """FLOP/s of a square matmul, the practical limit of the device for this dtype."""
+    """FLOP/s of a square matmul, the practical limit of the device for this dtype (and the current TF32 setting)."""
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
     median, _ = timed(lambda: a @ b, 3, device)
@@ -122,9 +129,9 @@ def rss_bytes():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def fill_replay(module, args, transitions, action_dim):
+def fill_replay(module, args, transitions, action_dim, device):
     """A replay of `transitions` transitions in 500-step episodes (frames cycled from a small random set)."""
-    kwargs = {"frame_stack": 3, "nstep": 3, "gamma": 0.99}
+    kwargs = {"frame_stack": 3, "nstep": 3, "gamma": 0.99, "device": device}
     if hasattr(module, "TacoHead"):
         kwargs["multistep"] = 3
     before = rss_bytes()
@@ -191,44 +198,66 @@ def main(args: Args):
         flops = {}  # FLOPs of one update by the options that change the computation (compiling changes none)
         for option in args.options:
             flags = OPTIONS[option]
-            if (option == "cudagraphs" and device.type != "cuda") or not set(flags) <= set(vars(base)):
+            needs_cuda = any(flag in flags for flag in CUDA_ONLY)
+            if (needs_cuda and device.type != "cuda") or not set(flags) <= set(vars(base)):
                 continue
-            work = {key: value for key, value in flags.items() if key not in ("compile", "cudagraphs")}
+            work = {key: value for key, value in flags.items() if key not in SAME_WORK}
+            module.configure_torch(base)  # FLOPs counted and peaks measured under the default settings
             if str(work) not in flops:
                 torch.manual_seed(0)
                 plain = module.Agent((9, 84, 84), action_dim, dataclasses.replace(base, **work), device)
                 flops[str(work)] = update_flops(plain, batch)
                 del plain
-            torch.manual_seed(0)
-            agent = module.Agent((9, 84, 84), action_dim, dataclasses.replace(base, **flags), device)
-            print(f"{name}: timing {option} at batch {base.batch_size} ...", flush=True)
-            median, best = timed(lambda a=agent, b=batch: a.update(b, step=10_000), args.repeats, device)
             dtype = torch.bfloat16 if flags.get("amp") == "bf16" else torch.float32
-            if dtype not in peaks:
-                peaks[dtype] = matmul_peak(device, dtype, 4096 if device.type == "cuda" else 2048)
+            configured = dataclasses.replace(base, **flags)
+            module.configure_torch(configured)
+            peak_key = (dtype, False)  # matmuls run in full fp32 (--tf32 is about convolutions)
+            if peak_key not in peaks:
+                peaks[peak_key] = matmul_peak(device, dtype, 4096 if device.type == "cuda" else 2048)
+            torch.manual_seed(0)
+            agent = module.Agent((9, 84, 84), action_dim, configured, device)
+            print(f"{name}: timing {option} at batch {base.batch_size} ...", flush=True)
+            try:
+                median, best = timed(lambda a=agent, b=batch: a.update(b, step=10_000), args.repeats, device)
+            except Exception as error:  # noqa: BLE001 (one failing option is reported, the others still measured)
+                rows.append(
+                    f"| {name} | {base.batch_size} | {option} | failed: {type(error).__name__}: "
+                    f"{str(error).splitlines()[0][:150]} | | | | |"
+                )
+                print(rows[-1], flush=True)
+                continue
             achieved = flops[str(work)] / median
             rows.append(
                 f"| {name} | {base.batch_size} | {option} | {median:.3f} | {best:.3f} | {flops[str(work)] / 1e9:.0f} | "
-                f"{achieved / 1e9:.1f} GFLOP/s | {100 * achieved / peaks[dtype]:.0f}% of {peaks[dtype] / 1e9:.0f} "
-                f"GFLOP/s ({str(dtype).split('.')[-1]}) |"
+                f"{achieved / 1e9:.1f} GFLOP/s | {100 * achieved / peaks[peak_key]:.0f}% of "
+                f"{peaks[peak_key] / 1e9:.0f} GFLOP/s ({'tf32' if peak_key[1] else str(dtype).split('.')[-1]}) |"
             )
             print(rows[-1], flush=True)
             del agent
 
-        replay, replay_rss = fill_replay(module, base, args.replay_transitions, action_dim)
-        sample, _ = timed(lambda r=replay, n=base.batch_size: r.sample(n), max(args.repeats, 5), device)
-        memory_rows.append(
-            f"| {name} | {replay.num_transitions} | {replay.nbytes_per_transition():.0f} | "
-            f"{replay_rss / 1e6:.0f} MB ({replay_rss / replay.num_transitions:.0f} B / transition) | "
-            f"{base.batch_size} | {sample:.3f} |"
-        )
-        print(memory_rows[-1], flush=True)
-        del replay
+        for replay_device in ["cpu", "cuda"] if device.type == "cuda" else ["cpu"]:
+            replay, replay_rss = fill_replay(module, base, args.replay_transitions, action_dim, replay_device)
+            if replay_device == "cuda":
+                replay_rss = replay.frames.nbytes + sum(getattr(replay, a).nbytes for a in replay.ARRAYS[1:])
+                where = "GPU memory"
+            else:
+                where = f"{replay_rss / replay.num_transitions:.0f} B / transition resident"
+            # a batch sampled and on the training device, as the update receives it
+            prefetcher = module.BatchPrefetcher(replay, base.batch_size, device)
+            sample, _ = timed(prefetcher.next, max(args.repeats, 20), device)
+            memory_rows.append(
+                f"| {name} | {replay_device} | {replay.num_transitions} | {replay.nbytes_per_transition():.0f} | "
+                f"{replay_rss / 1e6:.0f} MB ({where}) | {base.batch_size} | {1000 * sample:.1f} |"
+            )
+            print(memory_rows[-1], flush=True)
+            del replay, prefetcher
 
     fps = environment_fps(module, args.env_id, args.env_steps)
     table = "\n".join(rows)
-    table += "\n\n| script | transitions in the replay | bytes allocated / transition | resident memory of the filled "
-    table += "replay | batch | s / sampled batch (median) |\n| --- | --- | --- | --- | --- | --- |\n"
+    table += (
+        "\n\n| script | replay on | transitions in the replay | bytes allocated / transition | memory of the filled "
+    )
+    table += "replay | batch | ms / batch on the device (median) |\n| --- | --- | --- | --- | --- | --- | --- |\n"
     table += "\n".join(memory_rows)
     table += f"\n\nEnvironment: {args.env_id}, {fps:.0f} frames / s (step and 84x84 render, MUJOCO_GL="
     table += f"{os.environ['MUJOCO_GL']}, one process).\n"

@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 FRAME_SHAPE = (3, 6, 6)
 GAMMA = 0.9
@@ -50,8 +51,9 @@ def source_of(sample, i):
     return int(sample["obs"][i, -3, 0, 0]), int(sample["obs"][i, -3, 0, 1])
 
 
-def make_replay(script, capacity=10_000, nstep=3, frame_stack=3, seed=0):
-    return script.ReplayBuffer(capacity, FRAME_SHAPE, 2, frame_stack=frame_stack, nstep=nstep, gamma=GAMMA, seed=seed)
+def make_replay(script, capacity=10_000, nstep=3, frame_stack=3, seed=0, device="cpu"):
+    kwargs = {"frame_stack": frame_stack, "nstep": nstep, "gamma": GAMMA, "seed": seed, "device": device}
+    return script.ReplayBuffer(capacity, FRAME_SHAPE, 2, **kwargs)
 
 
 @pytest.mark.parametrize("nstep,frame_stack", [(3, 3), (1, 3), (5, 2)])
@@ -76,7 +78,7 @@ def test_samples_match_brute_force_reference(script, nstep, frame_stack):
         seen.add((episode_id, t))
     valid = {(e, t) for e, ep in enumerate(episodes) for t in range(len(ep["actions"]) - nstep + 1)}
     assert seen == valid, "every valid transition is drawn, and only those"
-    assert sample["obs"].shape == (4000, 3 * frame_stack, *FRAME_SHAPE[1:]) and sample["obs"].dtype == np.uint8
+    assert sample["obs"].shape == (4000, 3 * frame_stack, *FRAME_SHAPE[1:]) and sample["obs"].dtype == torch.uint8
     assert sample["reward"].shape == sample["discount"].shape == (4000, 1)
 
 
@@ -147,8 +149,6 @@ def test_bytes_per_transition_is_one_frame(script):
 
 def test_prefetched_batches_are_the_samples_drawn_at_request_time(script):
     """The prefetcher draws batch k+1 right after handing out batch k; writes to the replay wait for that draw."""
-    import torch
-
     rng = np.random.default_rng(5)
     episodes = [make_episode(rng, i, 12) for i in range(6)]
     prefetched, direct = make_replay(script, seed=7), make_replay(script, seed=7)

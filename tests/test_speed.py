@@ -88,21 +88,40 @@ def test_update_equals_the_straightforward_computation(script, monkeypatch):
             torch.testing.assert_close(moments["exp_avg"], expected, rtol=1e-2, atol=1e-2 * scale, msg=name)
 
 
-def test_bf16_autocast_update_stays_close_to_fp32(script):
+def with_sgd(agent, lr):
+    """The agent with each Adam replaced by SGD over the same parameters: a step of lr x gradient moves the weights by
+    what the gradient says (Adam's first step, lr x sign(gradient), would turn bf16 rounding of tiny gradients into
+    +-lr), so that what follows a step depends visibly on it."""
+    for name, part in list(vars(agent).items()):
+        if isinstance(part, torch.optim.Optimizer):
+            setattr(agent, name, torch.optim.SGD(part.param_groups[0]["params"], lr=lr))
+    return agent
+
+
+def test_bf16_update_matches_the_fp32_update_after_each_optimizer_step(script):
+    """--amp bf16 computes the fp32 update within bf16 rounding, the parts that come after an optimizer step included:
+    the actor is scored by the critic after the critic's step, TACO's step encodes with the encoder after it. (With
+    one autocast region around the whole update, autocast's cache of bf16 weights kept the weights from before each
+    step: the actor loss was then 30-60% off.)"""
     args = script.resolve_args(script.Args(env_id="cheetah_run", hidden_dim=64, batch_size=16))
-    args = script.dataclasses.replace(args, learning_rate=0.0)  # every loss on the same weights (see above)
     torch.manual_seed(0)
-    fp32 = script.Agent((9, 84, 84), 6, args, torch.device("cpu"))
+    fp32 = with_sgd(script.Agent((9, 84, 84), 6, args, torch.device("cpu")), lr=0.01)
     bf16 = copy.deepcopy(fp32)
     bf16.args = script.dataclasses.replace(args, amp="bf16")
     batch = tiny_batch(script, batch_size=16, action_dim=6)
     torch.manual_seed(1)
     expected = fp32.update(batch, step=3000)
-    torch.manual_seed(1)
+    torch.manual_seed(1)  # the same augmentation and policy-noise draws
     ours = bf16.update(batch, step=3000)
     for tag, value in ours.items():
-        assert value.dtype == torch.float32 or "q_values" in tag, f"{tag} is computed in fp32"
-        torch.testing.assert_close(value.float(), expected[tag], rtol=0.05, atol=0.02, msg=tag)
+        if tag != "charts/taco_accuracy":  # an argmax: one row of 16 may flip
+            torch.testing.assert_close(value.float(), expected[tag], rtol=0.15, atol=1e-3, msg=tag)
+    assert all(value.dtype == torch.float32 for value in ours.values()), "metrics are logged in fp32"
+    for name, network in vars(fp32).items():
+        if isinstance(network, torch.nn.Module):
+            a = torch.cat([p.detach().flatten() for p in network.parameters()])
+            b = torch.cat([p.detach().flatten() for p in getattr(bf16, name).parameters()])
+            assert (a - b).norm() <= 1e-2 * a.norm(), f"{name} after the update"
 
 
 def test_taco_anchor_from_critic_uses_the_critic_encoding():
@@ -150,3 +169,30 @@ def test_cudagraphs_needs_cuda(tmp_path):
         result = run_script("drqv2_continuous_action", [*TINY_RUN, "--cudagraphs"], cwd=tmp_path)
         assert result.returncode != 0 and "error: --cudagraphs needs a CUDA device" in result.stderr
         assert not (tmp_path / "runs").exists()
+
+
+def test_compiled_update_equals_the_eager_update(script):
+    """--compile (torch.compile of every network) computes the eager update: the same losses and gradients to float
+    tolerance. The random draws happen outside the compiled networks, so both runs draw the same numbers."""
+    args = script.resolve_args(script.Args(env_id="cheetah_run", hidden_dim=64, batch_size=16))
+    args = script.dataclasses.replace(args, learning_rate=0.0)  # every loss on the same weights (see above)
+    torch.manual_seed(0)
+    eager = script.Agent((9, 84, 84), 6, args, torch.device("cpu"))
+    torch.manual_seed(0)
+    compiled = script.Agent((9, 84, 84), 6, script.dataclasses.replace(args, compile=True), torch.device("cpu"))
+    batch = tiny_batch(script, batch_size=16, action_dim=6)
+    for step in [3000, 3002]:  # the second call runs the compiled code without compiling
+        torch.manual_seed(step)
+        expected = eager.update(batch, step=step)
+        torch.manual_seed(step)
+        ours = compiled.update(batch, step=step)
+        for tag in expected:
+            torch.testing.assert_close(ours[tag], expected[tag], rtol=1e-4, atol=1e-5, msg=tag)
+    compiled_state, eager_state = compiled.state_dict(), eager.state_dict()
+    for name, part in eager_state.items():
+        for index, moments in part.get("state", {}).items():
+            expected = moments["exp_avg"]
+            scale = expected.abs().max().item()
+            torch.testing.assert_close(
+                compiled_state[name]["state"][index]["exp_avg"], expected, rtol=1e-2, atol=1e-2 * scale, msg=name
+            )
