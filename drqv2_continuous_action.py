@@ -1,6 +1,6 @@
 # DrQ-v2 (Yarats et al., 2021, arXiv 2107.09645): data-augmented actor-critic for continuous control from pixels.
 # One file: dm_control pixel environment, replay that stores each frame once, encoder, augmentation, losses, loop.
-# What is computed, with the published settings, is fixed in SPEC.md; docs: README.md.
+# Docs: docs/drqv2.md (what it computes and why, each implementation detail, the differences from the published code).
 import concurrent.futures
 import contextlib
 import copy
@@ -132,7 +132,7 @@ class Args:
     """clip of the policy noise when sampling actions for the losses"""
 
 
-# SPEC §5: per-task settings of the published runs. Preset -> (std schedule duration in agent steps, budget in frames).
+# Per-task settings of the published runs (docs/drqv2.md, detail 2). Preset -> (std duration in agent steps, frames).
 PRESETS = {"easy": (100_000, 1_100_000), "medium": (500_000, 3_100_000), "hard": (2_000_000, 30_100_000)}
 TASK_PRESET = {
     **dict.fromkeys(
@@ -236,7 +236,7 @@ def parse_schedule(spec: str):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Environment (SPEC §1): dm_control from pixels, action repeat, actions in [-1, 1], stacked renders, channels first.
+# Environment (docs/drqv2.md, detail 1): dm_control from pixels, action repeat, stacked renders, channels first.
 
 
 def renderer_advice(error) -> str:
@@ -320,7 +320,7 @@ class DMCPixelEnv:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Replay (SPEC §2): whole episodes in a ring of frames, each frame stored once, stacks rebuilt at sampling.
+# Replay (docs/drqv2.md, details 3-5): whole episodes in a ring of frames stored once, stacks rebuilt at sampling.
 
 
 class ReplayBuffer:
@@ -537,7 +537,7 @@ class BatchPrefetcher:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Networks and augmentation (SPEC §3)
+# Networks and augmentation (docs/drqv2.md, details 6-8)
 
 
 def weight_init(m):
@@ -942,7 +942,7 @@ def configure_torch(args: Args):
 
 
 def choose_replay_device(args: Args, device: torch.device) -> torch.device:
-    """--replay-device: `auto` puts the frames on the GPU when the replay's full capacity fits in half its free memory."""
+    """--replay-device: `auto` puts the frames on the GPU when the full replay fits in half of its free memory."""
     if args.replay_device == "cpu" or device.type == "cpu":
         if args.replay_device == "cuda":
             raise RunError("--replay-device cuda needs a CUDA device")
@@ -954,8 +954,8 @@ def choose_replay_device(args: Args, device: torch.device) -> torch.device:
     return device
 
 
-def evaluate(agent, env, num_episodes, step, video_path=None):
-    """Mean return of `num_episodes` episodes acting with the mean action; the first one is filmed if asked."""
+def evaluate(agent, env, num_episodes, step, video_path=None) -> list:
+    """Returns of `num_episodes` episodes acting with the mean action; the first one is filmed if asked."""
     returns, video = [], []
     for episode in range(num_episodes):
         obs, done, episode_return = env.reset(), False, 0.0
@@ -970,7 +970,7 @@ def evaluate(agent, env, num_episodes, step, video_path=None):
 
         os.makedirs(os.path.dirname(video_path), exist_ok=True)
         imageio.mimsave(video_path, video, fps=30, macro_block_size=4)
-    return float(np.mean(returns))
+    return returns
 
 
 def format_duration(seconds: float) -> str:
@@ -1049,7 +1049,8 @@ def main(args: Args):
         nonlocal last_eval, window_time
         eval_start = time.time()
         video_path = f"videos/{run_name}/eval_{frame}.mp4" if args.capture_video else None
-        last_eval = evaluate(agent, eval_env, args.num_eval_episodes, frame // args.action_repeat, video_path)
+        returns = evaluate(agent, eval_env, args.num_eval_episodes, frame // args.action_repeat, video_path)
+        last_eval = float(np.mean(returns))
         writer.add_scalar("eval/episodic_return", last_eval, frame)
         print(f"frame {frame}: eval return {last_eval:.1f}")
         window_time += time.time() - eval_start  # SPS measures training, not evaluation

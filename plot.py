@@ -2,7 +2,8 @@
 #   tasks.png      one panel per task: mean return over seeds and a 95% bootstrap band, against frames,
 #                  with the DrQ-v2 authors' published curves overlaid (--reference);
 #   aggregate.png  IQM and mean of the normalised return over tasks, with 95% stratified bootstrap bands;
-#   results.md     per task and method, return at chosen budgets as mean ± standard error (seeds), and the aggregates.
+#   results.md     per task and method, return at chosen budgets as mean ± standard error (seeds), the aggregates,
+#                  and the probability that TACO improves on DrQ-v2 when the sweep holds both.
 # Runs are grouped by the method (exp_name) and task (env_id) that each run logged in its hyperparameters.
 import csv
 import glob
@@ -13,10 +14,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import tyro
 
-DEFAULT_REFERENCE = os.path.join(
-    os.path.dirname(os.path.abspath(__file__)), "..", "shared", "reference", "drqv2_curves"
-)
+DEFAULT_REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference", "drqv2_curves")
 REFERENCE_METHOD = "DrQ-v2 (published)"
+# (X, Y): results.md gives P(X > Y) when the sweep has runs of both
+IMPROVEMENT = ("taco_continuous_action", "drqv2_continuous_action")
 
 
 @dataclass
@@ -122,6 +123,26 @@ def bootstrap_ci(samples_by_group, statistic, reps, rng):
     return np.percentile(estimates, [2.5, 97.5])
 
 
+def probability_of_improvement(x_by_task, y_by_task) -> float:
+    """P(X > Y) as rliable defines it: for each task, the chance that a run of X scores above a run of Y (ties count
+    one half: the Mann-Whitney U statistic over n x m), averaged over the tasks."""
+    per_task = []
+    for x, y in zip(x_by_task, y_by_task):
+        x, y = np.asarray(x)[:, None], np.asarray(y)[None, :]
+        per_task.append(((x > y).sum() + 0.5 * (x == y).sum()) / (x.size * y.size))
+    return float(np.mean(per_task))
+
+
+def probability_of_improvement_ci(x_by_task, y_by_task, reps, rng):
+    """95% percentile interval of P(X > Y), resampling the runs of each method within each task."""
+
+    def resample(groups):
+        return [g[rng.integers(0, len(g), len(g))] for g in map(np.asarray, groups)]
+
+    estimates = [probability_of_improvement(resample(x_by_task), resample(y_by_task)) for _ in range(reps)]
+    return np.percentile(estimates, [2.5, 97.5])
+
+
 def value_at(frames, values, budget):
     """The last value at or before `budget`, if the run reached the budget; None otherwise."""
     if len(frames) == 0 or frames[-1] < budget:
@@ -195,7 +216,38 @@ def write_table(runs, references, args, rng) -> str:
                 low, high = bootstrap_ci(groups, statistic, args.bootstrap_reps, rng)
                 cells.append(f"{statistic(np.concatenate(groups)):.3f} [{low:.3f}, {high:.3f}]")
             lines.append(f"| {method} | {name} | " + " | ".join(cells) + " |")
+    if all(any(m == method for m, _ in runs) for method in IMPROVEMENT):
+        lines += improvement_table(runs, args, rng)
     return "\n".join(lines) + "\n"
+
+
+def improvement_table(runs, args, rng) -> list:
+    """Lines of results.md: P(X > Y) at each budget over the tasks where both methods have runs that reached it."""
+    x, y = IMPROVEMENT
+    explanation = (
+        f"Probability of improvement P({x} > {y}) (rliable's definition): the chance that a run of the first scores "
+        "above a run of the second on a task, averaged over the tasks where both reached the budget; [95% stratified "
+        "bootstrap CI]."
+    )
+    budgets = " | ".join(f"{format_frames(b)} frames" for b in args.budgets)
+    lines = ["", explanation, "", f"| comparison | {budgets} |", "|" + " --- |" * (1 + len(args.budgets))]
+    cells = []
+    for budget in args.budgets:
+        x_by_task, y_by_task = [], []
+        for task in sorted({t for _, t in runs}):
+            xs = [value_at(f, v, budget) for f, v in runs.get((x, task), {}).values()]
+            ys = [value_at(f, v, budget) for f, v in runs.get((y, task), {}).values()]
+            xs, ys = [v for v in xs if v is not None], [v for v in ys if v is not None]
+            if xs and ys:
+                x_by_task.append(xs)
+                y_by_task.append(ys)
+        if not x_by_task:
+            cells.append("– (no task where both reached it)")
+            continue
+        low, high = probability_of_improvement_ci(x_by_task, y_by_task, args.bootstrap_reps, rng)
+        estimate = probability_of_improvement(x_by_task, y_by_task)
+        cells.append(f"{estimate:.3f} [{low:.3f}, {high:.3f}] ({len(x_by_task)} tasks)")
+    return [*lines, f"| P({x} > {y}) | " + " | ".join(cells) + " |"]
 
 
 def aggregate_groups(runs, method, tasks, budget, scale):

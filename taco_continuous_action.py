@@ -2,7 +2,7 @@
 # The state at t with the next K actions must pick out the state at t+K among the batch (InfoNCE), with CURL and
 # reward prediction as auxiliary losses, and the critic scores learned latent actions.
 # One file: dm_control pixel environment, replay that stores each frame once, encoder, augmentation, losses, loop.
-# What is computed, with the published settings, is fixed in SPEC.md; docs: README.md.
+# Docs: docs/taco.md (what it computes and why, each implementation detail, the differences from the published code).
 import concurrent.futures
 import contextlib
 import copy
@@ -148,7 +148,7 @@ class Args:
     steps as published; one encoder forward pass fewer"""
 
 
-# SPEC §5: per-task settings of the published runs. Preset -> (std schedule duration in agent steps, budget in frames).
+# Per-task settings of the published runs (docs/drqv2.md, detail 2). Preset -> (std duration in agent steps, frames).
 PRESETS = {"easy": (100_000, 1_100_000), "medium": (500_000, 3_100_000), "hard": (2_000_000, 30_100_000)}
 TASK_PRESET = {
     **dict.fromkeys(
@@ -253,7 +253,7 @@ def parse_schedule(spec: str):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Environment (SPEC §1): dm_control from pixels, action repeat, actions in [-1, 1], stacked renders, channels first.
+# Environment (docs/drqv2.md, detail 1): dm_control from pixels, action repeat, stacked renders, channels first.
 
 
 def renderer_advice(error) -> str:
@@ -337,7 +337,7 @@ class DMCPixelEnv:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Replay (SPEC §2): whole episodes in a ring of frames, each frame stored once, stacks rebuilt at sampling.
+# Replay (docs/drqv2.md, details 3-5): whole episodes in a ring of frames stored once, stacks rebuilt at sampling.
 
 
 class ReplayBuffer:
@@ -559,7 +559,7 @@ class BatchPrefetcher:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Networks and augmentation (SPEC §3)
+# Networks and augmentation (docs/drqv2.md, details 6-8)
 
 
 def weight_init(m):
@@ -669,7 +669,7 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float):
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# TACO (SPEC §4): latent actions, the state projection and predictor, and the contrastive losses
+# TACO (docs/taco.md, details 2-6): latent actions, the state projection and predictor, and the contrastive losses
 
 
 def default_latent_action_dim(action_dim: int) -> int:
@@ -796,8 +796,8 @@ class Agent:
         return action[0].cpu().numpy()
 
     def update(self, batch: dict, step: int) -> dict:
-        """One TACO update (DrQ-v2's, then the TACO step) on a batch already on the device. Returns {TensorBoard tag: detached tensor}; nothing in
-        it waits for the GPU, so the environment steps while the update runs."""
+        """One TACO update (DrQ-v2's, then the TACO step) on a batch already on the device. Returns {TensorBoard tag:
+        detached tensor}; nothing in it waits for the GPU, so the environment steps while the update runs."""
         if self.cuda_graph is not None:
             return self.cuda_graph(batch, self.stddev(step))
         return self.compute_update(batch, self.stddev(step))
@@ -1075,7 +1075,7 @@ def configure_torch(args: Args):
 
 
 def choose_replay_device(args: Args, device: torch.device) -> torch.device:
-    """--replay-device: `auto` puts the frames on the GPU when the replay's full capacity fits in half its free memory."""
+    """--replay-device: `auto` puts the frames on the GPU when the full replay fits in half of its free memory."""
     if args.replay_device == "cpu" or device.type == "cpu":
         if args.replay_device == "cuda":
             raise RunError("--replay-device cuda needs a CUDA device")
@@ -1087,8 +1087,8 @@ def choose_replay_device(args: Args, device: torch.device) -> torch.device:
     return device
 
 
-def evaluate(agent, env, num_episodes, step, video_path=None):
-    """Mean return of `num_episodes` episodes acting with the mean action; the first one is filmed if asked."""
+def evaluate(agent, env, num_episodes, step, video_path=None) -> list:
+    """Returns of `num_episodes` episodes acting with the mean action; the first one is filmed if asked."""
     returns, video = [], []
     for episode in range(num_episodes):
         obs, done, episode_return = env.reset(), False, 0.0
@@ -1103,7 +1103,7 @@ def evaluate(agent, env, num_episodes, step, video_path=None):
 
         os.makedirs(os.path.dirname(video_path), exist_ok=True)
         imageio.mimsave(video_path, video, fps=30, macro_block_size=4)
-    return float(np.mean(returns))
+    return returns
 
 
 def format_duration(seconds: float) -> str:
@@ -1183,7 +1183,8 @@ def main(args: Args):
         nonlocal last_eval, window_time
         eval_start = time.time()
         video_path = f"videos/{run_name}/eval_{frame}.mp4" if args.capture_video else None
-        last_eval = evaluate(agent, eval_env, args.num_eval_episodes, frame // args.action_repeat, video_path)
+        returns = evaluate(agent, eval_env, args.num_eval_episodes, frame // args.action_repeat, video_path)
+        last_eval = float(np.mean(returns))
         writer.add_scalar("eval/episodic_return", last_eval, frame)
         print(f"frame {frame}: eval return {last_eval:.1f}")
         window_time += time.time() - eval_start  # SPS measures training, not evaluation

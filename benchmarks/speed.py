@@ -170,7 +170,8 @@ def machine(device):
             names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
         cpu = names[0] if names else cpu
     gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "none"
-    return f"CPU {cpu}, {os.cpu_count()} cores ({torch.get_num_threads()} torch threads); GPU {gpu}; torch {torch.__version__}"
+    threads = torch.get_num_threads()
+    return f"CPU {cpu}, {os.cpu_count()} cores ({threads} torch threads); GPU {gpu}; torch {torch.__version__}"
 
 
 def commit():

@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT, TINY_RUN, load_script, read_scalars
 
 plot = load_script("plot")
-REFERENCE = ROOT.parent / "shared" / "reference" / "drqv2_curves"
+REFERENCE = ROOT / "reference" / "drqv2_curves"
 
 
 def write_run(run_dir, hyperparameters, points, tag="eval/episodic_return"):
@@ -67,8 +67,7 @@ def reference_mean(task, frame):
 
 def test_plot_table_numbers_equal_a_hand_computation(synthetic_runs, tmp_path, capsys):
     out = tmp_path / "plots"
-    reference = str(REFERENCE) if REFERENCE.exists() else None
-    plot.main(plot.Args(runs_dir=str(synthetic_runs), out=str(out), reference=reference, bootstrap_reps=200))
+    plot.main(plot.Args(runs_dir=str(synthetic_runs), out=str(out), bootstrap_reps=200))  # the repository's curves
     table = (out / "results.md").read_text()
     rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in table.splitlines() if "|" in line}
 
@@ -93,9 +92,10 @@ def test_plot_table_numbers_equal_a_hand_computation(synthetic_runs, tmp_path, c
     assert low <= scores.mean() <= high
     assert "a task has no run" in rows[("c", "IQM")], "method c has no run on finger_turn_hard"
 
-    if reference:  # the published curves are tabulated next to ours
-        mean, se, n = reference_mean("cheetah_run", 100_000)
-        assert f"{mean:.1f} ± {se:.1f} ({n})" in rows[("cheetah_run", "DrQ-v2 (published)")]
+    # the published curves, from the repository, are tabulated next to ours by default
+    mean, se, n = reference_mean("cheetah_run", 100_000)
+    assert f"{mean:.1f} ± {se:.1f} ({n})" in rows[("cheetah_run", "DrQ-v2 (published)")]
+    assert "Probability of improvement" not in table, "only when the sweep has both TACO and DrQ-v2"
 
     printed = capsys.readouterr().out
     assert "skipped" in printed and "no_eval: no eval/episodic_return" in printed
@@ -292,3 +292,51 @@ def test_slurm_requeue_resumes_from_the_checkpoint(slurm_cluster, tmp_path):
     (run_dir,) = list((out / "runs").iterdir())
     steps = [step for step, _ in read_scalars(run_dir)["charts/episodic_return"]]
     assert steps == list(range(40, 401, 40)), "each episode logged once across the two attempts"
+
+
+def test_probability_of_improvement_equals_a_hand_count():
+    # task A: TACO 3, 5 against DrQ-v2 4: one pair of two won; task B: 10, 11, 12 against 1, 11: 4 won, 1 tied of 6
+    taco, drqv2 = [[3.0, 5.0], [10.0, 11.0, 12.0]], [[4.0], [1.0, 11.0]]
+    assert plot.probability_of_improvement(taco, drqv2) == (1 / 2 + 4.5 / 6) / 2
+    assert plot.probability_of_improvement(drqv2, taco) == 1 - (1 / 2 + 4.5 / 6) / 2
+    rng = np.random.default_rng(0)
+    assert list(plot.probability_of_improvement_ci([[5.0, 6.0]], [[1.0, 2.0]], 100, rng)) == [1.0, 1.0]
+
+
+def test_results_give_the_probability_that_taco_improves_on_drqv2(tmp_path):
+    """Synthetic sweep with a known answer: at 100k frames TACO beats DrQ-v2 in every pair on both tasks (P = 1); at
+    200k TACO wins 3 pairs of 4 on cheetah_run (0.75) and ties every pair on walker_walk (0.5): P = 0.625."""
+    runs = tmp_path / "runs"
+    values = {  # (method, task): {seed: (return at 100k, return at 200k)}
+        ("taco_continuous_action", "cheetah_run"): {1: (500, 300), 2: (600, 500)},
+        ("drqv2_continuous_action", "cheetah_run"): {1: (100, 200), 2: (200, 400)},
+        ("taco_continuous_action", "walker_walk"): {1: (900, 700), 2: (800, 700)},
+        ("drqv2_continuous_action", "walker_walk"): {1: (100, 700), 2: (300, 700), 3: (200, 700)},
+    }
+    for (method, task), seeds in values.items():
+        for seed, (at_100k, at_200k) in seeds.items():
+            points = [(0, 0.0), (100_000, at_100k), (200_000, at_200k)]
+            write_run(runs / f"{method}_{task}_{seed}", {"exp_name": method, "env_id": task, "seed": seed}, points)
+    out = tmp_path / "plots"
+    plot.main(plot.Args(runs_dir=str(runs), out=str(out), budgets=[100_000, 200_000, 300_000], bootstrap_reps=300))
+    row = next(line for line in (out / "results.md").read_text().splitlines() if line.startswith("| P("))
+    cells = [cell.strip() for cell in row.split("|")[2:5]]
+    assert row.startswith("| P(taco_continuous_action > drqv2_continuous_action) |")
+    assert cells[0] == "1.000 [1.000, 1.000] (2 tasks)"
+    low, high = map(float, re.search(r"\[(.*), (.*)\]", cells[1]).groups())
+    assert cells[1].startswith("0.625 [") and low < 0.625 < high and cells[1].endswith("(2 tasks)")
+    assert cells[2] == "– (no task where both reached it)"
+
+
+def test_no_file_of_the_project_refers_outside_the_repository():
+    """A clone holds everything: no tracked file names the folder beside the repository that development used."""
+    outside = "../" + "shared"  # spelled in two parts so that this file does not match itself
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.split()
+    assert len(tracked) > 20
+    offenders = [
+        name
+        for name in tracked
+        if not name.endswith((".png", ".csv")) and outside in (ROOT / name).read_text(errors="ignore")
+    ]
+    assert offenders == []
+    assert (ROOT / "reference" / "drqv2_curves" / "LICENSE").exists() and len(list(REFERENCE.glob("dmc_*.csv"))) == 24

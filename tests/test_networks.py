@@ -1,4 +1,4 @@
-"""Augmentation, networks, initialisation, target updates and one agent update (SPEC §3)."""
+"""Augmentation, networks, initialisation, target updates and one agent update (docs/drqv2.md, details 6-10)."""
 
 import numpy as np
 import pytest

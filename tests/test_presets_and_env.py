@@ -1,4 +1,4 @@
-"""Per-task presets and bad input (SPEC §5), and the pixel environment (SPEC §1)."""
+"""Per-task presets and bad input (docs/drqv2.md, detail 2), and the pixel environment (detail 1)."""
 
 import os
 

@@ -1,4 +1,4 @@
-"""Replay (SPEC §2): samples against a brute-force reference built from the raw episodes."""
+"""Replay (docs/drqv2.md, details 3-4): samples against a brute-force reference built from the raw episodes."""
 
 import numpy as np
 import pytest

@@ -1,4 +1,4 @@
-"""TACO (SPEC §4): sequence sampling, the losses against loop-based references, switches, and a learning signal."""
+"""TACO (docs/taco.md): sequence sampling, the losses against loop-based references, switches, and a learning signal."""
 
 import numpy as np
 import pytest

@@ -1,0 +1,135 @@
+# Evaluates a model saved by either agent script's --save-model, as CleanRL's cleanrl_utils/evals do: N episodes
+# acting with the policy's mean action on the task it was trained on (or another task with the same action size),
+# the first one filmed if asked. Prints the mean and standard deviation of the return and writes them, with each
+# episode's return, to a JSON file next to the model (where a sweep's plotting step or a script can read them).
+#   python evaluate_model.py runs/<run_name>/drqv2_continuous_action.cleanrl_model --num-episodes 10
+# The policy (encoder and actor) is the same in both scripts; TACO's latent actions only enter its critic.
+import importlib.util
+import json
+import os
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import tyro
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+SAVED_KEYS = {"encoder", "actor", "args", "obs_shape", "action_dim"}
+
+
+@dataclass
+class Args:
+    model_path: tyro.conf.Positional[str]
+    """the `.cleanrl_model` file that `--save-model` wrote"""
+    env_id: str | None = None
+    """task to evaluate on (default: the one the model was trained on); it must have the same action size"""
+    num_episodes: int = 10
+    """evaluation episodes"""
+    seed: int = 100
+    """seed of the evaluation environment (a training run's own evaluations use its --seed)"""
+    max_episode_frames: int | None = None
+    """cut episodes after this many frames (default: the task's time limit); for quick checks only"""
+    capture_video: bool = False
+    """if toggled, films the first episode to `eval_{env_id}_seed{seed}.mp4` next to the model"""
+    output: str | None = None
+    """JSON file for the results (default: `eval_{env_id}_seed{seed}.json` next to the model)"""
+    cuda: bool = True
+    """if toggled, runs the networks on the GPU when there is one"""
+
+
+def load_agent_script():
+    """The DrQ-v2 script as a module (its main() does not run): the environment, networks and evaluation loop."""
+    spec = importlib.util.spec_from_file_location("drqv2_continuous_action", f"{ROOT}/drqv2_continuous_action.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class Policy:
+    """The saved encoder and actor, acting with the mean action (the scripts' `evaluate` calls `act`)."""
+
+    def __init__(self, encoder, actor, device):
+        self.encoder, self.actor, self.device = encoder, actor, device
+
+    @torch.no_grad()
+    def act(self, obs, step, eval_mode=True):
+        return self.actor(self.encoder(torch.as_tensor(obs, device=self.device)[None]))[0].cpu().numpy()
+
+
+def load_policy(module, path: str, device):
+    """(policy, saved dict), or a RunError naming what is wrong with the file."""
+    if not os.path.isfile(path):
+        raise module.RunError(f"{path}: no such file")
+    try:
+        saved = torch.load(path, map_location=device, weights_only=True)  # weights only: loading runs no code
+    except Exception as error:  # a damaged or foreign file fails in many ways inside torch.load
+        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        raise module.RunError(f"{path} is not a readable model file ({reason})") from error
+    if not isinstance(saved, dict) or not SAVED_KEYS <= set(saved):
+        missing = sorted(SAVED_KEYS - set(saved)) if isinstance(saved, dict) else sorted(SAVED_KEYS)
+        raise module.RunError(f"{path} is not a model saved by --save-model (missing {', '.join(missing)})")
+    trained = saved["args"]
+    encoder = module.Encoder(saved["obs_shape"]).to(device)
+    actor = module.Actor(encoder.repr_dim, saved["action_dim"], trained["feature_dim"], trained["hidden_dim"])
+    try:
+        encoder.load_state_dict(saved["encoder"])
+        actor.load_state_dict(saved["actor"])
+    except RuntimeError as error:
+        raise module.RunError(f"{path}: the weights do not fit the networks ({str(error).splitlines()[0]})") from error
+    return Policy(encoder.eval(), actor.to(device).eval(), device), saved
+
+
+agent_script = load_agent_script()  # sets MUJOCO_GL=egl unless it is set
+
+
+def main(args: Args):
+    module = agent_script
+    if args.num_episodes < 1:
+        raise module.RunError(f"--num-episodes must be positive, got {args.num_episodes}")
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    policy, saved = load_policy(module, args.model_path, device)
+    trained = saved["args"]
+    env_id = args.env_id or trained["env_id"]
+    if env_id not in module.TASK_PRESET:
+        raise module.RunError(f"unknown env_id {env_id!r}; valid tasks: {', '.join(sorted(module.TASK_PRESET))}")
+    env_kwargs = {"action_repeat": trained["action_repeat"], "frame_stack": trained["frame_stack"]}
+    env = module.DMCPixelEnv(env_id, args.seed, max_episode_frames=args.max_episode_frames, **env_kwargs)
+    if env.action_dim != saved["action_dim"]:
+        raise module.RunError(
+            f"{env_id} has {env.action_dim}-dimensional actions; the model was trained on {trained['env_id']}, "
+            f"with {saved['action_dim']}"
+        )
+    folder = os.path.dirname(os.path.abspath(args.model_path))
+    name = f"eval_{env_id}_seed{args.seed}"
+    video_path = os.path.join(folder, f"{name}.mp4") if args.capture_video else None
+    print(f"evaluating {args.model_path} ({trained['exp_name']}, trained on {trained['env_id']}) on {env_id}: ", end="")
+    print(f"{args.num_episodes} episodes, seed {args.seed}", flush=True)
+    returns = [float(r) for r in module.evaluate(policy, env, args.num_episodes, 0, video_path)]
+    result = {
+        "model": os.path.abspath(args.model_path),
+        "exp_name": trained["exp_name"],
+        "trained_env_id": trained["env_id"],
+        "trained_seed": trained["seed"],
+        "env_id": env_id,
+        "seed": args.seed,
+        "max_episode_frames": args.max_episode_frames,
+        "episodes": len(returns),
+        "mean": float(np.mean(returns)),
+        "std": float(np.std(returns)),
+        "returns": returns,
+    }
+    output = args.output or os.path.join(folder, f"{name}.json")
+    with open(output, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"return {result['mean']:.1f} ± {result['std']:.1f} (mean ± std over {len(returns)} episodes); {output}")
+    if video_path:
+        print(f"video: {video_path}")
+    return result
+
+
+if __name__ == "__main__":
+    arguments = tyro.cli(Args)
+    try:
+        main(arguments)
+    except agent_script.RunError as error:  # one clear line and a non-zero exit
+        raise SystemExit(f"error: {error}") from None

@@ -1,0 +1,78 @@
+"""evaluate_model.py: a model saved by --save-model, evaluated on its task; bad and mismatched files refused."""
+
+import glob
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, TINY_RUN, run_script
+
+
+@pytest.fixture(scope="module")
+def saved_model(tmp_path_factory):
+    """A model saved by a tiny TACO run on cartpole_balance (1-dimensional actions)."""
+    cwd = tmp_path_factory.mktemp("saved")
+    result = run_script("taco_continuous_action", [*TINY_RUN, "--total-timesteps", "120", "--save-model"], cwd=cwd)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (path,) = glob.glob(str(cwd / "runs" / "*" / "*.cleanrl_model"))
+    return path
+
+
+def evaluate(*args):
+    command = [sys.executable, str(ROOT / "evaluate_model.py"), *map(str, args)]
+    return subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
+
+
+def test_evaluates_a_saved_model_and_writes_its_returns(saved_model, tmp_path):
+    output = tmp_path / "result.json"
+    result = evaluate(
+        saved_model, "--num-episodes", 3, "--max-episode-frames", 40, "--output", output, "--capture-video"
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = json.loads(output.read_text())
+    assert saved["env_id"] == saved["trained_env_id"] == "cartpole_balance" and saved["episodes"] == 3
+    returns = np.array(saved["returns"])
+    assert len(returns) == 3 and np.all((returns >= 0) & (returns <= 40)), "at most 1 per frame on cartpole"
+    assert saved["mean"] == pytest.approx(returns.mean()) and saved["std"] == pytest.approx(returns.std())
+    assert f"return {returns.mean():.1f} ± {returns.std():.1f}" in result.stdout
+    video = glob.glob(saved_model.rsplit("/", 1)[0] + "/eval_cartpole_balance_seed100.mp4")
+    assert video, "the first episode is filmed next to the model"
+
+    again = evaluate(saved_model, "--num-episodes", 3, "--max-episode-frames", 40, "--output", tmp_path / "b.json")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads((tmp_path / "b.json").read_text())["returns"] == saved["returns"], "same seed, same episodes"
+
+
+def test_another_task_with_the_same_action_size_is_allowed(saved_model, tmp_path):
+    result = evaluate(saved_model, "--env-id", "pendulum_swingup", "--num-episodes", 1, "--max-episode-frames", 20)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (written,) = glob.glob(saved_model.rsplit("/", 1)[0] + "/eval_pendulum_swingup_seed100.json")
+    with open(written) as f:
+        assert json.load(f)["trained_env_id"] == "cartpole_balance"
+
+
+@pytest.mark.parametrize("problem", ["garbage", "not_a_model", "missing", "other_actions", "unknown_task"])
+def test_bad_input_gets_one_line(saved_model, tmp_path, problem):
+    path, extra = tmp_path / "model.cleanrl_model", []
+    if problem == "garbage":
+        path.write_bytes(b"not a torch file at all")
+        expected = "is not a readable model file"
+    elif problem == "not_a_model":
+        torch.save({"encoder": {}}, path)
+        expected = "is not a model saved by --save-model (missing action_dim, actor, args, obs_shape)"
+    elif problem == "missing":
+        path, expected = tmp_path / "nothing.cleanrl_model", "no such file"
+    elif problem == "other_actions":
+        path, extra = saved_model, ["--env-id", "cheetah_run"]
+        expected = "cheetah_run has 6-dimensional actions; the model was trained on cartpole_balance, with 1"
+    else:
+        path, extra = saved_model, ["--env-id", "cartpole_sideways"]
+        expected = "unknown env_id 'cartpole_sideways'"
+    result = evaluate(path, *extra, "--num-episodes", 1)
+    lines = [line for line in result.stderr.splitlines() if not line.startswith("WARNING:absl")]  # dm_control's
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr[-2000:]
