@@ -51,7 +51,9 @@ Slurm mode:
   --gpus N               GPUs per run (default: $GPUS_PER_RUN; 0 for none)
   --mem M                memory per run (default: $MEM_PER_RUN)
   --max-concurrent N     array elements running at once (default: $MAX_CONCURRENT)
-  --dry-run              print the job script and do not submit it
+
+  --dry-run              print what would run (local mode: each run's command; Slurm mode: the job script) and
+                         start, submit and write nothing
 
 Examples:
   ./benchmark.sh --env-ids "cartpole_swingup cheetah_run" --num-seeds 3 --workers 2 -- --total-timesteps 100000
@@ -84,13 +86,27 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-for n in NUM_SEEDS FIRST_SEED WORKERS CPUS_PER_RUN GPUS_PER_RUN MAX_CONCURRENT; do
-  [[ ${!n} =~ ^[0-9]+$ ]] || die "$n must be a whole number, got '${!n}'"
+declare -A FLAG_OF=([NUM_SEEDS]=--num-seeds [FIRST_SEED]=--first-seed [WORKERS]=--workers [CPUS_PER_RUN]=--cpus
+  [GPUS_PER_RUN]=--gpus [MAX_CONCURRENT]=--max-concurrent)
+for n in "${!FLAG_OF[@]}"; do
+  [[ ${!n} =~ ^[0-9]+$ ]] || die "${FLAG_OF[$n]} must be a whole number, got '${!n}'"
 done
 [ "$WORKERS" -ge 1 ] && [ "$NUM_SEEDS" -ge 1 ] || die "--workers and --num-seeds must be at least 1"
 for script in $SCRIPTS; do
   [ -f "$ROOT/$script" ] || die "no agent script '$script' in $ROOT"
 done
+[ -n "$ENV_IDS" ] || die "--env-ids is empty"
+# Task names are checked against the scripts' task list before anything runs, is submitted or is written.
+read -r first_script _ <<< "$SCRIPTS"
+unknown=$("$PYTHON" - "$ROOT/$first_script" $ENV_IDS <<'PY'
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("agent_script", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+print(" ".join(task for task in sys.argv[2:] if task not in module.TASK_PRESET))
+PY
+) || die "could not load $first_script to check the task names"
+[ -z "$unknown" ] || die "unknown task(s) in --env-ids: $unknown (python $first_script --help lists them)"
 
 # The sweep: one line "script task seed" per run.
 RUNS=()
@@ -101,15 +117,15 @@ for script in $SCRIPTS; do
     done
   done
 done
-mkdir -p "$OUT/logs"
-OUT=$(cd "$OUT" && pwd)
-PLOT_COMMAND="$PYTHON $ROOT/plot.py --runs-dir $OUT/runs --out $OUT/plots"
+[ "$DRY_RUN" = 1 ] || mkdir -p "$OUT/logs" || die "cannot create --out $OUT"
+OUT=$(realpath -m "$OUT")
+PLOT_COMMAND=$(printf '%q ' "$PYTHON" "$ROOT/plot.py" --runs-dir "$OUT/runs" --out "$OUT/plots")
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Slurm mode: one array job, one element per run.
 if [ "$SLURM" = 1 ]; then
   job_script="$OUT/sweep.sbatch"
-  {
+  write_job_script() {
     echo "#!/bin/bash"
     echo "# ${#RUNS[@]} runs of a sweep, one array element each. Written by benchmark.sh."
     echo "#SBATCH --job-name=taco-sweep"
@@ -119,7 +135,7 @@ if [ "$SLURM" = 1 ]; then
     echo "#SBATCH --cpus-per-task=$CPUS_PER_RUN"
     [ "$GPUS_PER_RUN" -gt 0 ] && echo "#SBATCH --gres=gpu:$GPUS_PER_RUN"
     echo "#SBATCH --mem=$MEM_PER_RUN"
-    echo "#SBATCH --output=$OUT/logs/%A_%a.log"
+    echo "# its log, DIR/logs/<job>_<element>.log, is set by sbatch's --output on the command line (paths may hold spaces)"
     echo "#SBATCH --open-mode=append         # a requeued element adds to its log"
     echo "#SBATCH --requeue                # a preempted or timed-out element goes back in the queue"
     echo "#SBATCH --signal=B:USR1@120      # two minutes before the time limit, tell this script"
@@ -131,7 +147,7 @@ if [ "$SLURM" = 1 ]; then
     echo 'read -r script task seed <<< "${RUNS[$SLURM_ARRAY_TASK_ID]}"'
     printf 'EXTRA_ARGS=(%s)\n' "$(printf '%q ' "${EXTRA_ARGS[@]}")"
     echo
-    echo "cd $OUT"
+    echo "cd $(printf '%q' "$OUT")"
     echo 'export OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK'
     echo 'echo "$(date) element $SLURM_ARRAY_TASK_ID (restart ${SLURM_RESTART_COUNT:-0}): $script $task seed $seed"'
     echo
@@ -145,20 +161,21 @@ if [ "$SLURM" = 1 ]; then
     echo '}'
     echo 'trap requeue USR1'
     echo "# --resume auto: a requeued element continues from its run's last checkpoint (a new run the first time)"
-    echo "$PYTHON $ROOT/\$script --env-id \"\$task\" --seed \"\$seed\" --resume auto \"\${EXTRA_ARGS[@]}\" &"
+    echo "$(printf '%q ' "$PYTHON")$(printf '%q' "$ROOT")/\$script --env-id \"\$task\" --seed \"\$seed\" --resume auto \"\${EXTRA_ARGS[@]}\" &"
     echo 'run_pid=$!'
     echo 'wait "$run_pid"  # returns early when USR1 arrives; the trap then takes over'
     echo 'status=$?'
     echo 'echo "$(date) finished with exit code $status"'
     echo 'exit $status'
-  } > "$job_script"
+  }
   if [ "$DRY_RUN" = 1 ]; then
-    cat "$job_script"
-    echo "# (dry run: written to $job_script, not submitted)" >&2
+    write_job_script
+    echo "# (dry run: would be written to $job_script and submitted with sbatch --output=$OUT/logs/%A_%a.log)" >&2
     exit 0
   fi
+  write_job_script > "$job_script"
   command -v sbatch > /dev/null || die "sbatch not found: is this a Slurm login node?"
-  job_id=$(sbatch --parsable "$job_script") || die "sbatch refused $job_script"
+  job_id=$(sbatch --parsable --output="$OUT/logs/%A_%a.log" "$job_script") || die "sbatch refused $job_script"
   job_id=${job_id%%;*}
   echo "submitted array job $job_id: ${#RUNS[@]} runs, at most $MAX_CONCURRENT at once (job script: $job_script)"
   echo "watch it:   squeue -j $job_id      logs: $OUT/logs/${job_id}_<element>.log"
@@ -202,6 +219,16 @@ reap_one() {  # waits for the next run to end and reports it
   unset "NAME_OF_PID[$pid]"
 }
 
+if [ "$DRY_RUN" = 1 ]; then
+  echo "benchmark.sh (dry run): ${#RUNS[@]} runs, $WORKERS at a time, OMP_NUM_THREADS=$threads, in $OUT:"
+  for run in "${RUNS[@]}"; do
+    read -r script task seed <<< "$run"
+    printf '%q ' "$PYTHON" "$ROOT/$script" --env-id "$task" --seed "$seed" "${EXTRA_ARGS[@]}"
+    echo "> $OUT/logs/${script%.py}__${task}__${seed}.log"
+  done
+  [ "$PLOT" = 1 ] && echo "then: $PLOT_COMMAND"
+  exit 0
+fi
 echo "benchmark.sh: ${#RUNS[@]} runs, $WORKERS at a time, OMP_NUM_THREADS=$threads; output in $OUT"
 for run in "${RUNS[@]}"; do
   read -r script task seed <<< "$run"
@@ -217,7 +244,7 @@ while [ "${#NAME_OF_PID[@]}" -gt 0 ]; do reap_one; done
 
 plot_status=0
 if [ "$PLOT" = 1 ]; then
-  $PLOT_COMMAND > "$OUT/logs/plot.log" 2>&1
+  "$PYTHON" "$ROOT/plot.py" --runs-dir "$OUT/runs" --out "$OUT/plots" > "$OUT/logs/plot.log" 2>&1
   plot_status=$?
   if [ "$plot_status" = 0 ]; then
     echo "plots: $OUT/plots/tasks.png, aggregate.png, results.md"

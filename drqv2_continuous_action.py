@@ -11,6 +11,7 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
 import threading
 import time
@@ -206,30 +207,54 @@ def validate_args(args: Args) -> None:
     for name in ["learning_starts", "num_expl_steps", "checkpoint_every"]:
         if getattr(args, name) < 0:
             raise RunError(f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}")
+    if args.max_episode_frames is not None and args.max_episode_frames < args.action_repeat:
+        raise RunError(f"--max-episode-frames must be at least --action-repeat, got {args.max_episode_frames}")
+    for name, low, high in [("gamma", 0.0, 1.0), ("tau", 0.0, 1.0)]:
+        if not low < getattr(args, name) <= high:
+            raise RunError(f"--{name} must be in ({low:g}, {high:g}], got {getattr(args, name)}")
+    if not math.isfinite(args.learning_rate):
+        raise RunError(f"--learning-rate must be finite, got {args.learning_rate}")
+    if not (math.isfinite(args.stddev_clip) and args.stddev_clip >= 0):
+        raise RunError(f"--stddev-clip must be finite and >= 0, got {args.stddev_clip}")
     stored_at_start = min(args.buffer_size, args.learning_starts // args.action_repeat)
     if args.batch_size > stored_at_start:
         raise RunError(
             f"--batch-size {args.batch_size} is larger than the {stored_at_start} transitions the replay holds when "
             f"updates start (--learning-starts {args.learning_starts} frames, --buffer-size {args.buffer_size})"
         )
-    episode_steps = (args.max_episode_frames or (250 if args.env_id == "reach_duplo" else 1000)) // args.action_repeat
+    episode_steps = episode_frames(args) // args.action_repeat
+    if args.buffer_size < episode_steps:
+        raise RunError(
+            f"--buffer-size {args.buffer_size} is smaller than one episode ({episode_steps} transitions): the replay "
+            "could never hold a complete episode to sample from"
+        )
     if args.nstep >= episode_steps:
         raise RunError(f"--nstep must be shorter than an episode ({episode_steps} agent steps)")
     parse_schedule(args.stddev_schedule)
 
 
+def episode_frames(args: Args) -> int:
+    """Frames in an episode of the run: the task's time limit (1000 frames; 250 for reach_duplo), or shorter."""
+    limit = 250 if args.env_id == "reach_duplo" else 1000
+    return min(args.max_episode_frames or limit, limit)
+
+
 def parse_schedule(spec: str):
-    """`0.2` -> constant; `linear(init,final,duration)` -> linear interpolation over agent steps, then constant."""
+    """`0.2` -> constant; `linear(init,final,duration)` -> linear interpolation over agent steps, then constant. Stds
+    must be finite and non-negative."""
     number = r"\s*([-+0-9.eE]+)\s*"
-    try:
-        value = float(spec)
-        return lambda step: value
-    except ValueError:
-        pass
     match = re.fullmatch(rf"linear\({number},{number},{number}\)", spec)
+    try:
+        values = [float(g) for g in match.groups()] if match else [float(spec)]
+    except ValueError:
+        values = None
+    if values is None or not all(math.isfinite(v) and v >= 0 for v in values):
+        raise RunError(
+            f"--stddev-schedule must be a number >= 0 or 'linear(init,final,duration)' of such numbers, got {spec!r}"
+        )
     if not match:
-        raise RunError(f"--stddev-schedule must be a number or 'linear(init,final,duration)', got {spec!r}")
-    init, final, duration = (float(g) for g in match.groups())
+        return lambda step: values[0]
+    init, final, duration = values
     if duration <= 0:
         raise RunError(f"--stddev-schedule duration must be positive, got {spec!r}")
     return lambda step: init + (final - init) * min(step / duration, 1.0)
@@ -447,14 +472,22 @@ class ReplayBuffer:
         frames = frames.reshape(len(index), -1, *frames.shape[-2:])
         return frames.split([len(slots) for slots in stack_slots])
 
-    def sample_indices(self, batch_size):
-        """Absolute slots t, uniform over every transition whose window lies inside its episode, and their
-        episodes' first slots."""
+    def _table(self):
+        """Per complete episode: its first slot, and the running count of transitions that can be sampled."""
         if self._sample_table is None:
             starts = np.array([s for s, _ in self.episodes], dtype=np.int64)
             valid = np.array([max(n - self.window + 1, 0) for _, n in self.episodes], dtype=np.int64)
             self._sample_table = (starts, np.cumsum(valid))
-        starts, cumulative = self._sample_table
+        return self._sample_table
+
+    def can_sample(self) -> bool:
+        cumulative = self._table()[1]
+        return len(cumulative) > 0 and cumulative[-1] > 0
+
+    def sample_indices(self, batch_size):
+        """Absolute slots t, uniform over every transition whose window lies inside its episode, and their
+        episodes' first slots."""
+        starts, cumulative = self._table()
         if len(cumulative) == 0 or cumulative[-1] == 0:
             raise ValueError("the replay holds no complete episode long enough to sample from")
         draws = self.rng.integers(0, cumulative[-1], size=batch_size)
@@ -515,12 +548,19 @@ class BatchPrefetcher:
             self._pending = concurrent.futures.Future()
             self._pending.set_result(self._sample())
 
+    def can_supply(self) -> bool:
+        """Whether a batch is requested or can be sampled now (the replay holds a complete episode to sample)."""
+        return self._pending is not None or self.replay.can_sample()
+
     def next(self) -> dict:
-        """The requested batch (sampled now if none is), on the device; then requests the following one."""
+        """The requested batch (sampled now if none is), on the device; then requests the following one if the replay
+        can be sampled (else the next call samples)."""
         if self._pending is None:
             self._request()
         batch = self._pending.result()
-        self._request()
+        self._pending = None
+        if self.replay.can_sample():
+            self._request()
         # the pinned batch is kept until the next call: its copy has surely finished by then
         self._in_transfer = batch
         return {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
@@ -828,9 +868,26 @@ def payload_digest(payload) -> str:
     return digest.hexdigest()
 
 
-def save_checkpoint(path: str, payload: dict):
+def tensor_bytes(x) -> int:
+    """Bytes of the tensors in a nested payload (about the size of its checkpoint file)."""
+    if isinstance(x, torch.Tensor):
+        return x.numel() * x.element_size()
+    if isinstance(x, dict):
+        return sum(tensor_bytes(value) for value in x.values())
+    return sum(tensor_bytes(value) for value in x) if isinstance(x, (list, tuple)) else 0
+
+
+def save_checkpoint(path: str, payload: dict, kept: str = "the previous checkpoint is kept"):
     """Writes payload and its digest into a temporary file in the same folder, fsyncs, then renames it over `path`:
-    a kill or a full disk at any moment leaves the previous checkpoint whole."""
+    a kill or a full disk at any moment leaves the previous checkpoint whole, and the temporary file is removed
+    whatever the error. `kept` says what stays, for the message."""
+    folder = os.path.dirname(path) or "."
+    needed, free = tensor_bytes(payload) + 2**20, shutil.disk_usage(folder).free
+    if needed > free + (os.path.getsize(path) if os.path.exists(path) else 0):  # the old file goes at the rename
+        raise RunError(
+            f"not enough disk space for {path} (about {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB free); {kept} "
+            "(--no-checkpoint-replay writes about 0.1 GB)"
+        )
     payload = {**payload, "digest": payload_digest(payload)}
     temporary = f"{path}.tmp"
     try:
@@ -839,13 +896,15 @@ def save_checkpoint(path: str, payload: dict):
             f.flush()
             os.fsync(f.fileno())
         os.replace(temporary, path)
-        folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
-        os.fsync(folder)  # the rename itself reaches the disk
-        os.close(folder)
-    except OSError as error:
+        descriptor = os.open(folder, os.O_RDONLY)
+        os.fsync(descriptor)  # the rename itself reaches the disk
+        os.close(descriptor)
+    except Exception as error:  # OSError, or torch's zip writer failing on a full disk (RuntimeError)
+        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+        raise RunError(f"could not write {path} ({reason}); {kept}") from error
+    finally:
         with contextlib.suppress(OSError):
             os.remove(temporary)
-        raise RunError(f"could not write {path} ({error}); the previous checkpoint is kept") from error
 
 
 def load_checkpoint(path: str) -> dict:
@@ -889,22 +948,47 @@ def set_rng_state(state: dict, envs):
 
 
 def find_run_to_resume(args: Args) -> str | None:
-    """The run directory `--resume` names; for `auto`, the newest run under runs/ of the same env_id, exp_name and
-    seed that has a checkpoint, or None."""
+    """The run directory `--resume` names (or the directory of the checkpoint file it names); for `auto`, the newest
+    run under runs/ of the same env_id, exp_name and seed whose checkpoint has the same settings (else the newest,
+    whose differences are then reported), or None."""
     if args.resume == "auto":
-        found = glob.glob(f"runs/{args.env_id}__{args.exp_name}__{args.seed}__*/{CHECKPOINT}")
-        return os.path.dirname(max(found, key=os.path.getmtime)) if found else None
+        found = sorted(glob.glob(f"runs/{args.env_id}__{args.exp_name}__{args.seed}__*/{CHECKPOINT}"))
+        found.sort(key=os.path.getmtime, reverse=True)
+        matching = [path for path in found if not settings_differences(checkpoint_args(path), args)]
+        if found:
+            chosen = os.path.dirname((matching or found)[0])
+            which = "with the same settings" if matching else "(none has the same settings)"
+            print(f"--resume auto: resuming {chosen}, the newest of {len(found)} runs of this task and seed {which}")
+            return chosen
+        print("--resume auto: no checkpoint of this env_id, exp_name and seed under runs/; starting a new run")
+        return None
+    if os.path.isfile(args.resume) and os.path.basename(args.resume) == CHECKPOINT:
+        return os.path.dirname(os.path.abspath(args.resume))
+    if not os.path.isdir(args.resume):
+        raise RunError(f"--resume {args.resume}: no such run directory (pass runs/<run_name>, or auto)")
     if not os.path.isfile(os.path.join(args.resume, CHECKPOINT)):
-        raise RunError(f"--resume {args.resume}: there is no {CHECKPOINT} in that directory")
+        raise RunError(f"--resume {args.resume}: there is no {CHECKPOINT} in that directory (checkpoints off?)")
     return os.path.normpath(args.resume)
 
 
-def check_resumable(saved: dict, args: Args):
-    differences = [
+def checkpoint_args(path: str) -> dict:
+    """The settings saved in a checkpoint, read without loading its tensors; {} if unreadable."""
+    try:
+        return torch.load(path, weights_only=True, mmap=True).get("args", {})
+    except Exception:  # noqa: BLE001 (a damaged file is reported when it is loaded)
+        return {}
+
+
+def settings_differences(saved: dict, args: Args) -> list:
+    return [
         f"--{name.replace('_', '-')} is {saved.get(name)!r} in the checkpoint but {value!r} now"
         for name, value in vars(args).items()
         if name not in RESUMABLE_CHANGES and saved.get(name) != value
     ]
+
+
+def check_resumable(saved: dict, args: Args):
+    differences = settings_differences(saved, args)
     if differences:
         raise RunError("cannot resume with settings other than the checkpoint's: " + "; ".join(differences))
 
@@ -919,8 +1003,8 @@ class StopRequest:
     """SIGTERM, SIGINT and SIGUSR1 ask the run to checkpoint at the end of the current episode and exit; a second
     signal exits at once (the previous checkpoint stays whole)."""
 
-    def __init__(self):
-        self.signal = None
+    def __init__(self, checkpoints: bool):
+        self.signal, self.checkpoints = None, checkpoints
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
             signal.signal(signum, self._handle)
 
@@ -928,11 +1012,40 @@ class StopRequest:
         if self.signal is not None:
             raise SystemExit(128 + signum)
         self.signal = signum
-        print(f"{signal.Signals(signum).name}: finishing this episode, then checkpointing and exiting", flush=True)
+        then = "checkpointing and exiting" if self.checkpoints else "exiting (checkpoints are off: nothing to resume)"
+        print(f"{signal.Signals(signum).name}: finishing this episode (an evaluation stops at once), then {then}")
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Training loop
+
+
+UPDATE_MEMORY = 1.2e9  # bytes a default run takes besides the replay on the CPU (peak at the first update: 0.9 GB)
+
+
+def memory_available() -> int | None:
+    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
+    with contextlib.suppress(OSError, StopIteration, ValueError), open("/proc/meminfo") as f:
+        return 1024 * int(next(line.split()[1] for line in f if line.startswith("MemAvailable:")))
+    return None
+
+
+def check_memory(args: Args, env, device, replay_device) -> str:
+    """The replay's memory once the run has filled it, checked with the networks' against the memory available
+    (a replay that cannot fit would end the run hours in). Returns the line that says it."""
+    transitions = min(args.buffer_size, args.total_timesteps // args.action_repeat)
+    replay = transitions * (np.prod(env.frame_shape) * 1.01 + 4 * (env.action_dim + 2))
+    host = replay if replay_device.type == "cpu" else 0.0
+    host += UPDATE_MEMORY if device.type == "cpu" else 0.0
+    available = memory_available()
+    if available is not None and host > available:
+        raise RunError(
+            f"the replay's {transitions} transitions take {replay / 1e9:.1f} GB and the updates about "
+            f"{UPDATE_MEMORY / 1e9:.1f} GB, but {available / 1e9:.1f} GB of memory are available: lower --buffer-size"
+        )
+    if replay_device.type == "cuda" and replay > torch.cuda.mem_get_info(replay_device)[0]:
+        raise RunError(f"the replay's {replay / 1e9:.1f} GB do not fit in the GPU's free memory: --replay-device cpu")
+    return f"replay: up to {transitions} transitions, {replay / 1e9:.2f} GB in {replay_device.type} memory"
 
 
 def configure_torch(args: Args):
@@ -954,12 +1067,15 @@ def choose_replay_device(args: Args, device: torch.device) -> torch.device:
     return device
 
 
-def evaluate(agent, env, num_episodes, step, video_path=None) -> list:
-    """Returns of `num_episodes` episodes acting with the mean action; the first one is filmed if asked."""
+def evaluate(agent, env, num_episodes, step, video_path=None, interrupted=lambda: False) -> list | None:
+    """Returns of `num_episodes` episodes acting with the mean action; the first one is filmed if asked. None if
+    `interrupted()` turns true on the way (a stop request must not wait for a long evaluation)."""
     returns, video = [], []
     for episode in range(num_episodes):
         obs, done, episode_return = env.reset(), False, 0.0
         while not done:
+            if interrupted():
+                return None
             if video_path and episode == 0:
                 video.append(env.frame.transpose(1, 2, 0).repeat(3, axis=0).repeat(3, axis=1))  # 84 -> 252 px
             obs, reward, _, done = env.step(agent.act(obs, step, eval_mode=True))
@@ -984,8 +1100,6 @@ def main(args: Args):
     checkpoint = load_checkpoint(os.path.join(run_dir, CHECKPOINT)) if run_dir else None
     if checkpoint is not None:
         check_resumable(checkpoint["args"], args)
-    elif args.resume:
-        print("--resume auto: no checkpoint of this env_id, exp_name and seed under runs/; starting a new run")
     if args.cuda and not torch.cuda.is_available():
         print("warning: no CUDA device is available; running on the CPU")
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
@@ -1001,7 +1115,11 @@ def main(args: Args):
     env_kwargs["max_episode_frames"] = args.max_episode_frames
     env = DMCPixelEnv(args.env_id, args.seed, **env_kwargs)
     eval_env = DMCPixelEnv(args.env_id, args.seed, **env_kwargs)
-    agent = Agent(env.observation_shape, env.action_dim, args, device)
+    memory = check_memory(args, env, device, replay_device)
+    try:
+        agent = Agent(env.observation_shape, env.action_dim, args, device)
+    except (RuntimeError, MemoryError) as error:  # an allocation that cannot succeed: sizes far too large
+        raise RunError(f"the networks do not fit in memory ({str(error).splitlines()[0][:150]})") from error
     replay_kwargs = {"frame_stack": args.frame_stack, "nstep": args.nstep, "gamma": args.gamma, "seed": args.seed}
     rb = ReplayBuffer(args.buffer_size, env.frame_shape, env.action_dim, **replay_kwargs, device=replay_device)
     prefetcher = BatchPrefetcher(rb, args.batch_size, device)
@@ -1012,14 +1130,19 @@ def main(args: Args):
             rb.load_state_dict(checkpoint["replay"])
             prefetcher.load_state_dict(checkpoint["prefetched"])
         set_rng_state(checkpoint["rng"], (env, eval_env))
-        start_step = checkpoint["global_step"]
+        start_step, last_eval = checkpoint["global_step"], checkpoint.get("last_eval", float("nan"))
+        pending_eval = checkpoint.get("pending_eval")
         del checkpoint  # its tensors are memory-mapped from the file
         if start_step >= total_steps:
             print(f"{run_dir} already ran {start_step * args.action_repeat} frames: nothing to do")
             return
+    else:
+        last_eval, pending_eval = float("nan"), 0  # a new run evaluates at frame 0 first
     resumed = start_step > 0
     run_dir = run_dir or f"runs/{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
     run_name = os.path.basename(run_dir)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(run_dir, f"{CHECKPOINT}.tmp"))  # left by a run killed while writing a checkpoint
 
     if args.track:
         import wandb
@@ -1043,16 +1166,20 @@ def main(args: Args):
         table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
     print(f"{'resuming' if resumed else 'run'} {run_name} on {device}: {args.env_id}, frame {frame} of ", end="")
-    print(f"{args.total_timesteps}; logs in {run_dir}; replay on {replay_device}")
+    print(f"{args.total_timesteps}; logs in {run_dir}; {memory}")
 
     def log_evaluation(frame):
-        nonlocal last_eval, window_time
+        """Evaluates and logs at `frame`; an evaluation cut short by a stop request is redone on resume."""
+        nonlocal last_eval, window_time, pending_eval, eval_seconds
         eval_start = time.time()
         video_path = f"videos/{run_name}/eval_{frame}.mp4" if args.capture_video else None
-        returns = evaluate(agent, eval_env, args.num_eval_episodes, frame // args.action_repeat, video_path)
-        last_eval = float(np.mean(returns))
-        writer.add_scalar("eval/episodic_return", last_eval, frame)
-        print(f"frame {frame}: eval return {last_eval:.1f}")
+        step, stopping = frame // args.action_repeat, lambda: stop.signal is not None
+        returns = evaluate(agent, eval_env, args.num_eval_episodes, step, video_path, interrupted=stopping)
+        pending_eval = frame if returns is None else None
+        if returns is not None:
+            last_eval, eval_seconds = float(np.mean(returns)), time.time() - eval_start
+            writer.add_scalar("eval/episodic_return", last_eval, frame)
+            print(f"frame {frame}: eval return {last_eval:.1f}")
         window_time += time.time() - eval_start  # SPS measures training, not evaluation
 
     def write_checkpoint(global_step):
@@ -1061,23 +1188,29 @@ def main(args: Args):
         replay = rb.state_dict() if args.checkpoint_replay else None
         rng = rng_state((env, eval_env))
         payload = {"args": vars(args), "global_step": global_step, "agent": agent.state_dict(), "replay": replay}
-        save_checkpoint(os.path.join(run_dir, CHECKPOINT), {**payload, "prefetched": prefetched, "rng": rng})
+        payload.update(prefetched=prefetched, rng=rng, last_eval=last_eval, pending_eval=pending_eval)
+        kept = f"the checkpoint of frame {last_checkpoint_frame} is kept" if last_checkpoint_frame else "none is kept"
+        save_checkpoint(os.path.join(run_dir, CHECKPOINT), payload, kept)
 
     # Resumed without the replay: collect `learning_starts` frames anew before updating.
     updates_start = frame + args.learning_starts if resumed and rb.num_transitions == 0 else args.learning_starts
     eval_every_steps = max(args.eval_every // args.action_repeat, 1)
     start_time = window_time = time.time()
     window_start_frame = last_checkpoint_frame = frame
-    last_eval, metrics, stop = float("nan"), {}, StopRequest()
+    metrics, stop, eval_seconds, waiting = {}, StopRequest(checkpoints=args.checkpoint_every > 0), 0.0, False
     try:
-        if not resumed:
-            log_evaluation(0)
+        if pending_eval is not None:  # frame 0 of a new run, or an evaluation a stop request cut short
+            log_evaluation(pending_eval)
         obs, episode_return, episode_steps = env.reset(), 0.0, 0
         rb.start_episode(env.frame)
         for global_step in range(start_step, total_steps):
             action = agent.act(obs, global_step, eval_mode=False)
             if global_step * args.action_repeat >= updates_start and global_step % args.update_every_steps == 0:
-                metrics = agent.update(prefetcher.next(), global_step)
+                if prefetcher.can_supply():
+                    metrics = agent.update(prefetcher.next(), global_step)
+                elif not waiting:  # e.g. --learning-starts shorter than an episode: wait for a whole one
+                    print(f"frame {global_step * args.action_repeat}: updates wait for a complete episode to sample")
+                waiting = not prefetcher.can_supply()
 
             obs, reward, discount, done = env.step(action)
             rb.add(action, reward, discount, env.frame)
@@ -1102,7 +1235,10 @@ def main(args: Args):
                         f"non-finite {tag} ({value}) at frame {frame}; stopping without checkpointing "
                         f"(the last checkpoint, at frame {last_checkpoint_frame}, is kept)"
                     )
-            eta = (args.total_timesteps - frame) / sps if sps > 0 else float("inf")
+            # time left: only once a whole episode with updates was timed; the evaluations still to come included
+            timed = window_start_frame >= updates_start and not waiting
+            evaluations_left = (args.total_timesteps - frame) // args.eval_every
+            eta = (args.total_timesteps - frame) / sps + evaluations_left * eval_seconds if timed else float("nan")
             print(
                 f"frame {frame}/{args.total_timesteps} ({100 * frame / args.total_timesteps:.1f}%) | "
                 f"return {episode_return:.1f} | SPS {sps:.0f} | last eval {last_eval:.1f} | "
@@ -1115,8 +1251,11 @@ def main(args: Args):
                 write_checkpoint(global_step + 1)
                 last_checkpoint_frame = frame
             if stop.signal:
-                saved = f"checkpoint at frame {frame}" if args.checkpoint_every else "no checkpoint (checkpoints off)"
-                print(f"stopped by {signal.Signals(stop.signal).name} with a {saved}; resume with --resume {run_dir}")
+                name = signal.Signals(stop.signal).name
+                if args.checkpoint_every:
+                    print(f"stopped by {name} with a checkpoint at frame {frame}; resume with --resume {run_dir}")
+                else:
+                    print(f"stopped by {name} at frame {frame}; checkpoints are off, so there is nothing to resume")
                 raise SystemExit(128 + stop.signal)
             window_time, window_start_frame = time.time(), frame
             obs, episode_return, episode_steps = env.reset(), 0.0, 0

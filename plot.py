@@ -4,10 +4,13 @@
 #   aggregate.png  IQM and mean of the normalised return over tasks, with 95% stratified bootstrap bands;
 #   results.md     per task and method, return at chosen budgets as mean ± standard error (seeds), the aggregates,
 #                  and the probability that TACO improves on DrQ-v2 when the sweep holds both.
-# Runs are grouped by the method (exp_name) and task (env_id) that each run logged in its hyperparameters.
+# Runs are grouped by the method (exp_name) and task (env_id) that each run logged in its hyperparameters; runs of
+# one method and task whose settings differ (other than the seed and settings that leave the update unchanged) are
+# kept apart, the method named with the settings that tell them apart.
 import csv
 import glob
 import os
+import struct
 from collections import defaultdict
 from dataclasses import dataclass, field
 
@@ -16,6 +19,10 @@ import tyro
 
 DEFAULT_REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference", "drqv2_curves")
 REFERENCE_METHOD = "DrQ-v2 (published)"
+# settings that do not change what a run learns (budget, logging, checkpoints, speed options that compute the same update)
+SAME_LEARNING = {"seed", "total_timesteps", "eval_every", "num_eval_episodes", "resume", "track", "wandb_project_name"}
+SAME_LEARNING |= {"wandb_entity", "capture_video", "save_model", "checkpoint_every", "checkpoint_replay", "cuda"}
+SAME_LEARNING |= {"torch_deterministic", "compile", "cudagraphs", "replay_device", "tf32"}
 # (X, Y): results.md gives P(X > Y) when the sweep has runs of both
 IMPROVEMENT = ("taco_continuous_action", "drqv2_continuous_action")
 
@@ -67,9 +74,38 @@ def read_run(run_dir: str, tag: str):
     return hyperparameters, frames, np.array([points[f] for f in frames], dtype=np.float64)
 
 
+def truncated_event_files(run_dir: str) -> list:
+    """Event files of a run whose last record is cut off (a run killed while writing, a partial copy): TensorBoard
+    reads them silently as a shorter run. A record is an 8-byte length, a 4-byte CRC, the data and a 4-byte CRC."""
+    truncated = []
+    for path in sorted(glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))):
+        with open(path, "rb") as f:
+            data = f.read()
+        position = 0
+        while position + 12 <= len(data):
+            position += 12 + struct.unpack("<Q", data[position : position + 8])[0] + 4
+        if position != len(data):
+            truncated.append(os.path.basename(path))
+    return truncated
+
+
+def method_names(configurations: dict) -> dict:
+    """{run_dir: method name}: the exp_name, plus `(setting=value, ...)` where runs of one exp_name and task differ."""
+    names, groups = {}, defaultdict(list)
+    for run_dir, hyperparameters in configurations.items():
+        groups[(hyperparameters["exp_name"], hyperparameters["env_id"])].append(run_dir)
+    for (exp_name, _), run_dirs in groups.items():
+        settings = [{k: v for k, v in configurations[d].items() if k not in SAME_LEARNING} for d in run_dirs]
+        differing = sorted({key for s in settings for key in s if len({t.get(key) for t in settings}) > 1})
+        for run_dir, setting in zip(run_dirs, settings):
+            suffix = ", ".join(f"{key}={setting.get(key)}" for key in differing)
+            names[run_dir] = f"{exp_name} ({suffix})" if differing else exp_name
+    return names
+
+
 def find_runs(runs_dir: str, tag: str):
     """{(method, task): {seed: (frames, values)}} and the lines telling the user what was read and skipped."""
-    runs, report = defaultdict(dict), []
+    runs, report, read = defaultdict(dict), [], {}
     run_dirs = sorted({os.path.dirname(p) for p in glob.glob(f"{runs_dir}/**/events.out.tfevents.*", recursive=True)})
     for run_dir in run_dirs:
         hyperparameters, frames, values = read_run(run_dir, tag)
@@ -78,16 +114,21 @@ def find_runs(runs_dir: str, tag: str):
         elif len(frames) == 0:
             report.append(f"  skipped {run_dir}: no {tag}")
         else:
-            key = (hyperparameters["exp_name"], hyperparameters["env_id"])
-            seed = int(hyperparameters["seed"])
-            if seed in runs[key]:  # a repeated seed (a re-run): keep the run that got furthest
-                report.append(f"  note: {key[0]} {key[1]} seed {seed} appears twice; keeping the longer run")
-                if runs[key][seed][0][-1] >= frames[-1]:
-                    continue
-            runs[key][seed] = (frames, values)
-            report.append(
-                f"  read {run_dir}: {key[0]} {key[1]} seed {seed}, {len(frames)} points to frame {frames[-1]}"
-            )
+            read[run_dir] = (hyperparameters, frames, values)
+            for name in truncated_event_files(run_dir):
+                report.append(f"  warning: {run_dir}/{name} is truncated; read up to frame {frames[-1]}")
+    names = method_names({run_dir: hyperparameters for run_dir, (hyperparameters, _, _) in read.items()})
+    if any(name != read[d][0]["exp_name"] for d, name in names.items()):
+        report.append("  note: runs of one method and task with other settings are kept apart (named by them)")
+    for run_dir, (hyperparameters, frames, values) in read.items():
+        key = (names[run_dir], hyperparameters["env_id"])
+        seed = int(hyperparameters["seed"])
+        if seed in runs[key]:  # a repeated seed (a re-run): keep the run that got furthest
+            report.append(f"  note: {key[0]} {key[1]} seed {seed} appears twice; keeping the longer run")
+            if runs[key][seed][0][-1] >= frames[-1]:
+                continue
+        runs[key][seed] = (frames, values)
+        report.append(f"  read {run_dir}: {key[0]} {key[1]} seed {seed}, {len(frames)} points to frame {frames[-1]}")
     return dict(runs), report
 
 

@@ -153,26 +153,51 @@ def test_local_sweep_runs_at_most_workers_at_once_and_plots(tmp_path):
 
 
 def test_local_sweep_names_the_failed_run_after_the_others_finish(tmp_path):
-    out = tmp_path / "sweep"
-    sweep = ["--scripts", "drqv2_continuous_action.py", "--env-ids", "cartpole_balance bogus_task", "--num-seeds", "1"]
-    result = run_benchmark([*sweep, "--workers", "2", "--out", str(out), "--", *TINY_RUN[2:]], tmp_path)
+    out = tmp_path / "my sweep"  # a space in the path
+    scripts = "drqv2_continuous_action.py taco_continuous_action.py"
+    sweep = ["--scripts", scripts, "--env-ids", "cartpole_balance", "--num-seeds", "1", "--workers", "2"]
+    # --multistep is TACO's: the DrQ-v2 run fails on it, the TACO run finishes
+    result = run_benchmark([*sweep, "--out", str(out), "--", *TINY_RUN[2:], "--multistep", "2"], tmp_path)
     assert result.returncode != 0
-    assert "1 of 2 runs failed: drqv2_continuous_action__bogus_task__1" in result.stderr
-    assert "unknown env_id" in (out / "logs" / "drqv2_continuous_action__bogus_task__1.log").read_text()
+    assert "1 of 2 runs failed: drqv2_continuous_action__cartpole_balance__1" in result.stderr
+    assert "--multistep" in (out / "logs" / "drqv2_continuous_action__cartpole_balance__1.log").read_text()
     assert len(list((out / "runs").iterdir())) == 1, "the good run still finished"
 
 
+def test_local_dry_run_prints_the_runs_and_runs_nothing(tmp_path):
+    out = tmp_path / "dry sweep"
+    sweep = ["--dry-run", "--env-ids", "cartpole_balance cheetah_run", "--num-seeds", "2", "--workers", "2"]
+    result = run_benchmark([*sweep, "--out", str(out), "--", "--total-timesteps", "1000"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    commands = [line for line in result.stdout.splitlines() if "--env-id" in line]
+    assert len(commands) == 8 and "taco_continuous_action.py --env-id cheetah_run --seed 2" in result.stdout
+    assert all("--total-timesteps 1000" in line for line in commands)
+    assert not out.exists() and not (tmp_path / "runs").exists(), "a dry run writes nothing"
+    assert "start" not in result.stdout
+
+
+def test_unknown_tasks_are_refused_before_anything_runs(tmp_path):
+    for mode in [[], ["--slurm"], ["--slurm", "--dry-run"]]:
+        out = tmp_path / "sweep"
+        result = run_benchmark([*mode, "--env-ids", "cartpole_balance bogus_task", "--out", str(out)], tmp_path)
+        assert result.returncode == 2 and "unknown task(s) in --env-ids: bogus_task" in result.stderr, result.stderr
+        assert not out.exists() and result.stdout == ""
+
+
 def test_bad_benchmark_options_fail_fast(tmp_path):
-    assert run_benchmark(["--workers", "two"], tmp_path).returncode == 2
+    result = run_benchmark(["--workers", "two"], tmp_path)
+    assert result.returncode == 2 and "--workers must be a whole number, got 'two'" in result.stderr
     result = run_benchmark(["--scripts", "nope.py"], tmp_path)
     assert result.returncode == 2 and "no agent script 'nope.py'" in result.stderr
 
 
 def test_slurm_dry_run_prints_a_readable_array_job(tmp_path):
     args = ["--slurm", "--dry-run", "--env-ids", "cheetah_run walker_walk", "--num-seeds", "3", "--partition", "gpu"]
-    result = run_benchmark([*args, "--out", str(tmp_path / "s"), "--", "--total-timesteps", "1000000"], tmp_path)
+    result = run_benchmark([*args, "--out", str(tmp_path / "my s"), "--", "--total-timesteps", "1000000"], tmp_path)
     assert result.returncode == 0, result.stderr
+    assert not (tmp_path / "my s").exists(), "a dry run writes nothing"
     script = result.stdout
+    assert f"cd {tmp_path}/my\\ s" in script, "paths are quoted"
     assert "#SBATCH --array=0-11%32" in script and "#SBATCH --partition=gpu" in script
     assert "#SBATCH --requeue" in script and "#SBATCH --signal=B:USR1@120" in script
     assert "#SBATCH --gres=gpu:1" in script and '"taco_continuous_action.py walker_walk 3"' in script
@@ -249,7 +274,7 @@ PartitionName=debug Nodes=testnode Default=YES MaxTime=INFINITE State=UP
 
 
 def test_slurm_array_job_runs_the_sweep_and_the_plots(slurm_cluster, tmp_path):
-    out = tmp_path / "sweep"
+    out = tmp_path / "my sweep"  # a space in the path: the job script and sbatch's options must quote it
     sweep = ["--slurm", "--scripts", "drqv2_continuous_action.py", "--env-ids", "cartpole_balance cartpole_swingup"]
     resources = ["--num-seeds", "2", "--gpus", "0", "--cpus", "1", "--mem", "500M", "--time", "00:10:00"]
     result = run_benchmark([*sweep, *resources, "--out", str(out), "--", *TINY_RUN[2:]], tmp_path, env=slurm_cluster)
@@ -340,3 +365,21 @@ def test_no_file_of_the_project_refers_outside_the_repository():
     ]
     assert offenders == []
     assert (ROOT / "reference" / "drqv2_curves" / "LICENSE").exists() and len(list(REFERENCE.glob("dmc_*.csv"))) == 24
+
+
+def test_runs_with_other_settings_are_kept_apart_and_truncated_logs_named(tmp_path, capsys):
+    runs = tmp_path / "runs"
+    for seed, nstep in [(1, 3), (2, 3), (3, 1)]:  # seed 3 ran with another n-step: not a seed of the same method
+        hyperparameters = {"exp_name": "drqv2_continuous_action", "env_id": "cheetah_run", "seed": seed, "nstep": nstep}
+        hyperparameters["cudagraphs"] = seed == 2  # a speed option that computes the same update: not a difference
+        write_run(runs / f"run{seed}", hyperparameters, [(0, 0.0), (100_000, 100.0 * seed)])
+    (events,) = (runs / "run2").glob("events.out.tfevents.*")
+    events.write_bytes(events.read_bytes()[:-7])  # the last record cut off, as by a kill mid-write
+    plot.main(plot.Args(runs_dir=str(runs), out=str(tmp_path / "plots"), budgets=[100_000], bootstrap_reps=50))
+    printed = capsys.readouterr().out
+    table = (tmp_path / "plots" / "results.md").read_text()
+    # run2 lost its last record (frame 100k): it counts as a run that fell short, and a warning says why
+    assert "| cheetah_run | drqv2_continuous_action (nstep=3) | 100.0 (1), 1 short of budget |" in table
+    assert "| cheetah_run | drqv2_continuous_action (nstep=1) | 300.0 (1) |" in table
+    assert "kept apart" in printed
+    assert re.search(r"warning: \S*run2/events\.out\.tfevents\.\S+ is truncated; read up to frame", printed)

@@ -184,7 +184,18 @@ def bad_input_cases():
         "negative count": (["--checkpoint-every", "-1"], "--checkpoint-every must be non-negative"),
         "n-step longer than an episode": (["--nstep", "20"], "--nstep must be shorter than an episode (20 agent"),
         "malformed schedule": (["--stddev-schedule", "linear(1.0,0.1)"], "--stddev-schedule must be"),
-        "no checkpoint to resume": (["--resume", "runs/nothing"], "no checkpoint.pt in that directory"),
+        "no run to resume": (["--resume", "runs/nothing"], "--resume runs/nothing: no such run directory"),
+        "gamma above 1": (["--gamma", "1.5"], "--gamma must be in (0, 1], got 1.5"),
+        "tau above 1": (["--tau", "2"], "--tau must be in (0, 1], got 2.0"),
+        "negative clip": (["--stddev-clip", "-0.3"], "--stddev-clip must be finite and >= 0, got -0.3"),
+        "schedule that fails later": (["--stddev-schedule", "linear(1.2.3,0.1,100)"], "--stddev-schedule must be"),
+        "negative std": (["--stddev-schedule", "linear(1.0,-0.1,100)"], "--stddev-schedule must be a number >= 0"),
+        "replay smaller than an episode": (["--buffer-size", "10"], "--buffer-size 10 is smaller than one episode"),
+        "networks that cannot be allocated": (["--hidden-dim", "10000000000"], "the networks do not fit in memory"),
+        "replay larger than the memory": (
+            ["--buffer-size", "100000000", "--total-timesteps", "200000000"],
+            "the replay's 100000000 transitions take 2139.2 GB",
+        ),
     }
 
 
@@ -255,3 +266,108 @@ def test_full_disk_keeps_the_previous_checkpoint(script, tmp_path, monkeypatch):
     with pytest.raises(script.RunError, match="No space left on device.*the previous checkpoint is kept"):
         script.save_checkpoint(path, {"weights": torch.zeros(3), "step": 2})
     assert script.load_checkpoint(path)["step"] == 1 and not os.path.exists(path + ".tmp")
+
+
+def test_full_disk_inside_torch_save_keeps_the_previous_checkpoint_and_removes_the_temporary_file(
+    script, tmp_path, monkeypatch
+):
+    """torch's zip writer fails with a RuntimeError, not an OSError, when the disk fills during the write."""
+    path = str(tmp_path / "checkpoint.pt")
+    script.save_checkpoint(path, {"weights": torch.ones(3), "step": 1})
+
+    def fills_the_disk(payload, f):
+        f.write(b"x" * 1000)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(script.torch, "save", fills_the_disk)
+    kept = "the checkpoint of frame 40 is kept"
+    with pytest.raises(script.RunError, match=f"could not write .*unexpected pos.*; {kept}"):
+        script.save_checkpoint(path, {"weights": torch.zeros(3), "step": 2}, kept)
+    assert script.load_checkpoint(path)["step"] == 1 and not os.path.exists(path + ".tmp")
+
+
+def test_too_little_disk_space_is_found_before_writing(script, tmp_path, monkeypatch):
+    path = str(tmp_path / "checkpoint.pt")
+    script.save_checkpoint(path, {"weights": torch.ones(3), "step": 1})
+    monkeypatch.setattr(script.shutil, "disk_usage", lambda folder: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+    with pytest.raises(script.RunError, match=r"not enough disk space for .*the previous checkpoint is kept"):
+        script.save_checkpoint(path, {"weights": torch.zeros(10**6), "step": 2})
+    assert script.load_checkpoint(path)["step"] == 1 and not os.path.exists(path + ".tmp")
+
+
+def test_updates_wait_for_a_complete_episode(tmp_path):
+    """Updates due before the first episode ends (--learning-starts 20 < 40-frame episodes), and a replay of 25
+    transitions that loses its only complete episode while the next one fills it: the run waits, never crashes."""
+    result = run_script(
+        "taco_continuous_action", [*TINY_RUN, "--learning-starts", "20", "--buffer-size", "25"], tmp_path
+    )
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    assert "frame 20: updates wait for a complete episode to sample" in result.stdout
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    first_logged = next(step for step, _ in read_scalars(run_dir)["losses/taco_loss"])
+    assert first_logged == 80, "updates start with the second episode; losses are logged at its end"
+
+
+def test_a_signal_with_checkpoints_off_says_there_is_nothing_to_resume(tmp_path):
+    process = start_script("drqv2_continuous_action", [*RUN, "--checkpoint-every", "0"], tmp_path)
+    deadline = time.time() + 120
+    while not glob.glob(str(tmp_path / "runs" / "*" / "events.*")):
+        assert time.time() < deadline and process.poll() is None
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, output
+    assert "checkpoints are off, so there is nothing to resume" in output and "--resume" not in output
+
+
+def test_a_stop_during_an_evaluation_checkpoints_at_once_and_the_evaluation_is_redone(tmp_path):
+    """An evaluation of 200 episodes (8000 frames) starts the run; SIGUSR1 during it: the run stops within one more
+    training episode, and the resumed run evaluates frame 0 first."""
+    args = [*RUN, "--num-eval-episodes", "200"]
+    process = start_script("drqv2_continuous_action", args, tmp_path)
+    deadline = time.time() + 120
+    while not glob.glob(str(tmp_path / "runs" / "*" / "events.*")):
+        assert time.time() < deadline and process.poll() is None
+        time.sleep(0.2)
+    time.sleep(1.0)  # inside the evaluation at frame 0
+    signalled = time.time()
+    process.send_signal(signal.SIGUSR1)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGUSR1, output
+    assert time.time() - signalled < 30, "it did not wait for the 200 evaluation episodes"
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    checkpoint = load(f"{run_dir}/checkpoint.pt")
+    assert checkpoint["pending_eval"] == 0 and checkpoint["global_step"] == 20
+    assert "eval/episodic_return" not in read_scalars(run_dir)
+
+    resumed = run_script("drqv2_continuous_action", [*RUN, "--resume", run_dir], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert [step for step, _ in read_scalars(run_dir)["eval/episodic_return"]] == [0, 160, 320]
+
+
+def test_time_left_is_shown_once_updates_are_timed(tmp_path):
+    result = run_script("drqv2_continuous_action", TINY_RUN, tmp_path)  # updates from frame 80, episodes of 40
+    progress = [line for line in result.stdout.splitlines() if line.startswith("frame ") and "| left" in line]
+    assert [line.split("| left ")[1] for line in progress[:2]] == ["?", "?"], "before updates: no estimate"
+    assert all(re.fullmatch(r"\dh\d\dm", line.split("| left ")[1]) for line in progress[3:])
+
+
+def test_resume_auto_prefers_the_run_with_the_same_settings_and_names_it(tmp_path):
+    short = [*TINY_RUN, "--total-timesteps", "80", "--checkpoint-every", "40"]
+    first = run_script("drqv2_continuous_action", short, tmp_path)
+    assert first.returncode == 0, first.stderr[-2000:]
+    (matching,) = glob.glob(str(tmp_path / "runs" / "*"))
+    time.sleep(1.1)  # run names hold the second they started
+    other = run_script("drqv2_continuous_action", [*short, "--hidden-dim", "16"], tmp_path)
+    assert other.returncode == 0, other.stderr[-2000:]
+    resumed = run_script("drqv2_continuous_action", [*short, "--total-timesteps", "160", "--resume", "auto"], tmp_path)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    name = f"runs/{os.path.basename(matching)}"
+    assert f"--resume auto: resuming {name}, the newest of 2 runs of this task and seed with the same settings" in (
+        resumed.stdout
+    )
+    progress = [line for line in resumed.stdout.splitlines() if line.startswith("frame 120/")]
+    assert progress and "last eval nan" not in progress[0], "the last evaluation comes back with the checkpoint"
+
+    checkpoint_file = run_script("drqv2_continuous_action", [*short, "--resume", f"{name}/checkpoint.pt"], tmp_path)
+    assert checkpoint_file.returncode == 0 and "already ran 80 frames" not in checkpoint_file.stdout

@@ -1,0 +1,162 @@
+# Learning evidence, recorded with its provenance.
+#   python benchmarks/learning/record.py RUN_DIR [RUN_DIR ...] --device "NVIDIA H200" --cpus 16
+# writes, for each run directory of an agent script, benchmarks/learning/<run_name>.csv: one row per evaluation with
+# the script, the commit, the task, the seed, the frame, the evaluation return, the wall-clock seconds since the run
+# started, the device, the CPU count and every flag that differs from the script's defaults for that task. Then
+#   python benchmarks/learning/record.py --figure
+# draws learning.png: each task's recorded runs over the published DrQ-v2 curves (mean and seed range), and prints
+# a table of the returns at fixed frames for the README.
+import csv
+import glob
+import os
+import platform
+import subprocess
+import sys
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+import tyro
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+from speed import load_script
+
+plot = load_script("plot")
+read_reference, read_run = plot.read_reference, plot.read_run
+
+COLUMNS = ["script", "commit", "env_id", "seed", "frame", "eval_return", "wall_seconds", "device", "cpus", "flags"]
+
+
+@dataclass
+class Args:
+    run_dirs: tyro.conf.Positional[list[str]] = field(default_factory=list)
+    """run directories (runs/<run_name>) to record"""
+    commit: str | None = None
+    """commit the runs ran (default: this checkout's HEAD)"""
+    device: str | None = None
+    """the device the runs trained on, e.g. "NVIDIA H200" (default: "CPU <this machine's processor>")"""
+    cpus: int | None = None
+    """CPUs the runs had (default: this machine's)"""
+    figure: bool = False
+    """draw learning.png and print the table from every CSV here instead of recording"""
+    frames: list[int] = field(default_factory=lambda: [10_000, 20_000, 40_000, 100_000])
+    """frames of the table's columns (with --figure)"""
+    out: str = HERE
+    """folder of the CSVs and the figure"""
+
+
+def non_default_flags(script, hyperparameters: dict) -> str:
+    """`--flag value` for every setting of the run that differs from the script's defaults for its task."""
+    module = load_script(script)
+    defaults = vars(module.resolve_args(module.Args(env_id=hyperparameters["env_id"])))
+    flags = []
+    for name, value in hyperparameters.items():
+        if name not in ("env_id", "seed", "exp_name") and name in defaults and str(defaults[name]) != value:
+            flags.append(f"--{name.replace('_', '-')} {value}")
+    return " ".join(flags)
+
+
+def record(args: Args):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    commit = (
+        args.commit
+        or subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    )
+    device = args.device or f"CPU {platform.processor() or platform.machine()}"
+    for run_dir in args.run_dirs:
+        hyperparameters, frames, values = read_run(run_dir, "eval/episodic_return")
+        if not {"exp_name", "env_id", "seed"} <= set(hyperparameters) or len(frames) == 0:
+            raise SystemExit(f"record.py: {run_dir} is not a run of the agent scripts with evaluations")
+        events = EventAccumulator(run_dir, size_guidance={"scalars": 0, "tensors": 0})
+        events.Reload()
+        start = min(e.wall_time for tag in events.Tags()["tensors"] for e in events.Tensors(tag))
+        seconds = {e.step: e.wall_time - start for e in events.Scalars("eval/episodic_return")}
+        script = hyperparameters["exp_name"]
+        flags = non_default_flags(script, hyperparameters)
+        path = os.path.join(args.out, f"{os.path.basename(os.path.normpath(run_dir))}.csv")
+        machine = [device, args.cpus or os.cpu_count(), flags]
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(COLUMNS)
+            for frame, value in zip(frames, values):
+                row = [script, commit, hyperparameters["env_id"], hyperparameters["seed"], int(frame)]
+                writer.writerow([*row, f"{value:.2f}", f"{seconds[frame]:.0f}", *machine])
+        print(f"record.py: {run_dir} -> {path} ({len(frames)} evaluations, to frame {frames[-1]})")
+
+
+def read_records(folder):
+    """{(script, env_id, device, flags, seed): (frames, returns)} from every CSV in the folder."""
+    runs = {}
+    for path in sorted(glob.glob(os.path.join(folder, "*.csv"))):
+        with open(path) as f:
+            rows = list(csv.DictReader(f))
+        key = (rows[0]["script"], rows[0]["env_id"], rows[0]["device"], rows[0]["flags"], rows[0]["seed"])
+        runs[key] = (np.array([int(r["frame"]) for r in rows]), np.array([float(r["eval_return"]) for r in rows]))
+    return runs
+
+
+def figure(args: Args):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = read_records(args.out)
+    if not runs:
+        raise SystemExit(f"record.py: no CSV in {args.out}")
+    tasks = sorted({key[1] for key in runs})
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 3.8), squeeze=False)
+    colours = defaultdict(lambda: f"C{len(colours)}")
+    for ax, task in zip(axes.flat, tasks):
+        reference = read_reference(os.path.join(ROOT, "reference", "drqv2_curves"), task)
+        last = max(int(frames[-1]) for key, (frames, _) in runs.items() if key[1] == task)
+        if reference:
+            grid = sorted({int(f) for frames, _ in reference.values() for f in frames if f <= max(last, 20_000)})
+            at = np.array([[v[list(f).index(g)] for f, v in reference.values() if g in f] for g in grid], dtype=object)
+            mean = [np.mean(a) for a in at]
+            ax.fill_between(grid, [np.min(a) for a in at], [np.max(a) for a in at], color="0.85", label="_")
+            ax.plot(grid, mean, "--", color="0.4", label=f"DrQ-v2 published (mean, range of {len(reference)} seeds)")
+        for (script, env_id, device, flags, seed), (frames, values) in runs.items():
+            if env_id == task:
+                label = f"{script.split('_')[0]} seed {seed}, {device}" + (f" ({flags})" if flags else "")
+                ax.plot(frames, values, "-o", ms=3, color=colours[(script, device, flags)], label=label)
+        ax.set_title(task)
+        ax.set_xlabel("frames")
+        ax.set_ylabel("evaluation return")
+        ax.legend(fontsize=6)
+    fig.tight_layout()
+    path = os.path.join(args.out, "learning.png")
+    fig.savefig(path, dpi=100)
+    print(f"record.py: wrote {path}")
+    print(table(runs, args.frames))
+
+
+def table(runs, frames) -> str:
+    """Markdown: each recorded run's return at fixed frames, and the published mean ± std at the same frames."""
+    lines = ["| task | run | " + " | ".join(f"{f // 1000}k" for f in frames) + " |", "|" + " --- |" * (2 + len(frames))]
+    for task in sorted({key[1] for key in runs}):
+        for (script, env_id, device, flags, seed), (run_frames, values) in sorted(runs.items()):
+            if env_id == task:
+                cells = [f"{values[list(run_frames).index(f)]:.0f}" if f in run_frames else "" for f in frames]
+                name = f"{script}, seed {seed}, {device}" + (f", `{flags}`" if flags else "")
+                lines.append(f"| {task} | {name} | " + " | ".join(cells) + " |")
+        reference = read_reference(os.path.join(ROOT, "reference", "drqv2_curves"), task)
+        cells = []
+        for frame in frames:
+            at = [v[list(f).index(frame)] for f, v in reference.values() if frame in f]
+            cells.append(f"{np.mean(at):.0f} ± {np.std(at, ddof=1):.0f} ({len(at)})" if len(at) > 1 else "")
+        lines.append(f"| {task} | DrQ-v2 published, mean ± std (seeds) | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    arguments = tyro.cli(Args)
+    if arguments.figure:
+        figure(arguments)
+    else:
+        record(arguments)

@@ -1,0 +1,52 @@
+"""benchmarks/learning/record.py: a run's evaluations written as CSV rows with their provenance, and the figure."""
+
+import csv
+import glob
+import subprocess
+import sys
+
+from conftest import ROOT, TINY_RUN, read_scalars, run_script
+
+RECORD = ROOT / "benchmarks" / "learning" / "record.py"
+
+
+def test_records_a_run_with_its_provenance_and_draws_the_figure(tmp_path):
+    result = run_script("drqv2_continuous_action", [*TINY_RUN, "--seed", "4"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    out = tmp_path / "learning"
+    out.mkdir()
+    command = [sys.executable, str(RECORD), run_dir, "--commit", "abc1234", "--device", "NVIDIA H200", "--cpus", "16"]
+    recorded = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True, check=False)
+    assert recorded.returncode == 0, recorded.stderr[-3000:]
+
+    (path,) = glob.glob(str(out / "*.csv"))
+    with open(path) as f:
+        rows = list(csv.DictReader(f))
+    evaluations = read_scalars(run_dir)["eval/episodic_return"]
+    assert [int(r["frame"]) for r in rows] == [step for step, _ in evaluations] == [0, 120, 240]
+    assert [float(r["eval_return"]) for r in rows] == [round(value, 2) for _, value in evaluations]
+    first = rows[0]
+    assert (first["script"], first["commit"], first["env_id"], first["seed"]) == (
+        "drqv2_continuous_action",
+        "abc1234",
+        "cartpole_balance",
+        "4",
+    )
+    assert (first["device"], first["cpus"]) == ("NVIDIA H200", "16")
+    seconds = [int(r["wall_seconds"]) for r in rows]
+    assert seconds == sorted(seconds) and seconds[-1] > 0
+    flags = first["flags"].split(" --")
+    assert "--batch-size 8" in first["flags"] and "--max-episode-frames 40" in first["flags"]
+    assert not any(flag.startswith(("seed", "env-id", "learning-rate")) for flag in flags), "only non-defaults"
+
+    drawn = subprocess.run(
+        [sys.executable, str(RECORD), "--figure", "--out", str(out), "--frames", "120", "240"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert drawn.returncode == 0, drawn.stderr[-3000:]
+    assert (out / "learning.png").stat().st_size > 10_000
+    assert "| cartpole_balance | drqv2_continuous_action, seed 4, NVIDIA H200, `--" in drawn.stdout
+    assert "| cartpole_balance | DrQ-v2 published, mean ± std (seeds) |" in drawn.stdout
