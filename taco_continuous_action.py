@@ -458,7 +458,9 @@ class ReplayBuffer:
         used = min(end, self.num_slots)
         arrays = {name: torch.from_numpy(getattr(self, name)[:used]) for name in self.ARRAYS[1:]}
         counters = {"episodes": list(self.episodes), "num_transitions": self.num_transitions, "next_slot": end}
-        return {"frames": self.frames[:used].cpu(), **arrays, **counters, "rng": self.rng.bit_generator.state}
+        # a slice of a torch tensor would save the whole ring; a numpy view's tensor holds only the used slots
+        frames = torch.from_numpy(self.frames.numpy()[:used]) if self.device.type == "cpu" else self.frames[:used].cpu()
+        return {"frames": frames, **arrays, **counters, "rng": self.rng.bit_generator.state}
 
     def load_state_dict(self, state: dict):
         self.frames[: len(state["frames"])] = state["frames"].to(self.device)

@@ -371,3 +371,16 @@ def test_resume_auto_prefers_the_run_with_the_same_settings_and_names_it(tmp_pat
 
     checkpoint_file = run_script("drqv2_continuous_action", [*short, "--resume", f"{name}/checkpoint.pt"], tmp_path)
     assert checkpoint_file.returncode == 0 and "already ran 80 frames" not in checkpoint_file.stdout
+
+
+def test_a_checkpoint_holds_the_stored_transitions_not_the_replay_capacity(script):
+    """torch.save writes a tensor's whole storage: the replay's state must not be a slice of the full ring."""
+    import io
+
+    from test_replay import make_episode, store
+
+    replay = script.ReplayBuffer(100_000, (3, 6, 6), 2, frame_stack=3, nstep=2, gamma=0.9)  # 10.9 MB of frames
+    store(replay, make_episode(np.random.default_rng(0), 0, 10))
+    saved = io.BytesIO()
+    torch.save(replay.state_dict(), saved)
+    assert len(saved.getvalue()) < 100_000, "11 frames of 108 bytes, not 101 001 slots"
