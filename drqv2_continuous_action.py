@@ -362,7 +362,7 @@ class ReplayBuffer:
         self.device = torch.device(device)
         # An episode of T transitions stores T + 1 frames; 1% extra slots hold the episodes' last frames
         # (exact for episodes of 100 or more steps; shorter episodes are evicted by slots before transitions).
-        self.num_slots = capacity + capacity // 100 + 1
+        self.num_slots = self.slots(capacity)
         # on the CPU, pages are committed as they fill
         self.frames = torch.empty((self.num_slots, *frame_shape), dtype=torch.uint8, device=self.device)
         self.actions = np.zeros((self.num_slots, action_dim), dtype=np.float32)
@@ -376,6 +376,15 @@ class ReplayBuffer:
         self._sample_table = None  # cached per-episode sampling table, rebuilt when the episodes change
         self.rng = np.random.default_rng(seed)
         self.lock = threading.Lock()  # writers wait while a background sample (BatchPrefetcher) reads
+
+    @staticmethod
+    def slots(capacity: int) -> int:
+        return capacity + capacity // 100 + 1
+
+    @classmethod
+    def memory(cls, capacity, frame_shape, action_dim) -> int:
+        """Bytes a replay of `capacity` transitions allocates: frame slots, each with an action, reward and discount."""
+        return cls.slots(capacity) * (int(np.prod(frame_shape)) + 4 * (action_dim + 2))
 
     @property
     def window(self) -> int:
@@ -825,7 +834,10 @@ class CudaGraph:
                     for index, parameter in enumerate(parameters):
                         before = saved[name]["state"].get(index)
                         for key, tensor in part.state[parameter].items():
-                            tensor.copy_(before[key]) if before else tensor.zero_()  # no state before: zeros
+                            if before:
+                                tensor.copy_(before[key])
+                            else:  # no state before the warm-up
+                                tensor.zero_()
         torch.cuda.set_rng_state(rng)
         for optimizer in agent.optimizers():
             optimizer.zero_grad(set_to_none=True)
@@ -1022,7 +1034,8 @@ class StopRequest:
 # Training loop
 
 
-UPDATE_MEMORY = 1.2e9  # bytes a default run takes besides the replay on the CPU (peak at the first update: 0.9 GB)
+# bytes of a default run on the CPU besides the replay (measured: 0.9 GB at the first update)
+UPDATE_MEMORY = 1.2e9
 
 
 def memory_available() -> int | None:
@@ -1036,7 +1049,7 @@ def check_memory(args: Args, env, device, replay_device) -> str:
     """The replay's memory once the run has filled it, checked with the networks' against the memory available
     (a replay that cannot fit would end the run hours in). Returns the line that says it."""
     transitions = min(args.buffer_size, args.total_timesteps // args.action_repeat)
-    replay = transitions * (np.prod(env.frame_shape) * 1.01 + 4 * (env.action_dim + 2))
+    replay = ReplayBuffer.memory(transitions, env.frame_shape, env.action_dim)
     host = replay if replay_device.type == "cpu" else 0.0
     host += UPDATE_MEMORY if device.type == "cpu" else 0.0
     available = memory_available()
@@ -1056,16 +1069,16 @@ def configure_torch(args: Args):
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = args.tf32, False
 
 
-def choose_replay_device(args: Args, device: torch.device) -> torch.device:
+def choose_replay_device(args: Args, device: torch.device, env) -> torch.device:
     """--replay-device: `auto` puts the frames on the GPU when the full replay fits in half of its free memory."""
     if args.replay_device == "cpu" or device.type == "cpu":
         if args.replay_device == "cuda":
             raise RunError("--replay-device cuda needs a CUDA device")
         return torch.device("cpu")
     if args.replay_device == "auto":
-        needed = (args.buffer_size + args.buffer_size // 100 + 1) * 3 * 84 * 84
         free, _ = torch.cuda.mem_get_info(device)
-        return device if needed <= free / 2 else torch.device("cpu")
+        fits = ReplayBuffer.memory(args.buffer_size, env.frame_shape, env.action_dim) <= free / 2
+        return device if fits else torch.device("cpu")
     return device
 
 
@@ -1107,7 +1120,6 @@ def main(args: Args):
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.cudagraphs and device.type != "cuda":
         raise RunError("--cudagraphs needs a CUDA device")
-    replay_device = choose_replay_device(args, device)
     random.seed(args.seed)
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -1117,6 +1129,7 @@ def main(args: Args):
     env_kwargs["max_episode_frames"] = args.max_episode_frames
     env = DMCPixelEnv(args.env_id, args.seed, **env_kwargs)
     eval_env = DMCPixelEnv(args.env_id, args.seed, **env_kwargs)
+    replay_device = choose_replay_device(args, device, env)
     memory = check_memory(args, env, device, replay_device)
     try:
         agent = Agent(env.observation_shape, env.action_dim, args, device)
@@ -1209,10 +1222,10 @@ def main(args: Args):
             action = agent.act(obs, global_step, eval_mode=False)
             if global_step * args.action_repeat >= updates_start and global_step % args.update_every_steps == 0:
                 if prefetcher.can_supply():
-                    metrics = agent.update(prefetcher.next(), global_step)
+                    metrics, waiting = agent.update(prefetcher.next(), global_step), False
                 elif not waiting:  # e.g. --learning-starts shorter than an episode: wait for a whole one
                     print(f"frame {global_step * args.action_repeat}: updates wait for a complete episode to sample")
-                waiting = not prefetcher.can_supply()
+                    waiting = True
 
             obs, reward, discount, done = env.step(action)
             rb.add(action, reward, discount, env.frame)

@@ -19,7 +19,7 @@ import tyro
 
 DEFAULT_REFERENCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "reference", "drqv2_curves")
 REFERENCE_METHOD = "DrQ-v2 (published)"
-# settings that do not change what a run learns (budget, logging, checkpoints, speed options that compute the same update)
+# settings that leave what a run learns unchanged (budget, logging, checkpoints, speed options of the same update)
 SAME_LEARNING = {"seed", "total_timesteps", "eval_every", "num_eval_episodes", "resume", "track", "wandb_project_name"}
 SAME_LEARNING |= {"wandb_entity", "capture_video", "save_model", "checkpoint_every", "checkpoint_replay", "cuda"}
 SAME_LEARNING |= {"torch_deterministic", "compile", "cudagraphs", "replay_device", "tf32"}

@@ -348,6 +348,7 @@ def test_a_stop_during_an_evaluation_checkpoints_at_once_and_the_evaluation_is_r
 def test_time_left_is_shown_once_updates_are_timed(tmp_path):
     result = run_script("drqv2_continuous_action", TINY_RUN, tmp_path)  # updates from frame 80, episodes of 40
     progress = [line for line in result.stdout.splitlines() if line.startswith("frame ") and "| left" in line]
+    assert len(progress) == 6, "an episode of 40 frames ends every 40 of the 240 frames"
     assert [line.split("| left ")[1] for line in progress[:2]] == ["?", "?"], "before updates: no estimate"
     assert all(re.fullmatch(r"\dh\d\dm", line.split("| left ")[1]) for line in progress[3:])
 
