@@ -1,14 +1,13 @@
 # TACO (Zheng et al., NeurIPS 2023, arXiv 2306.13229): DrQ-v2 plus temporal action-driven contrastive learning.
 # The state at t with the next K actions must pick out the state at t+K among the batch (InfoNCE), with CURL and
 # reward prediction as auxiliary losses, and the critic scores learned latent actions.
-# One file: dm_control pixel environment, replay that stores each frame once, encoder, augmentation, losses, loop.
-# Docs: docs/taco.md (what it computes and why, each implementation detail, the differences from the published code).
+# Sections in reading order: settings, environment, replay, networks, agent (losses and update), training loop; then
+# the run machinery (checks, checkpoints, resume, signals). docs/taco.md explains each numbered detail.
 import concurrent.futures
 import contextlib
 import copy
 import dataclasses
 import glob
-import hashlib
 import math
 import os
 import random
@@ -17,6 +16,7 @@ import shutil
 import signal
 import threading
 import time
+import zipfile
 from collections import deque
 from dataclasses import dataclass
 from typing import Literal
@@ -28,10 +28,7 @@ import torch
 import torch.nn.functional as F
 import tyro
 from torch import nn
-
-
-class RunError(ValueError):
-    """A problem the user can fix (bad settings, a damaged checkpoint, no renderer): one clear line, non-zero exit."""
+from torch.utils._pytree import tree_leaves
 
 
 @dataclass
@@ -55,20 +52,17 @@ class Args:
     save_model: bool = False
     """if toggled, saves the weights and the Args to `runs/{run_name}/{exp_name}.cleanrl_model` at the end"""
 
-    # Environment
+    # Environment (one frame = one physics step; an agent step is `action_repeat` frames)
     env_id: str = "quadruped_run"
     """the DeepMind Control task, `domain_task` (e.g. `cartpole_swingup`, `cup_catch`, `reach_duplo`)"""
     frame_stack: int = 3
     """number of consecutive renders stacked into one observation"""
     action_repeat: int = 2
-    """frames (physics steps) per agent step; rewards are summed over them"""
+    """frames per agent step; rewards are summed over them"""
     max_episode_frames: int | None = None
-    """cut episodes after this many frames (default: the task's own time limit, 1000 frames on the suite);
-    for quick tests and debugging only"""
-
-    # Budget and evaluation, all in frames (one frame = one physics step; an agent step is `action_repeat` frames)
+    """cut episodes after this many frames (default: the task's time limit, 1000 frames); for tests and debugging"""
     total_timesteps: int | None = None
-    """total environment frames to train for (default: the task preset's budget: 1.1M easy, 3.1M medium, 30.1M hard)"""
+    """total environment frames to train for (default: the task preset's: 1.1M easy, 3.1M medium, 30.1M hard)"""
     learning_starts: int = 4000
     """frames collected before the first update"""
     eval_every: int = 10000
@@ -78,34 +72,23 @@ class Args:
 
     # Speed options: off by default until a GPU learning run shows they do no harm ("Speed and memory", README)
     amp: Literal["none", "bf16"] = "none"
-    """`bf16`: run the encoder and networks of the update under bfloat16 autocast (losses and the optimizer in fp32)"""
+    """`bf16`: the update's forward passes under bfloat16 autocast (losses and the optimizer in fp32)"""
     compile: bool = False
     """if toggled, compiles the networks with torch.compile"""
     cudagraphs: bool = False
     """if toggled (CUDA only), records the whole update once as a CUDA graph and replays it: one launch per update"""
     tf32: bool = True
-    """on CUDA, convolutions may round their fp32 inputs to TF32 (10-bit mantissa), PyTorch's default and so what the
-    published code ran on such GPUs (2x faster TACO updates on an H200); --no-tf32 runs them in full fp32. Matmuls
-    always run in full fp32"""
+    """on CUDA, fp32 convolutions may use TF32 (PyTorch's default, so the published code's); --no-tf32: full fp32"""
     replay_device: Literal["auto", "cpu", "cuda"] = "auto"
-    """where the replay's frames are stored and gathered into batches: `cuda` on the GPU (no batch crosses from the
-    host), `cpu` in host memory (batches sampled on a background thread), `auto` the GPU when the replay's full
-    capacity fits in half of its free memory. The batches drawn are the same on either"""
+    """where the replay's frames live (same batches on either); `auto`: the GPU if they fit in half its free memory"""
 
     # Checkpoints (see "Long runs" in the README)
     checkpoint_every: int = 100_000
-    """write `runs/{run_name}/checkpoint.pt` every this many frames (at the next episode end), at the end, and on
-    SIGTERM, SIGINT or SIGUSR1 (then exit); 0 turns checkpoints off. A checkpoint takes about 21.4 kB per stored
-    transition plus 0.15 GB (DrQ-v2) or 0.35 GB (TACO) of networks, optimizers and the next batch: about 11 GB at
-    the end of a 1M-frame run (500k transitions), 2.5 GB with quadruped_run's 100k-transition replay"""
+    """write runs/{run_name}/checkpoint.pt every this many frames, at the end and on SIGTERM/SIGINT/SIGUSR1; 0: off"""
     checkpoint_replay: bool = True
-    """if toggled, checkpoints hold the replay buffer; with --no-checkpoint-replay they hold only the networks,
-    optimizers, counters and RNG states (about 0.1 GB), and a resumed run refills its replay for
-    `learning_starts` frames before updating again"""
+    """if toggled, checkpoints hold the replay (21.4 kB a transition); else a resumed run refills it first"""
     resume: str | None = None
-    """continue a run from its checkpoint: a run directory, or `auto` for the newest run under runs/ of the same
-    env_id, exp_name and seed (a new run when there is none, so a requeued job can always pass it). Settings other
-    than budget, evaluation, checkpoint and logging ones must equal the checkpoint's"""
+    """continue a run: its directory, or `auto` for the newest of this env_id, exp_name and seed (else a new run)"""
 
     # Algorithm
     buffer_size: int | None = None
@@ -129,8 +112,7 @@ class Args:
     num_expl_steps: int = 2000
     """agent steps of uniformly random actions at the start"""
     stddev_schedule: str | None = None
-    """exploration std: a number, or `linear(init,final,duration)` over agent steps
-    (default: `linear(1.0,0.1,D)` with D = 100k easy, 500k medium, 2M hard)"""
+    """exploration std: a number or `linear(init,final,duration)` in agent steps (default: the task preset's)"""
     stddev_clip: float = 0.3
     """clip of the policy noise when sampling actions for the losses"""
 
@@ -144,259 +126,144 @@ class Args:
     reward_loss: bool = True
     """if toggled, adds reward prediction from (z_t, U_t); --no-reward-loss skips it entirely"""
     taco_anchor_from_critic: bool = False
-    """speed option, off by default: the TACO anchor z_t reuses the critic's encoding of o_t (its augmentation, and
-    the encoder before this update's steps) instead of encoding a fresh augmentation after the critic and actor
-    steps as published; one encoder forward pass fewer"""
+    """speed option, not the published step: the TACO anchor reuses the critic's encoding of o_t (one pass fewer)"""
 
 
-# Per-task settings of the published runs (docs/drqv2.md, detail 2). Preset -> (std duration in agent steps, frames).
-PRESETS = {"easy": (100_000, 1_100_000), "medium": (500_000, 3_100_000), "hard": (2_000_000, 30_100_000)}
-TASK_PRESET = {
-    **dict.fromkeys(
-        [
-            "cartpole_balance",
-            "cartpole_balance_sparse",
-            "cartpole_swingup",
-            "cup_catch",
-            "finger_spin",
-            "hopper_stand",
-            "pendulum_swingup",
-            "walker_stand",
-            "walker_walk",
-        ],
-        "easy",
-    ),
-    **dict.fromkeys(
-        [
-            "acrobot_swingup",
-            "acrobot_swingup_sparse",
-            "cartpole_swingup_sparse",
-            "cheetah_run",
-            "finger_turn_easy",
-            "finger_turn_hard",
-            "hopper_hop",
-            "quadruped_run",
-            "quadruped_walk",
-            "reach_duplo",
-            "reacher_easy",
-            "reacher_hard",
-            "walker_run",
-        ],
-        "medium",
-    ),
-    **dict.fromkeys(["humanoid_stand", "humanoid_walk", "humanoid_run", "manipulator_bring_ball"], "hard"),
+# The published runs' settings (detail 2): per difficulty, the std's decay (agent steps), the budget (frames), tasks
+PRESETS = {
+    "easy": (100_000, 1_100_000, "cartpole_balance cartpole_balance_sparse cartpole_swingup cup_catch finger_spin"),
+    "easy, cont.": (100_000, 1_100_000, "hopper_stand pendulum_swingup walker_stand walker_walk"),
+    "medium": (500_000, 3_100_000, "acrobot_swingup acrobot_swingup_sparse cartpole_swingup_sparse cheetah_run"),
+    "medium, cont.": (500_000, 3_100_000, "finger_turn_easy finger_turn_hard hopper_hop quadruped_run quadruped_walk"),
+    "medium, end": (500_000, 3_100_000, "reach_duplo reacher_easy reacher_hard walker_run"),
+    "hard": (2_000_000, 30_100_000, "humanoid_stand humanoid_walk humanoid_run manipulator_bring_ball"),
+}
+TASK_PRESET = {task: (decay, frames) for decay, frames, tasks in PRESETS.values() for task in tasks.split()}
+DEFAULTS = {"buffer_size": 1_000_000, "batch_size": 1024, "nstep": 3, "learning_rate": 1e-4, "feature_dim": 50}
+OVERRIDES = {  # task name prefix: the settings that differ from DEFAULTS
+    "walker_": {"nstep": 1},  # DrQ-v2 also uses batch 512 here; TACO keeps 1024
+    "quadruped_run": {"buffer_size": 100_000},
+    "humanoid_": {"learning_rate": 8e-5, "feature_dim": 100},
 }
 
 
 def resolve_args(args: Args) -> Args:
-    """Fills every setting the user left unset (None) from the task's preset; what the user set wins."""
+    """Fills every setting left unset (None) from the task's preset (what the user set wins), then checks them."""
     if args.env_id not in TASK_PRESET:
         raise RunError(f"unknown env_id {args.env_id!r}; valid tasks: {', '.join(sorted(TASK_PRESET))}")
-    duration, budget = PRESETS[TASK_PRESET[args.env_id]]
-    preset = {
-        "total_timesteps": budget,
-        "buffer_size": 1_000_000,
-        "batch_size": 1024,
-        "nstep": 3,
-        "learning_rate": 1e-4,
-        "feature_dim": 50,
-        "stddev_schedule": f"linear(1.0,0.1,{duration})",
-    }
-    if args.env_id.startswith("walker_"):
-        preset.update(nstep=1)  # DrQ-v2 also uses batch 512 here; TACO keeps 1024
-    if args.env_id == "quadruped_run":
-        preset.update(buffer_size=100_000)
-    if args.env_id.startswith("humanoid_"):
-        preset.update(learning_rate=8e-5, feature_dim=100)
-    args = dataclasses.replace(args, **{k: v for k, v in preset.items() if getattr(args, k) is None})
+    decay, frames = TASK_PRESET[args.env_id]
+    preset = {**DEFAULTS, "total_timesteps": frames, "stddev_schedule": f"linear(1.0,0.1,{decay})"}
+    for prefix, settings in OVERRIDES.items():
+        preset.update(settings if args.env_id.startswith(prefix) else {})
+    args = dataclasses.replace(args, **{key: value for key, value in preset.items() if getattr(args, key) is None})
     validate_args(args)
     return args
 
 
-def validate_args(args: Args) -> None:
-    """Fails fast, before any environment is built, on settings that cannot work."""
-    positive = ["frame_stack", "action_repeat", "total_timesteps", "eval_every", "num_eval_episodes", "buffer_size"]
-    positive += ["batch_size", "nstep", "learning_rate", "feature_dim", "hidden_dim", "update_every_steps"]
-    positive += ["multistep"] + (["latent_action_dim"] if args.latent_action_dim is not None else [])
-    for name in positive:
-        if not getattr(args, name) > 0:
-            raise RunError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-    for name in ["learning_starts", "num_expl_steps", "checkpoint_every"]:
-        if getattr(args, name) < 0:
-            raise RunError(f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}")
-    if args.max_episode_frames is not None and args.max_episode_frames < args.action_repeat:
-        raise RunError(f"--max-episode-frames must be at least --action-repeat, got {args.max_episode_frames}")
-    for name, low, high in [("gamma", 0.0, 1.0), ("tau", 0.0, 1.0)]:
-        if not low < getattr(args, name) <= high:
-            raise RunError(f"--{name} must be in ({low:g}, {high:g}], got {getattr(args, name)}")
-    if not math.isfinite(args.learning_rate):
-        raise RunError(f"--learning-rate must be finite, got {args.learning_rate}")
-    if not (math.isfinite(args.stddev_clip) and args.stddev_clip >= 0):
-        raise RunError(f"--stddev-clip must be finite and >= 0, got {args.stddev_clip}")
-    stored_at_start = min(args.buffer_size, args.learning_starts // args.action_repeat)
-    if args.batch_size > stored_at_start:
-        raise RunError(
-            f"--batch-size {args.batch_size} is larger than the {stored_at_start} transitions the replay holds when "
-            f"updates start (--learning-starts {args.learning_starts} frames, --buffer-size {args.buffer_size})"
-        )
-    episode_steps = episode_frames(args) // args.action_repeat
-    if args.buffer_size < episode_steps:
-        raise RunError(
-            f"--buffer-size {args.buffer_size} is smaller than one episode ({episode_steps} transitions): the replay "
-            "could never hold a complete episode to sample from"
-        )
-    if max(args.nstep, args.multistep) >= episode_steps:
-        raise RunError(f"--nstep and --multistep must be shorter than an episode ({episode_steps} agent steps)")
-    parse_schedule(args.stddev_schedule)
-
-
-def episode_frames(args: Args) -> int:
-    """Frames in an episode of the run: the task's time limit (1000 frames; 250 for reach_duplo), or shorter."""
-    limit = 250 if args.env_id == "reach_duplo" else 1000
-    return min(args.max_episode_frames or limit, limit)
-
-
 def parse_schedule(spec: str):
-    """`0.2` -> constant; `linear(init,final,duration)` -> linear interpolation over agent steps, then constant. Stds
-    must be finite and non-negative."""
+    """`0.2`: constant; `linear(init,final,duration)`: linear over agent steps, then constant."""
     number = r"\s*([-+0-9.eE]+)\s*"
     match = re.fullmatch(rf"linear\({number},{number},{number}\)", spec)
     try:
-        values = [float(g) for g in match.groups()] if match else [float(spec)]
+        init, final, duration = [float(g) for g in match.groups()] if match else [float(spec)] * 2 + [1.0]
     except ValueError:
-        values = None
-    if values is None or not all(math.isfinite(v) and v >= 0 for v in values):
+        init = final = duration = math.nan
+    if not all(math.isfinite(v) and v >= 0 for v in (init, final, duration)) or duration == 0:
         raise RunError(
-            f"--stddev-schedule must be a number >= 0 or 'linear(init,final,duration)' of such numbers, got {spec!r}"
+            f"--stddev-schedule must be a number >= 0 or 'linear(init,final,duration)' of such, got {spec!r}"
         )
-    if not match:
-        return lambda step: values[0]
-    init, final, duration = values
-    if duration <= 0:
-        raise RunError(f"--stddev-schedule duration must be positive, got {spec!r}")
     return lambda step: init + (final - init) * min(step / duration, 1.0)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Environment (docs/drqv2.md, detail 1): dm_control from pixels, action repeat, stacked renders, channels first.
-
-
-def renderer_advice(error) -> str:
-    backend = os.environ.get("MUJOCO_GL")
-    return (
-        f"MuJoCo rendering could not start with MUJOCO_GL={backend} ({type(error).__name__}: {error}). "
-        "Try MUJOCO_GL=egl (NVIDIA driver, or Mesa on CPU-only machines: apt-get install libegl1 libgl1-mesa-dri) "
-        "or MUJOCO_GL=osmesa (apt-get install libosmesa6)"
-    )
+# Environment (detail 1): a dm_control task seen through 84x84 renders, action repeat, stacked frames, channels first
 
 
 class DMCPixelEnv:
-    """A DeepMind Control task seen through 84x84 renders, with action repeat and frame stacking."""
-
     def __init__(self, env_id, seed, action_repeat=2, frame_stack=3, max_episode_frames=None, size=84):
-        try:
+        try:  # dm_control picks the renderer at import; a bad MUJOCO_GL fails there or at the first render
             from dm_control import manipulation, suite
-        except Exception as error:  # dm_control picks the renderer at import: a bad MUJOCO_GL fails here
-            raise RunError(renderer_advice(error)) from error
 
-        if env_id == "reach_duplo":
-            self._env = manipulation.load("reach_duplo_vision", seed=seed)
-            self._pixels_key = "front_close"  # the manipulation task renders its own pixels
-        else:
-            domain, task = env_id.split("_", 1)
-            domain = "ball_in_cup" if domain == "cup" else domain
-            self._env = suite.load(domain, task, task_kwargs={"random": seed}, visualize_reward=False)
-            self._pixels_key = None
-            self._camera_id = 2 if domain == "quadruped" else 0
+            if env_id == "reach_duplo":  # the manipulation task renders its own 84x84 pixels
+                self._env, self._camera = manipulation.load("reach_duplo_vision", seed=seed), None
+            else:
+                domain, task = env_id.split("_", 1)
+                domain = "ball_in_cup" if domain == "cup" else domain
+                self._env = suite.load(domain, task, task_kwargs={"random": seed}, visualize_reward=False)
+                self._camera = 2 if domain == "quadruped" else 0
+            self._env.physics.render(height=8, width=8)
+        except Exception as error:
+            backend = f"MUJOCO_GL={os.environ.get('MUJOCO_GL')} ({first_line(error)})"
+            raise RunError(
+                f"MuJoCo rendering could not start with {backend}. Try MUJOCO_GL=egl (NVIDIA driver, or Mesa on "
+                "CPU-only machines: apt-get install libegl1 libgl1-mesa-dri) or MUJOCO_GL=osmesa (libosmesa6)"
+            ) from error
         spec = self._env.action_spec()
-        self._action_low, self._action_high = spec.minimum.astype(np.float32), spec.maximum.astype(np.float32)
-        self.action_dim = spec.shape[0]
-        self.frame_shape, self.observation_shape = (3, size, size), (3 * frame_stack, size, size)
+        self._low, self._high = spec.minimum.astype(np.float32), spec.maximum.astype(np.float32)
+        self.action_dim, self.frame_shape = spec.shape[0], (3, size, size)
+        self.observation_shape = (3 * frame_stack, size, size)
         self._size, self._action_repeat, self._max_episode_frames = size, action_repeat, max_episode_frames
         self._frames = deque(maxlen=frame_stack)
         self.frame = None  # the latest render, (3, size, size) uint8: what the replay stores
-        try:
-            self._env.physics.render(height=8, width=8)
-        except Exception as error:
-            raise RunError(renderer_advice(error)) from error
 
     @property
     def random_state(self) -> np.random.RandomState:
         """The task's random state: initial states, targets and noise of the episodes come from it."""
-        return self._env.random_state if self._pixels_key else self._env.task.random
+        return self._env.task.random if self._camera is not None else self._env.random_state
 
-    def _render(self, time_step) -> np.ndarray:
-        if self._pixels_key is not None:
-            pixels = time_step.observation[self._pixels_key][0]
+    def _observe(self, time_step, copies=1) -> np.ndarray:
+        if self._camera is None:
+            pixels = time_step.observation["front_close"][0]
         else:
-            pixels = self._env.physics.render(height=self._size, width=self._size, camera_id=self._camera_id)
-        return np.ascontiguousarray(pixels.transpose(2, 0, 1))
-
-    def _observation(self) -> np.ndarray:
+            pixels = self._env.physics.render(height=self._size, width=self._size, camera_id=self._camera)
+        self.frame = np.ascontiguousarray(pixels.transpose(2, 0, 1))
+        self._frames.extend([self.frame] * copies)
         return np.concatenate(self._frames, axis=0)
 
     def reset(self) -> np.ndarray:
         self._episode_frames = 0
-        self.frame = self._render(self._env.reset())
-        for _ in range(self._frames.maxlen):  # after a reset the first frame fills every slot
-            self._frames.append(self.frame)
-        return self._observation()
+        return self._observe(self._env.reset(), copies=self._frames.maxlen)  # the first render fills every slot
 
     def step(self, action: np.ndarray):
         """Returns (stacked observation, summed reward, discount, episode over)."""
-        env_action = self._action_low + (np.asarray(action, np.float32) + 1.0) / 2.0 * (
-            self._action_high - self._action_low
-        )
+        action = self._low + (np.asarray(action, np.float32) + 1.0) / 2.0 * (self._high - self._low)
         reward, discount = 0.0, 1.0
         for _ in range(self._action_repeat):
-            time_step = self._env.step(env_action)
+            time_step = self._env.step(action)
             reward += (time_step.reward or 0.0) * discount
             discount *= time_step.discount
             self._episode_frames += 1
             done = time_step.last() or self._episode_frames == self._max_episode_frames
             if done:
                 break
-        self.frame = self._render(time_step)
-        self._frames.append(self.frame)
-        return self._observation(), reward, discount, done
+        return self._observe(time_step), reward, discount, done
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Replay (docs/drqv2.md, details 3-5): whole episodes in a ring of frames stored once, stacks rebuilt at sampling.
+# Replay (details 3-5): whole episodes in a ring of frames stored once; stacks and n-step returns built at sampling
 
 
 class ReplayBuffer:
-    """FIFO replay of whole episodes. Slot s of the ring holds frame o_t and, unless it is an episode's last frame,
-    the transition (a_t, r_t, d_t) taken from it. Only complete episodes are sampled. The frames live on `device`
-    (the GPU when they fit, see --replay-device); actions, rewards, discounts and the sampling happen on the host,
-    so every device draws the same batches from the same seed and only the frame gather runs on the device. The
-    running episode's frames wait on the host and reach the ring in one copy when the episode ends."""
+    """FIFO replay of whole episodes. Slot s of the ring holds frame o_t and, unless it ends its episode, the
+    transition (a_t, r_t, d_t) taken from it; only complete episodes are sampled. The frames live on `device`, the
+    rest (and the drawing of indices) on the host, so every device draws the same batches. The running episode's
+    frames wait on the host and reach the ring in one copy when it ends."""
 
-    ARRAYS = ("frames", "actions", "rewards", "discounts")
-
-    def __init__(self, capacity, frame_shape, action_dim, frame_stack, nstep, gamma, multistep=1, seed=0, device="cpu"):
+    def __init__(self, capacity, frame_shape, action_dim, frame_stack, nstep, gamma, seed=0, device="cpu", multistep=1):
         self.capacity, self.frame_stack, self.nstep, self.gamma = capacity, frame_stack, nstep, gamma
-        self.multistep = multistep
-        self.device = torch.device(device)
-        # An episode of T transitions stores T + 1 frames; 1% extra slots hold the episodes' last frames
-        # (exact for episodes of 100 or more steps; shorter episodes are evicted by slots before transitions).
-        self.num_slots = self.slots(capacity)
-        # on the CPU, pages are committed as they fill
+        self.multistep, self.window = multistep, max(nstep, multistep)  # steps after t that a sample at t reads
+        self.device, self.num_slots = torch.device(device), self.slots(capacity)
         self.frames = torch.empty((self.num_slots, *frame_shape), dtype=torch.uint8, device=self.device)
         self.actions = np.zeros((self.num_slots, action_dim), dtype=np.float32)
-        self.rewards = np.zeros(self.num_slots, dtype=np.float32)
-        self.discounts = np.zeros(self.num_slots, dtype=np.float32)
-        self.episodes = deque()  # (first slot, number of transitions) of complete episodes, oldest first; slots
-        self.num_transitions = 0  # count up forever and index the ring modulo num_slots
-        self._next_slot = 0
-        self._episode_start = None
-        self._episode_frames = []  # the running episode's frames, not yet in the ring
-        self._sample_table = None  # cached per-episode sampling table, rebuilt when the episodes change
-        self.rng = np.random.default_rng(seed)
+        self.rewards, self.discounts = np.zeros(self.num_slots, np.float32), np.zeros(self.num_slots, np.float32)
+        self.episodes = deque()  # (first slot, transitions) of the complete episodes, oldest first; slots count up
+        self.num_transitions, self._next_slot, self._episode_start, self._episode_frames = 0, 0, None, []
+        self._table, self.rng = None, np.random.default_rng(seed)
         self.lock = threading.Lock()  # writers wait while a background sample (BatchPrefetcher) reads
 
     @staticmethod
     def slots(capacity: int) -> int:
+        """An episode of T transitions takes T + 1 slots: 1% extra holds the last frames (episodes of 100+ steps)."""
         return capacity + capacity // 100 + 1
 
     @classmethod
@@ -404,17 +271,10 @@ class ReplayBuffer:
         """Bytes a replay of `capacity` transitions allocates: frame slots, each with an action, reward and discount."""
         return cls.slots(capacity) * (int(np.prod(frame_shape)) + 4 * (action_dim + 2))
 
-    @property
-    def window(self) -> int:
-        """Steps after t that a sample at t reads; valid t in an episode of T transitions are 0 .. T - window."""
-        return max(self.nstep, self.multistep)
-
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        """A host array on the replay's device (an ordered copy: sampling runs when the GPU has nothing queued)."""
-        return torch.from_numpy(array).to(self.device)
+    def nbytes_per_transition(self) -> float:
+        return sum(x.nbytes for x in (self.frames, self.actions, self.rewards, self.discounts)) / self.capacity
 
     def _claim_slot(self, frame):
-        """Takes the next slot of the ring for a frame of the running episode."""
         while self.episodes and self.episodes[0][0] <= self._next_slot - self.num_slots:
             self._evict_oldest()  # the slot still holds the oldest episode
         if self._next_slot - self._episode_start >= self.num_slots:
@@ -422,24 +282,14 @@ class ReplayBuffer:
         self._episode_frames.append(frame)
         self._next_slot += 1
 
-    def _write_episode_frames(self):
-        """Copies the running episode's frames into its slots of the ring (which may wrap around)."""
-        frames = torch.from_numpy(np.stack(self._episode_frames))
-        first = self._episode_start % self.num_slots
-        head = min(len(frames), self.num_slots - first)
-        self.frames[first : first + head] = frames[:head].to(self.device)
-        self.frames[: len(frames) - head] = frames[head:].to(self.device)
-        self._episode_frames = []
-
     def _evict_oldest(self):
         self.num_transitions -= self.episodes.popleft()[1]
-        self._sample_table = None
+        self._table = None
 
     def start_episode(self, frame: np.ndarray):
         """Stores the first frame of a new episode (an unfinished previous episode is dropped)."""
         with self.lock:
-            if self._episode_start is not None:
-                self._next_slot = self._episode_start
+            self._next_slot = self._next_slot if self._episode_start is None else self._episode_start
             self._episode_start, self._episode_frames = self._next_slot, []
             self._claim_slot(frame)
 
@@ -451,182 +301,152 @@ class ReplayBuffer:
             self._claim_slot(next_frame)
 
     def end_episode(self):
-        """Makes the current episode sampleable, then evicts the oldest episodes beyond capacity."""
+        """Writes the episode's frames into the ring (which may wrap), makes it sampleable, evicts beyond capacity."""
         with self.lock:
-            self._write_episode_frames()
+            frames, first = torch.from_numpy(np.stack(self._episode_frames)), self._episode_start % self.num_slots
+            head = min(len(frames), self.num_slots - first)
+            self.frames[first : first + head] = frames[:head].to(self.device)
+            self.frames[: len(frames) - head] = frames[head:].to(self.device)
             self.episodes.append((self._episode_start, self._next_slot - 1 - self._episode_start))
             self.num_transitions += self.episodes[-1][1]
-            self._episode_start, self._sample_table = None, None
+            self._episode_start, self._episode_frames, self._table = None, [], None
             while self.num_transitions > self.capacity:
                 self._evict_oldest()
 
     def state_dict(self) -> dict:
-        """The stored data as host tensors (no copy on the CPU), the episode table and the sampling RNG; an
-        unfinished episode is dropped."""
-        end = self._episode_start if self._episode_start is not None else self._next_slot
+        """The used slots as host tensors, the episode table and the RNG (an unfinished episode is dropped)."""
+        end = self._next_slot if self._episode_start is None else self._episode_start
         used = min(end, self.num_slots)
-        arrays = {name: torch.from_numpy(getattr(self, name)[:used]) for name in self.ARRAYS[1:]}
-        counters = {"episodes": list(self.episodes), "num_transitions": self.num_transitions, "next_slot": end}
         # a slice of a torch tensor would save the whole ring; a numpy view's tensor holds only the used slots
         frames = torch.from_numpy(self.frames.numpy()[:used]) if self.device.type == "cpu" else self.frames[:used].cpu()
+        arrays = {name: torch.from_numpy(getattr(self, name)[:used]) for name in ("actions", "rewards", "discounts")}
+        counters = {"episodes": list(self.episodes), "num_transitions": self.num_transitions, "next_slot": end}
         return {"frames": frames, **arrays, **counters, "rng": self.rng.bit_generator.state}
 
     def load_state_dict(self, state: dict):
         self.frames[: len(state["frames"])] = state["frames"].to(self.device)
-        for name in self.ARRAYS[1:]:
+        for name in ("actions", "rewards", "discounts"):
             getattr(self, name)[: len(state[name])] = state[name].numpy()
         self.episodes = deque(tuple(episode) for episode in state["episodes"])
         self.num_transitions, self._next_slot = state["num_transitions"], state["next_slot"]
-        self._episode_start, self._episode_frames, self._sample_table = None, [], None
+        self._episode_start, self._episode_frames, self._table = None, [], None
         self.rng.bit_generator.state = state["rng"]
 
-    def nbytes_per_transition(self) -> float:
-        """Bytes allocated per transition of capacity (frames, actions, rewards, discounts)."""
-        return sum(getattr(self, name).nbytes for name in self.ARRAYS) / self.capacity
-
-    def _stack_slots(self, slots, episode_starts):
-        """Ring slots of the stacked observations at absolute slots: the last `frame_stack` frames, the first one
-        repeated, shape (B, frame_stack)."""
-        offsets = np.arange(-self.frame_stack + 1, 1)
-        return np.maximum(slots[:, None] + offsets, episode_starts[:, None]) % self.num_slots
-
-    def _gather_stacks(self, *stack_slots):
-        """The stacked observations of each (B, frame_stack) array of ring slots, gathered in one pass on the
-        replay's device: uint8 tensors of shape (B, frame_stack * 3, H, W)."""
-        index = np.concatenate(stack_slots)
-        if self.device.type == "cpu":  # numpy's gather is several times faster than torch's on the CPU
-            frames = torch.from_numpy(self.frames.numpy()[index])  # (n * B, frame_stack, 3, H, W)
-        else:
-            frames = self.frames[self._to_device(index)]
-        frames = frames.reshape(len(index), -1, *frames.shape[-2:])
-        return frames.split([len(slots) for slots in stack_slots])
-
-    def _table(self):
-        """Per complete episode: its first slot, and the running count of transitions that can be sampled."""
-        if self._sample_table is None:
-            starts = np.array([s for s, _ in self.episodes], dtype=np.int64)
+    def _sample_table(self):
+        """Per complete episode: its first slot, and the running count of its transitions that can be sampled."""
+        if self._table is None:
+            starts = np.array([start for start, _ in self.episodes], dtype=np.int64)
             valid = np.array([max(n - self.window + 1, 0) for _, n in self.episodes], dtype=np.int64)
-            self._sample_table = (starts, np.cumsum(valid))
-        return self._sample_table
+            self._table = (starts, np.cumsum(valid))
+        return self._table
 
     def can_sample(self) -> bool:
-        cumulative = self._table()[1]
+        cumulative = self._sample_table()[1]
         return len(cumulative) > 0 and cumulative[-1] > 0
 
     def sample_indices(self, batch_size):
-        """Absolute slots t, uniform over every transition whose window lies inside its episode, and their
-        episodes' first slots."""
-        starts, cumulative = self._table()
-        if len(cumulative) == 0 or cumulative[-1] == 0:
+        """Slots t drawn uniformly over every transition whose window lies in its episode, and the episodes' starts."""
+        if not self.can_sample():
             raise ValueError("the replay holds no complete episode long enough to sample from")
+        starts, cumulative = self._sample_table()
         draws = self.rng.integers(0, cumulative[-1], size=batch_size)
         episode = np.searchsorted(cumulative, draws, side="right")
-        offset_in_episode = draws - np.r_[0, cumulative][episode]
-        return starts[episode] + offset_in_episode, starts[episode]
+        return starts[episode] + draws - np.r_[0, cumulative][episode], starts[episode]
+
+    def _gather_stacks(self, episode_starts, *slots):
+        """The stacked observations at each array of slots (an episode's first frame repeats before its start),
+        gathered in one pass on the replay's device: uint8 tensors of shape (B, frame_stack * 3, H, W)."""
+        offsets = np.arange(-self.frame_stack + 1, 1)
+        index = np.concatenate([np.maximum(s[:, None] + offsets, episode_starts[:, None]) for s in slots])
+        index %= self.num_slots
+        if self.device.type == "cpu":  # numpy's gather is several times faster than torch's on the CPU
+            frames = torch.from_numpy(self.frames.numpy()[index])
+        else:
+            frames = self.frames[torch.from_numpy(index).to(self.device)]
+        return frames.reshape(len(index), -1, *frames.shape[-2:]).split(len(episode_starts))
 
     def sample(self, batch_size):
-        """A batch of tensors on the replay's device: obs, action, reward (n-step), discount (gamma^n times env
-        discounts), next_obs, action_seq (a_t .. a_{t+K-1}) and future_obs (the stacked observation at t+K)."""
+        """A batch on the replay's device: obs, action, reward (n-step), discount (gamma^n times the env's), next_obs,
+        action_seq (a_t .. a_{t+K-1}) and future_obs (the stacked observation at t+K)."""
         slots, episode_starts = self.sample_indices(batch_size)
-        reward = np.zeros(batch_size, dtype=np.float32)
-        discount = np.ones(batch_size, dtype=np.float32)
-        for i in range(self.nstep):
-            step = (slots + i) % self.num_slots
+        reward, discount = np.zeros((batch_size, 1), np.float32), np.ones((batch_size, 1), np.float32)
+        for step in ((slots[:, None] + i) % self.num_slots for i in range(self.nstep)):
             reward += discount * self.rewards[step]
             discount *= self.discounts[step] * self.gamma
         obs, next_obs, future_obs = self._gather_stacks(
-            self._stack_slots(slots, episode_starts),
-            self._stack_slots(slots + self.nstep, episode_starts),
-            self._stack_slots(slots + self.multistep, episode_starts),
+            episode_starts, slots, slots + self.nstep, slots + self.multistep
         )
-        host = {
-            "action": self.actions[slots % self.num_slots],
-            "reward": reward[:, None],
-            "discount": discount[:, None],
-        }
+        host = {"action": self.actions[slots % self.num_slots], "reward": reward, "discount": discount}
         host["action_seq"] = self.actions[(slots[:, None] + np.arange(self.multistep)) % self.num_slots]
-        batch = {"obs": obs, "next_obs": next_obs, "future_obs": future_obs}
-        return {**batch, **{key: self._to_device(value) for key, value in host.items()}}
+        frames = {"obs": obs, "next_obs": next_obs, "future_obs": future_obs}
+        return {**frames, **{k: torch.from_numpy(v).to(self.device) for k, v in host.items()}}
 
 
 class BatchPrefetcher:
-    """Hands out the next batch and draws the one after it at once: right after the previous update, 2 agent steps
-    before its own update (the published code's loader lags further). A replay on the CPU is sampled on a background
-    thread while the agent updates, acts and steps the environment (torch's gathers release the GIL); the sample is
-    taken under the replay's lock, which the replay's writers wait for, so a batch is exactly what `replay.sample`
-    gave when it was requested. With a CUDA training device the batch then comes through pinned memory, so that its
-    copy overlaps with computation. A replay on the GPU is sampled in the main thread: the host only draws indices
-    and queues one gather."""
+    """Hands out the next batch and requests the one after it at once, 2 agent steps before its update. A host replay
+    is sampled on a background thread while the agent acts and the environment steps, under the replay's lock, so a
+    batch is what `replay.sample` gave when requested; on a GPU it then crosses through pinned memory. A GPU replay
+    is sampled in the main thread: the host only draws indices and queues one gather."""
 
     def __init__(self, replay: ReplayBuffer, batch_size: int, device: torch.device):
         self.replay, self.batch_size, self.device = replay, batch_size, device
-        self._background = replay.device.type == "cpu"
-        self._worker = concurrent.futures.ThreadPoolExecutor(max_workers=1) if self._background else None
+        self._worker = concurrent.futures.ThreadPoolExecutor(1) if replay.device.type == "cpu" else None
         self._pending = self._in_transfer = None
 
-    def _sample(self):
+    def _sample(self) -> dict:
         try:
             batch = self.replay.sample(self.batch_size)
         finally:
             self.replay.lock.release()
-        if self.device.type == "cuda" and self._background:
-            batch = {key: value.pin_memory() for key, value in batch.items()}
-        return batch
+        pin = self.device.type == "cuda" and self._worker is not None
+        return {key: value.pin_memory() for key, value in batch.items()} if pin else batch
 
-    def _request(self):
-        self.replay.lock.acquire()  # released once the sample is taken
-        if self._background:
+    def _request(self, batch=None):
+        """Requests the next batch: `batch` if given (a restored one), else a sample taken under the replay's lock."""
+        if batch is None:
+            self.replay.lock.acquire()  # released once the sample is taken
+        if self._worker is not None and batch is None:
             self._pending = self._worker.submit(self._sample)
         else:
             self._pending = concurrent.futures.Future()
-            self._pending.set_result(self._sample())
+            self._pending.set_result(self._sample() if batch is None else batch)
 
     def can_supply(self) -> bool:
-        """Whether a batch is requested or can be sampled now (the replay holds a complete episode to sample)."""
+        """Whether a batch is requested or can be sampled now."""
         return self._pending is not None or self.replay.can_sample()
 
     def next(self) -> dict:
-        """The requested batch (sampled now if none is), on the device; then requests the following one if the replay
-        can be sampled (else the next call samples)."""
         if self._pending is None:
             self._request()
-        batch = self._pending.result()
+        self._in_transfer = self._pending.result()  # a pinned batch is kept until its copy has surely finished
         self._pending = None
         if self.replay.can_sample():
             self._request()
-        # the pinned batch is kept until the next call: its copy has surely finished by then
-        self._in_transfer = batch
-        return {key: value.to(self.device, non_blocking=True) for key, value in batch.items()}
+        return {key: value.to(self.device, non_blocking=True) for key, value in self._in_transfer.items()}
 
     def state_dict(self):
-        """The requested batch on the host (its draw already moved the replay's RNG), for a checkpoint; None if there
-        is none."""
+        """The requested batch on the host (its draw already moved the replay's RNG), or None."""
         return None if self._pending is None else {key: value.cpu() for key, value in self._pending.result().items()}
 
     def load_state_dict(self, batch):
         if batch is not None:
-            self._pending = concurrent.futures.Future()
-            self._pending.set_result({key: value.to(self.replay.device) for key, value in batch.items()})
+            self._request({key: value.to(self.replay.device) for key, value in batch.items()})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Networks and augmentation (docs/drqv2.md, details 6-8)
+# Networks and augmentation (details 6-8)
 
 
 def weight_init(m):
     """Orthogonal weights (ReLU gain for convolutions), zero biases."""
-    if isinstance(m, nn.Linear):
-        nn.init.orthogonal_(m.weight)
-        nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.Conv2d):
-        nn.init.orthogonal_(m.weight, nn.init.calculate_gain("relu"))
+    if isinstance(m, (nn.Linear, nn.Conv2d)):
+        nn.init.orthogonal_(m.weight, nn.init.calculate_gain("relu") if isinstance(m, nn.Conv2d) else 1.0)
         nn.init.zeros_(m.bias)
 
 
 def random_shift(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
-    """Shifts each image by a random whole number of pixels in [-pad, pad] in each axis, replicating the border.
-    The published code pads by replication and resamples with bilinear grid_sample at whole-pixel offsets; that is
-    this gather with clamped indices, which also works on uint8 images (a quarter of the bytes of float ones)."""
+    """Shifts each image by a random whole number of pixels in [-pad, pad] per axis, replicating the border: what the
+    published replicate padding and bilinear grid_sample compute, as one gather that also works on uint8 images."""
     n, c, h, w = x.shape
     shift = torch.randint(0, 2 * pad + 1, (n, 2), device=x.device) - pad
     rows = (torch.arange(h, device=x.device) + shift[:, :1]).clamp(0, h - 1)  # clamping = replicate padding
@@ -638,24 +458,15 @@ def random_shift(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
 class Encoder(nn.Module):
     def __init__(self, obs_shape):
         super().__init__()
-        self.convnet = nn.Sequential(  # in-place ReLUs: no extra activation buffer (the conv backward needs none)
-            nn.Conv2d(obs_shape[0], 32, 3, stride=2),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(32, 32, 3, stride=1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(32, 32, 3, stride=1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(32, 32, 3, stride=1),
-            nn.ReLU(inplace=True),
-        )
-        side = (obs_shape[-1] - 3) // 2 + 1 - 6  # stride-2 conv, then three 3x3 convs
-        self.repr_dim = 32 * side * side  # 39 200 for 84x84 inputs
+        convs = [nn.Conv2d(obs_shape[0], 32, 3, stride=2)] + [nn.Conv2d(32, 32, 3, stride=1) for _ in range(3)]
+        # in-place ReLUs: no extra activation buffer (the convolutions' backward needs none)
+        self.convnet = nn.Sequential(*[layer for conv in convs for layer in (conv, nn.ReLU(inplace=True))])
+        self.repr_dim = 32 * ((obs_shape[-1] - 3) // 2 + 1 - 6) ** 2  # 39 200 for 84x84 inputs
         self.apply(weight_init)
-        self.convnet.to(memory_format=torch.channels_last)
+        self.convnet.to(memory_format=torch.channels_last)  # faster convolutions on CPU and GPU
 
     def forward(self, obs):
-        """obs: uint8 (or float) images in [0, 255]. Channels-last memory speeds up the convolutions on CPU and GPU;
-        the features come out in the usual (channel, row, column) order."""
+        """uint8 (or float) images in [0, 255] -> features in the usual (channel, row, column) order."""
         # under --amp bf16 the images go straight to bfloat16, without a float32 copy for the convolutions to cast
         autocast = torch.is_autocast_enabled(obs.device.type)
         dtype = torch.get_autocast_dtype(obs.device.type) if autocast else torch.float32
@@ -663,17 +474,19 @@ class Encoder(nn.Module):
         return self.convnet(x.div_(255.0).sub_(0.5)).flatten(1)  # in place: the same numbers, no new buffers
 
 
+def trunk(repr_dim, feature_dim):
+    return nn.Sequential(nn.Linear(repr_dim, feature_dim), nn.LayerNorm(feature_dim), nn.Tanh())
+
+
+def mlp(in_dim, hidden_dim, out_dim):
+    layers = [nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(hidden_dim, out_dim))
+
+
 class Actor(nn.Module):
     def __init__(self, repr_dim, action_dim, feature_dim, hidden_dim):
         super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(repr_dim, feature_dim), nn.LayerNorm(feature_dim), nn.Tanh())
-        self.policy = nn.Sequential(
-            nn.Linear(feature_dim, hidden_dim),
-            nn.ReLU(),
-            nn.Linear(hidden_dim, hidden_dim),
-            nn.ReLU(),
-            nn.Linear(hidden_dim, action_dim),
-        )
+        self.trunk, self.policy = trunk(repr_dim, feature_dim), mlp(feature_dim, hidden_dim, action_dim)
         self.apply(weight_init)
 
     def forward(self, features):
@@ -681,31 +494,11 @@ class Actor(nn.Module):
         return torch.tanh(self.policy(self.trunk(features)))
 
 
-def sample_action(mean, std, clip=None):
-    """A ~ Normal(mean, std) with the noise clipped to +-clip, clamped into [-1, 1] with a straight-through gradient."""
-    noise = torch.randn_like(mean) * std
-    if clip is not None:
-        noise = noise.clamp(-clip, clip)
-    action = mean + noise
-    eps = 1e-6
-    return action - action.detach() + action.detach().clamp(-1.0 + eps, 1.0 - eps)
-
-
 class Critic(nn.Module):
     def __init__(self, repr_dim, action_dim, feature_dim, hidden_dim):
         super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(repr_dim, feature_dim), nn.LayerNorm(feature_dim), nn.Tanh())
-
-        def q_head():
-            return nn.Sequential(
-                nn.Linear(feature_dim + action_dim, hidden_dim),
-                nn.ReLU(),
-                nn.Linear(hidden_dim, hidden_dim),
-                nn.ReLU(),
-                nn.Linear(hidden_dim, 1),
-            )
-
-        self.q1, self.q2 = q_head(), q_head()
+        self.trunk = trunk(repr_dim, feature_dim)
+        self.q1, self.q2 = mlp(feature_dim + action_dim, hidden_dim, 1), mlp(feature_dim + action_dim, hidden_dim, 1)
         self.apply(weight_init)
 
     def forward(self, features, action):
@@ -713,9 +506,16 @@ class Critic(nn.Module):
         return self.q1(h_action), self.q2(h_action)
 
 
+def sample_action(mean, std, clip=None):
+    """A ~ Normal(mean, std) with the noise clipped to +-clip, clamped into [-1, 1] with a straight-through gradient."""
+    noise = torch.randn_like(mean) * std
+    action = mean + (noise if clip is None else noise.clamp(-clip, clip))
+    return action - action.detach() + action.detach().clamp(-1.0 + 1e-6, 1.0 - 1e-6)
+
+
 @torch.no_grad()
 def soft_update(target: nn.Module, source: nn.Module, tau: float):
-    """target <- tau * source + (1 - tau) * target, parameter by parameter (one fused lerp over the list)."""
+    """target <- tau * source + (1 - tau) * target, as one fused lerp over the parameters."""
     torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
 
 
@@ -796,20 +596,18 @@ def taco_losses(
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Agent: the networks, their optimizers, acting and the update
+# Agent (details 9-10): the networks and their optimizers, acting, and the update with its losses
 
 
 class Agent:
     def __init__(self, obs_shape, action_dim, args: Args, device):
-        self.args, self.device = args, device
+        self.args, self.device, dims = args, device, (action_dim, args.feature_dim, args.hidden_dim)
         self.encoder = Encoder(obs_shape).to(device)
-        self.actor = Actor(self.encoder.repr_dim, action_dim, args.feature_dim, args.hidden_dim).to(device)
+        self.actor = Actor(self.encoder.repr_dim, *dims).to(device)
         latent_dim = args.latent_action_dim or default_latent_action_dim(action_dim)
         self.action_encoder = ActionEncoder(action_dim, latent_dim, args.multistep).to(device)
-        # the critic scores latent actions g(a)
-        self.critic = Critic(self.encoder.repr_dim, latent_dim, args.feature_dim, args.hidden_dim).to(device)
-        self.critic_target = Critic(self.encoder.repr_dim, latent_dim, args.feature_dim, args.hidden_dim).to(device)
-        self.critic_target.load_state_dict(self.critic.state_dict())
+        self.critic = Critic(self.encoder.repr_dim, latent_dim, *dims[1:]).to(device)  # it scores latent actions g(a)
+        self.critic_target = copy.deepcopy(self.critic)
         sequence_dim = latent_dim * args.multistep
         self.taco_head = TacoHead(self.encoder.repr_dim, args.feature_dim, sequence_dim, args.hidden_dim).to(device)
         adam = {"lr": args.learning_rate, "capturable": args.cudagraphs}  # capturable: Adam's step count on the GPU
@@ -821,37 +619,30 @@ class Agent:
         # the TACO step trains the encoder, g, the sequence encoder, h, G, W and the reward head
         self.taco_opt = torch.optim.Adam([*encoder_params, *self.taco_head.parameters()], **adam)
         self.stddev = parse_schedule(args.stddev_schedule)
-        if args.compile:
-            for network in [part for part in vars(self).values() if isinstance(part, nn.Module)]:
-                network.compile()  # keeps state_dict keys
+        for network in self.state_dict(optimizers=False) if args.compile else []:
+            getattr(self, network).compile()  # keeps the state_dict keys
         self.cuda_graph = CudaGraph(self) if args.cudagraphs else None
 
     def autocast(self):
-        """bf16 autocast of forward passes under --amp bf16. Every region ends before an optimizer step, and keeps no
-        cache of bf16 weights: with a cache, a forward after a step in the same region would use the weights from
-        before the step (and a CUDA graph would not record the casts)."""
-        bf16 = self.args.amp == "bf16"
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16, cache_enabled=False)
+        """bf16 autocast under --amp bf16. Each region ends before an optimizer step and keeps no cache of bf16
+        weights: with one, a forward after a step would use the weights from before it."""
+        enabled = self.args.amp == "bf16"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, step: int, eval_mode: bool) -> np.ndarray:
-        """Mean action for evaluation; otherwise scheduled exploration noise, uniform during the first steps."""
-        features = self.encoder(torch.as_tensor(obs, device=self.device)[None])
-        mean = self.actor(features)
+        """The mean action for evaluation; else uniform during the first steps, then scheduled exploration noise."""
+        mean = self.actor(self.encoder(torch.as_tensor(obs, device=self.device)[None]))
         if eval_mode:
-            action = mean
-        elif step < self.args.num_expl_steps:
-            action = torch.empty_like(mean).uniform_(-1.0, 1.0)
-        else:
-            action = sample_action(mean, self.stddev(step))
-        return action[0].cpu().numpy()
+            return mean[0].cpu().numpy()
+        if step < self.args.num_expl_steps:
+            return torch.empty_like(mean).uniform_(-1.0, 1.0)[0].cpu().numpy()
+        return sample_action(mean, self.stddev(step))[0].cpu().numpy()
 
     def update(self, batch: dict, step: int) -> dict:
-        """One TACO update (DrQ-v2's, then the TACO step) on a batch already on the device. Returns {TensorBoard tag:
-        detached tensor}; nothing in it waits for the GPU, so the environment steps while the update runs."""
-        if self.cuda_graph is not None:
-            return self.cuda_graph(batch, self.stddev(step))
-        return self.compute_update(batch, self.stddev(step))
+        """One update (DrQ-v2's, then the TACO step) on a batch on the device. Returns {TensorBoard tag: tensor};
+        nothing waits for the GPU."""
+        return (self.cuda_graph or self.compute_update)(batch, self.stddev(step))
 
     def compute_update(self, batch: dict, std) -> dict:
         with self.autocast():
@@ -864,8 +655,7 @@ class Agent:
         metrics.update(self.update_actor(obs.detach(), std))
         soft_update(self.critic_target, self.critic, self.args.tau)
         metrics.update(self.update_taco(batch, taco_step))
-        metrics["charts/actor_std"] = torch.as_tensor(std)
-        return metrics
+        return {**metrics, "charts/actor_std": torch.as_tensor(std)}
 
     def update_critic(self, obs, action, reward, discount, next_obs, std):
         with self.autocast():
@@ -884,8 +674,7 @@ class Agent:
     def update_actor(self, obs, std):
         with self.autocast():
             action = sample_action(self.actor(obs), std, self.args.stddev_clip)
-            q = torch.min(*self.critic(obs, self.action_encoder(action)))
-        actor_loss = -q.float().mean()
+            actor_loss = -torch.min(*self.critic(obs, self.action_encoder(action))).float().mean()
         self.actor_opt.zero_grad(set_to_none=True)
         actor_loss.backward()
         self.actor_opt.step()
@@ -918,7 +707,7 @@ class Agent:
         return [part for part in vars(self).values() if isinstance(part, torch.optim.Optimizer)]
 
     def state_dict(self, optimizers=True) -> dict:
-        """State dicts of the agent's networks (and optimizers), by attribute name."""
+        """The state dicts of the networks (and optimizers), by attribute name."""
         kinds = (nn.Module, torch.optim.Optimizer) if optimizers else nn.Module
         return {name: part.state_dict() for name, part in vars(self).items() if isinstance(part, kinds)}
 
@@ -928,10 +717,9 @@ class Agent:
 
 
 class CudaGraph:
-    """--cudagraphs: the whole update (forward, backward, optimizer steps, target update) recorded once as a CUDA graph
-    and replayed: one launch instead of hundreds, so a small update is no longer bound by kernel launches and the CPU
-    is free at once. The batch and the std are copied into the graph's input tensors before each replay; the metrics
-    it returns are its output tensors, which the next replay overwrites. Random draws replay from the CUDA generator."""
+    """--cudagraphs: the whole update (forwards, backwards, optimizer steps, target update) recorded once as a CUDA
+    graph, then replayed: one launch instead of hundreds. Each replay reads the batch and std copied into the graph's
+    input tensors and overwrites the metrics it returned last time; random draws come from the CUDA generator."""
 
     def __init__(self, agent: Agent):
         self.agent, self.graph = agent, None
@@ -941,46 +729,320 @@ class CudaGraph:
             self.batch = {key: value.clone() for key, value in batch.items()}
             self.std = torch.full((), std, device=self.agent.device)
             self.capture()
-        else:
-            for key, value in batch.items():
-                self.batch[key].copy_(value, non_blocking=True)
-            self.std.fill_(std)
+        for key, value in batch.items():
+            self.batch[key].copy_(value, non_blocking=True)
+        self.std.fill_(std)
         self.graph.replay()
         return self.metrics
 
     def capture(self):
-        agent = self.agent
         # A warm-up update on a side stream sets up what a graph cannot (library handles, Adam's state); then the
         # weights, the optimizer states and the random generator are put back, in place, as they were before it.
-        saved, rng = copy.deepcopy(agent.state_dict()), torch.cuda.get_rng_state()
+        agent, saved, rng = self.agent, copy.deepcopy(self.agent.state_dict()), torch.cuda.get_rng_state()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             agent.compute_update(self.batch, self.std)
         torch.cuda.current_stream().wait_stream(side)
         with torch.no_grad():
-            for name, part in vars(agent).items():
-                if isinstance(part, nn.Module):
-                    part.load_state_dict(saved[name])
-                elif isinstance(part, torch.optim.Optimizer):
-                    parameters = [p for group in part.param_groups for p in group["params"]]
-                    for index, parameter in enumerate(parameters):
-                        before = saved[name]["state"].get(index)
-                        for key, tensor in part.state[parameter].items():
-                            if before:
-                                tensor.copy_(before[key])
-                            else:  # no state before the warm-up
-                                tensor.zero_()
+            for name in agent.state_dict(optimizers=False):
+                getattr(agent, name).load_state_dict(saved[name])
+            for name, optimizer in [(name, getattr(agent, name)) for name in saved if name.endswith("_opt")]:
+                parameters = [p for group in optimizer.param_groups for p in group["params"]]
+                for index, parameter in enumerate(parameters):
+                    before = saved[name]["state"].get(index)  # None: no state before the warm-up
+                    for key, tensor in optimizer.state[parameter].items():
+                        tensor.copy_(before[key]) if before else tensor.zero_()
+                optimizer.zero_grad(set_to_none=True)
         torch.cuda.set_rng_state(rng)
-        for optimizer in agent.optimizers():
-            optimizer.zero_grad(set_to_none=True)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):  # the sampling thread may pin memory
             self.metrics = agent.compute_update(self.batch, self.std)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Checkpoints: everything needed to continue a run exactly, written atomically, loadable without running any code
+# Training loop (detail 11): act, update when due, step the environment; evaluate, log and checkpoint on schedule
+
+
+def main(args: Args):
+    args = resolve_args(args)  # everything that can be wrong (settings, checkpoint, renderer) is found before writing
+    run_dir = find_run_to_resume(args) if args.resume else None
+    checkpoint = load_checkpoint(os.path.join(run_dir, CHECKPOINT), args) if run_dir else None
+    device = choose_device(args)
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    configure_torch(args)
+    env, eval_env = [
+        DMCPixelEnv(args.env_id, args.seed, args.action_repeat, args.frame_stack, args.max_episode_frames)
+        for _ in range(2)
+    ]
+    replay_device, memory = choose_replay_device(args, device, env)
+    try:
+        agent = Agent(env.observation_shape, env.action_dim, args, device)
+    except (RuntimeError, MemoryError) as error:  # an allocation that cannot succeed: sizes far too large
+        raise RunError(f"the networks do not fit in memory ({first_line(error)[:150]})") from error
+    sizes = (args.buffer_size, env.frame_shape, env.action_dim, args.frame_stack)
+    rb = ReplayBuffer(*sizes, args.nstep, args.gamma, seed=args.seed, device=replay_device, multistep=args.multistep)
+    prefetcher = BatchPrefetcher(rb, args.batch_size, device)
+    start_step, progress = 0, {"last_eval": math.nan, "pending_eval": 0}  # a new run evaluates frame 0 first
+    if checkpoint:
+        start_step, progress = restore(checkpoint, agent, rb, prefetcher, (env, eval_env))
+        del checkpoint  # its tensors are memory-mapped from the file
+    total_steps = args.total_timesteps // args.action_repeat  # in agent steps
+    if start_step >= total_steps:
+        return print(f"{run_dir} already ran {start_step * args.action_repeat} frames: nothing to do")
+    run = Run(args, run_dir, start_step, progress, agent, rb, prefetcher, (env, eval_env))
+    print(
+        f"{'resuming' if start_step else 'run'} {run.name} on {device}: {args.env_id}, frame {run.window_frame} "
+        f"of {args.total_timesteps}; logs in {run.dir}; {memory}"
+    )
+    # Resumed without its replay: collect `learning_starts` frames anew before updating.
+    updates_start = args.learning_starts + (run.window_frame if start_step and not rb.episodes else 0)
+    eval_every_steps, metrics, waiting = max(args.eval_every // args.action_repeat, 1), {}, False
+    try:
+        if progress["pending_eval"] is not None:  # frame 0 of a new run, or an evaluation a stop request cut short
+            run.log_evaluation(progress["pending_eval"])
+        obs, episode_return, episode_steps = env.reset(), 0.0, 0
+        rb.start_episode(env.frame)
+        for global_step in range(start_step, total_steps):
+            action = agent.act(obs, global_step, eval_mode=False)
+            if global_step * args.action_repeat >= updates_start and global_step % args.update_every_steps == 0:
+                if prefetcher.can_supply():
+                    metrics, waiting = agent.update(prefetcher.next(), global_step), False
+                elif not waiting:  # e.g. --learning-starts shorter than an episode: wait for a whole one
+                    print(f"frame {global_step * args.action_repeat}: updates wait for a complete episode to sample")
+                    waiting = True
+
+            obs, reward, discount, done = env.step(action)
+            rb.add(action, reward, discount, env.frame)
+            episode_return, episode_steps = episode_return + reward, episode_steps + 1
+            frame = (global_step + 1) * args.action_repeat
+            if (global_step + 1) % eval_every_steps == 0 or global_step + 1 == total_steps:
+                run.log_evaluation(frame)
+            if done:
+                rb.end_episode()
+                timed = run.window_frame >= updates_start and not waiting  # a whole episode of updates was timed
+                run.end_episode(global_step + 1, episode_return, episode_steps, metrics, timed)
+                obs, episode_return, episode_steps = env.reset(), 0.0, 0
+                rb.start_episode(env.frame)
+
+        run.finish(start_step)
+        if args.save_model:
+            model_path = f"{run.dir}/{args.exp_name}.cleanrl_model"
+            saved = {"args": vars(args), "obs_shape": list(env.observation_shape), "action_dim": env.action_dim}
+            torch.save({**saved, **agent.state_dict(optimizers=False)}, model_path)
+            print(f"model saved to {model_path}")
+    finally:
+        run.close()
+
+
+def evaluate(agent, env, num_episodes, step, video_path=None, interrupted=lambda: False) -> list | None:
+    """Returns of episodes acting with the mean action (the first filmed if asked); None once `interrupted()`."""
+    returns, video = [], []
+    for episode in range(num_episodes):
+        obs, done, returns = env.reset(), False, [*returns, 0.0]
+        while not done:
+            if interrupted():
+                return None
+            if video_path and episode == 0:
+                video.append(env.frame.transpose(1, 2, 0).repeat(3, axis=0).repeat(3, axis=1))  # 84 -> 252 px
+            obs, reward, _, done = env.step(agent.act(obs, step, eval_mode=True))
+            returns[-1] += reward
+    if video_path:
+        import imageio
+
+        os.makedirs(os.path.dirname(video_path), exist_ok=True)
+        imageio.mimsave(video_path, video, fps=30, macro_block_size=4)
+    return returns
+
+
+class Run:
+    """What the loop records: TensorBoard (and wandb), evaluations, progress lines, checkpoints and stop requests."""
+
+    def __init__(self, args, run_dir, start_step, progress, agent, replay, prefetcher, envs):
+        self.args, self.progress, self.agent, self.envs = args, progress, agent, envs
+        self.replay, self.prefetcher = replay, prefetcher
+        self.dir = run_dir or f"runs/{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        self.name, frame = os.path.basename(self.dir), start_step * args.action_repeat
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(self.dir, f"{CHECKPOINT}.tmp"))  # left by a run killed while writing a checkpoint
+        if args.track:
+            import wandb  # a resumed run continues the same wandb run
+
+            logging = {"sync_tensorboard": True, "resume": "allow", "save_code": True, "config": vars(args)}
+            wandb.init(
+                project=args.wandb_project_name, entity=args.wandb_entity, name=self.name, id=self.name, **logging
+            )
+        from torch.utils.tensorboard import SummaryWriter
+
+        # On resume, TensorBoard drops what the interrupted run logged after its checkpoint: each step appears once.
+        self.writer = SummaryWriter(self.dir, purge_step=frame + 1 if frame else None)
+        if not frame:
+            table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+            self.writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+        self.start_time = self.window_time = time.time()  # SPS is measured over each episode's window of frames
+        self.window_frame = self.checkpoint_frame = frame
+        self.eval_seconds, self.stop = 0.0, StopRequest(checkpoints=args.checkpoint_every > 0)
+
+    def log_evaluation(self, frame):
+        """Evaluates at `frame`; an evaluation cut short by a stop request is redone on resume."""
+        start, args, progress = time.time(), self.args, self.progress
+        video_path = f"videos/{self.name}/eval_{frame}.mp4" if args.capture_video else None
+        stopping, step = lambda: self.stop.signal is not None, frame // args.action_repeat
+        returns = evaluate(self.agent, self.envs[1], args.num_eval_episodes, step, video_path, stopping)
+        progress["pending_eval"] = frame if returns is None else None
+        if returns is not None:
+            progress["last_eval"], self.eval_seconds = float(np.mean(returns)), time.time() - start
+            self.writer.add_scalar("eval/episodic_return", progress["last_eval"], frame)
+            print(f"frame {frame}: eval return {progress['last_eval']:.1f}")
+        self.window_time += time.time() - start  # SPS measures training, not evaluation
+
+    def end_episode(self, global_step, episode_return, steps, metrics, timed):
+        """Logs the episode and the latest update's metrics (read once per episode: reading waits for the GPU),
+        prints progress, checkpoints when due or asked to stop, and stops if asked."""
+        args, frame = self.args, global_step * self.args.action_repeat
+        sps = (frame - self.window_frame) / (time.time() - self.window_time)
+        scalars = {"charts/episodic_return": episode_return, "charts/episodic_length": steps * args.action_repeat}
+        scalars.update({"charts/SPS": sps, **{tag: tensor.item() for tag, tensor in metrics.items()}})
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, frame)
+            if not math.isfinite(value):
+                kept = f"the last checkpoint, at frame {self.checkpoint_frame}, is kept"
+                raise RunError(f"non-finite {tag} ({value}) at frame {frame}; stopping without checkpointing ({kept})")
+        frames_left = args.total_timesteps - frame  # time left: the evaluations still to come included
+        left = frames_left / sps + frames_left // args.eval_every * self.eval_seconds if timed else math.nan
+        print(
+            f"frame {frame}/{args.total_timesteps} ({100 * frame / args.total_timesteps:.1f}%) | return "
+            f"{episode_return:.1f} | SPS {sps:.0f} | last eval {self.progress['last_eval']:.1f} | elapsed "
+            f"{duration(time.time() - self.start_time)} | left {duration(left)}"
+        )
+        every = args.checkpoint_every
+        if every and (frame // every > self.checkpoint_frame // every or self.stop.signal):
+            self.write_checkpoint(global_step)
+        if self.stop.signal:
+            name, hint = signal.Signals(self.stop.signal).name, f"resume with --resume {self.dir}"
+            print(
+                f"stopped by {name} with a checkpoint at frame {frame}; {hint}"
+                if every
+                else f"stopped by {name} at frame {frame}; checkpoints are off, so there is nothing to resume"
+            )
+            raise SystemExit(128 + self.stop.signal)
+        self.window_time, self.window_frame = time.time(), frame
+
+    def write_checkpoint(self, global_step):
+        check_finite(self.agent, global_step * self.args.action_repeat)
+        keep = self.args.checkpoint_replay  # the prefetched batch first: taking it releases the replay's lock
+        payload = {"prefetched": self.prefetcher.state_dict() if keep else None, "args": vars(self.args)}
+        payload.update(global_step=global_step, agent=self.agent.state_dict(), rng=rng_state(self.envs))
+        payload.update(replay=self.replay.state_dict() if keep else None, **self.progress)
+        last = self.checkpoint_frame
+        save_checkpoint(
+            f"{self.dir}/{CHECKPOINT}", payload, f"the checkpoint of frame {last} is kept" if last else "none is kept"
+        )
+        self.checkpoint_frame = global_step * self.args.action_repeat
+
+    def finish(self, start_step):
+        args, elapsed = self.args, time.time() - self.start_time
+        frames = args.total_timesteps - start_step * args.action_repeat
+        print(
+            f"done: {frames} frames in {elapsed:.0f} s ({frames / elapsed:.0f} frames/s with evaluations); "
+            f"last eval return {self.progress['last_eval']:.1f}"
+        )
+        if args.checkpoint_every:  # a last episode cut short by the budget is not kept
+            self.write_checkpoint(args.total_timesteps // args.action_repeat)
+
+    def close(self):
+        self.writer.close()
+        if self.args.track:
+            __import__("wandb").finish()
+
+
+def duration(seconds: float) -> str:
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m" if math.isfinite(seconds) else "?"
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Run machinery: the checks made before anything is written, checkpoints that continue a run exactly, stop signals
+
+
+class RunError(ValueError):
+    """A problem the user can fix (bad settings, a damaged checkpoint, no renderer): one clear line, non-zero exit."""
+
+
+def first_line(error: Exception) -> str:
+    return str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+
+
+def validate_args(args: Args):
+    """Fails fast, before any environment is built, on settings that cannot work."""
+    value, limit = vars(args), 250 if args.env_id == "reach_duplo" else 1000  # the task's time limit, in frames
+    episode_steps = min(args.max_episode_frames or limit, limit) // args.action_repeat
+    positive = "frame_stack action_repeat total_timesteps eval_every num_eval_episodes buffer_size batch_size nstep"
+    positive += " learning_rate feature_dim hidden_dim update_every_steps multistep latent_action_dim"
+    rules = [(name, value[name] is None or value[name] > 0, "must be positive") for name in positive.split()]
+    rules += [(name, value[name] >= 0, "must be non-negative") for name in ("learning_starts", "num_expl_steps")]
+    rules += [("checkpoint_every", args.checkpoint_every >= 0, "must be non-negative")]
+    rules += [(name, 0 < value[name] <= 1, "must be in (0, 1]") for name in ("gamma", "tau")]
+    rules += [("learning_rate", math.isfinite(args.learning_rate), "must be finite")]
+    rules += [("stddev_clip", math.isfinite(args.stddev_clip) and args.stddev_clip >= 0, "must be finite and >= 0")]
+    at_least_one_step = args.max_episode_frames is None or args.max_episode_frames >= args.action_repeat
+    rules += [("max_episode_frames", at_least_one_step, "must be at least --action-repeat")]
+    for name, ok, requirement in rules:
+        if not ok:
+            raise RunError(f"--{name.replace('_', '-')} {requirement}, got {value[name]}")
+    if args.batch_size > (stored := min(args.buffer_size, args.learning_starts // args.action_repeat)):
+        raise RunError(
+            f"--batch-size {args.batch_size} is larger than the {stored} transitions the replay holds when updates "
+            f"start (--learning-starts {args.learning_starts} frames, --buffer-size {args.buffer_size})"
+        )
+    if args.buffer_size < episode_steps:
+        raise RunError(f"--buffer-size {args.buffer_size} is smaller than one episode ({episode_steps} transitions)")
+    if max(args.nstep, args.multistep) >= episode_steps:
+        raise RunError(f"--nstep and --multistep must be shorter than an episode ({episode_steps} agent steps)")
+    parse_schedule(args.stddev_schedule)
+
+
+def choose_device(args: Args) -> torch.device:
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if args.cuda and device.type == "cpu":
+        print("warning: no CUDA device is available; running on the CPU")
+    if args.cudagraphs and device.type != "cuda":
+        raise RunError("--cudagraphs needs a CUDA device")
+    return device
+
+
+def configure_torch(args: Args):
+    """cuDNN's deterministic algorithms (--torch-deterministic) and the precision of fp32 convolutions (--tf32)."""
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = args.tf32, False
+
+
+UPDATE_MEMORY = 3.5e9  # bytes of a default run on the CPU besides the replay (measured: 2.9 GB at first, 3.5 later)
+
+
+def choose_replay_device(args: Args, device: torch.device, env) -> tuple:
+    """--replay-device, and the memory of the replay once full checked now (not when a run fails hours in). Returns
+    the device and a line that says it."""
+    if args.replay_device == "cuda" and device.type == "cpu":
+        raise RunError("--replay-device cuda needs a CUDA device")
+    full = ReplayBuffer.memory(args.buffer_size, env.frame_shape, env.action_dim)
+    fits = args.replay_device == "cuda" or device.type == "cuda" and full <= torch.cuda.mem_get_info(device)[0] / 2
+    replay_device = device if args.replay_device != "cpu" and fits else torch.device("cpu")
+    transitions = min(args.buffer_size, args.total_timesteps // args.action_repeat)
+    replay = ReplayBuffer.memory(transitions, env.frame_shape, env.action_dim)
+    host = (replay if replay_device.type == "cpu" else 0) + (UPDATE_MEMORY if device.type == "cpu" else 0)
+    with contextlib.suppress(OSError, StopIteration, ValueError), open("/proc/meminfo") as meminfo:
+        available = 1024 * int(next(line.split()[1] for line in meminfo if line.startswith("MemAvailable:")))
+    if host > locals().get("available", math.inf):
+        raise RunError(
+            f"the replay's {transitions} transitions take {replay / 1e9:.1f} GB and the updates about "
+            f"{UPDATE_MEMORY / 1e9:.1f} GB, but {available / 1e9:.1f} GB of memory are available: lower --buffer-size"
+        )
+    if replay_device.type == "cuda" and replay > torch.cuda.mem_get_info(replay_device)[0]:
+        raise RunError(f"the replay's {replay / 1e9:.1f} GB do not fit in the GPU's free memory: --replay-device cpu")
+    return replay_device, f"replay: up to {transitions} transitions, {replay / 1e9:.2f} GB in {replay_device} memory"
+
 
 CHECKPOINT = "checkpoint.pt"
 # Settings that may differ when a run is resumed; every other setting must equal the checkpoint's.
@@ -989,54 +1051,17 @@ RESUMABLE_CHANGES |= {"resume", "cuda", "torch_deterministic", "track", "wandb_p
 RESUMABLE_CHANGES |= {"capture_video", "save_model", "compile", "cudagraphs", "tf32", "replay_device"}
 
 
-def payload_digest(payload) -> str:
-    """SHA-256 of a checkpoint's content (every key, value and tensor byte). torch.load does not check the zip's
-    CRCs, so without this a flipped byte in a tensor would load silently."""
-    digest = hashlib.sha256()
-
-    def feed(x):
-        if isinstance(x, torch.Tensor):
-            x = x.detach().cpu().contiguous()
-            digest.update(f"tensor{x.dtype}{tuple(x.shape)}".encode())
-            digest.update(x.reshape(-1).view(torch.uint8).numpy())
-        elif isinstance(x, dict):
-            digest.update(f"dict{len(x)}".encode())
-            for key, value in x.items():
-                feed(key)
-                feed(value)
-        elif isinstance(x, (list, tuple)):
-            digest.update(f"list{len(x)}".encode())
-            for value in x:
-                feed(value)
-        else:
-            digest.update(repr(x).encode())
-
-    feed(payload)
-    return digest.hexdigest()
-
-
-def tensor_bytes(x) -> int:
-    """Bytes of the tensors in a nested payload (about the size of its checkpoint file)."""
-    if isinstance(x, torch.Tensor):
-        return x.numel() * x.element_size()
-    if isinstance(x, dict):
-        return sum(tensor_bytes(value) for value in x.values())
-    return sum(tensor_bytes(value) for value in x) if isinstance(x, (list, tuple)) else 0
-
-
 def save_checkpoint(path: str, payload: dict, kept: str = "the previous checkpoint is kept"):
-    """Writes payload and its digest into a temporary file in the same folder, fsyncs, then renames it over `path`:
-    a kill or a full disk at any moment leaves the previous checkpoint whole, and the temporary file is removed
-    whatever the error. `kept` says what stays, for the message."""
-    folder = os.path.dirname(path) or "."
-    needed, free = tensor_bytes(payload) + 2**20, shutil.disk_usage(folder).free
+    """Writes a temporary file, fsyncs, renames it over `path`: a kill or a full disk at any moment leaves the
+    previous checkpoint whole, and the temporary file goes whatever the error."""
+    folder, temporary = os.path.dirname(path) or ".", f"{path}.tmp"
+    needed = sum(x.nbytes for x in tree_leaves(payload) if isinstance(x, torch.Tensor)) + 2**20
+    free = shutil.disk_usage(folder).free
     if needed > free + (os.path.getsize(path) if os.path.exists(path) else 0):  # the old file goes at the rename
         raise RunError(
             f"not enough disk space for {path} (about {needed / 1e9:.2f} GB, {free / 1e9:.2f} GB free); {kept} "
             "(--no-checkpoint-replay writes about 0.1 GB)"
         )
-    payload = {**payload, "digest": payload_digest(payload)}
-    temporary = f"{path}.tmp"
     try:
         with open(temporary, "wb") as f:
             torch.save(payload, f)
@@ -1047,83 +1072,26 @@ def save_checkpoint(path: str, payload: dict, kept: str = "the previous checkpoi
         os.fsync(descriptor)  # the rename itself reaches the disk
         os.close(descriptor)
     except Exception as error:  # OSError, or torch's zip writer failing on a full disk (RuntimeError)
-        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-        raise RunError(f"could not write {path} ({reason}); {kept}") from error
+        raise RunError(f"could not write {path} ({first_line(error)}); {kept}") from error
     finally:
         with contextlib.suppress(OSError):
             os.remove(temporary)
 
 
-def load_checkpoint(path: str) -> dict:
-    """The checkpoint's payload, after checking it against its digest; tensors are memory-mapped from the file."""
+def load_checkpoint(path: str, args: Args | None = None) -> dict:
+    """The checkpoint's payload (tensors memory-mapped) once every record of its zip file matches its CRC (torch.load
+    checks none) and, given `args`, the settings that change what is computed match them."""
     try:
-        payload = torch.load(path, weights_only=True, mmap=True)
-    except Exception as error:  # a damaged file fails in many ways inside torch.load
-        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-        raise RunError(f"the checkpoint {path} is unreadable or corrupt ({reason})") from error
-    if not isinstance(payload, dict) or payload.pop("digest", None) != payload_digest(payload):
-        raise RunError(f"the checkpoint {path} is corrupt: its content does not match its digest")
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+        payload = torch.load(path, weights_only=True, mmap=True) if damaged is None else None
+    except Exception as error:  # a damaged file fails in many ways
+        raise RunError(f"the checkpoint {path} is unreadable or corrupt ({first_line(error)})") from error
+    if not isinstance(payload, dict):
+        raise RunError(f"the checkpoint {path} is corrupt: its record {damaged} does not match its CRC")
+    if differences := settings_differences(payload["args"], args) if args else []:
+        raise RunError("cannot resume with settings other than the checkpoint's: " + "; ".join(differences))
     return payload
-
-
-def rng_state(envs) -> dict:
-    """Python, numpy, torch (and CUDA) and the environments' random states, with numpy arrays as tensors."""
-
-    def numpy_state(state):
-        return [state[0], torch.from_numpy(state[1].copy()), *state[2:]]
-
-    return {
-        "python": random.getstate(),
-        "numpy": numpy_state(np.random.get_state()),
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "envs": [numpy_state(env.random_state.get_state()) for env in envs],
-    }
-
-
-def set_rng_state(state: dict, envs):
-    def numpy_state(saved):
-        return (saved[0], saved[1].numpy(), *saved[2:])
-
-    random.setstate((state["python"][0], tuple(state["python"][1]), state["python"][2]))
-    np.random.set_state(numpy_state(state["numpy"]))
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    for env, env_state in zip(envs, state["envs"]):
-        env.random_state.set_state(numpy_state(env_state))
-
-
-def find_run_to_resume(args: Args) -> str | None:
-    """The run directory `--resume` names (or the directory of the checkpoint file it names); for `auto`, the newest
-    run under runs/ of the same env_id, exp_name and seed whose checkpoint has the same settings (else the newest,
-    whose differences are then reported), or None."""
-    if args.resume == "auto":
-        found = sorted(glob.glob(f"runs/{args.env_id}__{args.exp_name}__{args.seed}__*/{CHECKPOINT}"))
-        found.sort(key=os.path.getmtime, reverse=True)
-        matching = [path for path in found if not settings_differences(checkpoint_args(path), args)]
-        if found:
-            chosen = os.path.dirname((matching or found)[0])
-            which = "with the same settings" if matching else "(none has the same settings)"
-            print(f"--resume auto: resuming {chosen}, the newest of {len(found)} runs of this task and seed {which}")
-            return chosen
-        print("--resume auto: no checkpoint of this env_id, exp_name and seed under runs/; starting a new run")
-        return None
-    if os.path.isfile(args.resume) and os.path.basename(args.resume) == CHECKPOINT:
-        return os.path.dirname(os.path.abspath(args.resume))
-    if not os.path.isdir(args.resume):
-        raise RunError(f"--resume {args.resume}: no such run directory (pass runs/<run_name>, or auto)")
-    if not os.path.isfile(os.path.join(args.resume, CHECKPOINT)):
-        raise RunError(f"--resume {args.resume}: there is no {CHECKPOINT} in that directory (checkpoints off?)")
-    return os.path.normpath(args.resume)
-
-
-def checkpoint_args(path: str) -> dict:
-    """The settings saved in a checkpoint, read without loading its tensors; {} if unreadable."""
-    try:
-        return torch.load(path, weights_only=True, mmap=True).get("args", {})
-    except Exception:  # noqa: BLE001 (a damaged file is reported when it is loaded)
-        return {}
 
 
 def settings_differences(saved: dict, args: Args) -> list:
@@ -1134,13 +1102,60 @@ def settings_differences(saved: dict, args: Args) -> list:
     ]
 
 
-def check_resumable(saved: dict, args: Args):
-    differences = settings_differences(saved, args)
-    if differences:
-        raise RunError("cannot resume with settings other than the checkpoint's: " + "; ".join(differences))
+def find_run_to_resume(args: Args) -> str | None:
+    """The run directory --resume names (or holds the checkpoint file it names); for `auto`, the newest run of the
+    same env_id, exp_name and seed whose checkpoint has the same settings, else the newest, else None."""
+    if args.resume != "auto":
+        if os.path.isfile(args.resume) and os.path.basename(args.resume) == CHECKPOINT:
+            return os.path.dirname(os.path.abspath(args.resume))
+        if not os.path.isfile(os.path.join(args.resume, CHECKPOINT)):
+            missing = "no such run directory" if not os.path.isdir(args.resume) else f"there is no {CHECKPOINT} in it"
+            raise RunError(f"--resume {args.resume}: {missing} (pass runs/<run_name> or auto; checkpoints off?)")
+        return os.path.normpath(args.resume)
+    found = sorted(glob.glob(f"runs/{args.env_id}__{args.exp_name}__{args.seed}__*/{CHECKPOINT}"))
+    found.sort(key=os.path.getmtime, reverse=True)
+    if not found:
+        return print("--resume auto: no checkpoint of this env_id, exp_name and seed under runs/; starting a new run")
+    matching = [path for path in found if not settings_differences(checkpoint_args(path), args)]
+    which = "with the same settings" if matching else "(none has the same settings)"
+    chosen = os.path.dirname((matching or found)[0])
+    print(f"--resume auto: resuming {chosen}, the newest of {len(found)} runs of this task and seed {which}")
+    return chosen
 
 
-def check_finite(agent, frame: int):
+def checkpoint_args(path: str) -> dict:
+    """The settings saved in a checkpoint, read without loading its tensors; {} if unreadable."""
+    try:
+        return torch.load(path, weights_only=True, mmap=True).get("args", {})
+    except Exception:  # noqa: BLE001 (a damaged file is reported when it is loaded)
+        return {}
+
+
+def rng_state(envs) -> dict:
+    """Python's, numpy's, torch's (CUDA's) and the environments' random states; numpy's arrays as tensors."""
+    numpy = [state.get_state() for state in [np.random, *(env.random_state for env in envs)]]
+    numpy = [[state[0], torch.from_numpy(state[1].copy()), *state[2:]] for state in numpy]
+    state = {"python": random.getstate(), "torch": torch.get_rng_state(), "numpy": numpy[0], "envs": numpy[1:]}
+    return {**state, "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def restore(checkpoint: dict, agent: Agent, replay: ReplayBuffer, prefetcher: BatchPrefetcher, envs) -> tuple:
+    """Puts the run back as its checkpoint left it. Returns the agent step it reached and its evaluation progress."""
+    agent.load_state_dict(checkpoint["agent"])
+    if checkpoint["replay"] is not None:
+        replay.load_state_dict(checkpoint["replay"])
+        prefetcher.load_state_dict(checkpoint["prefetched"])
+    rng = checkpoint["rng"]
+    random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    for state, owner in zip([rng["numpy"], *rng["envs"]], [np.random, *(env.random_state for env in envs)]):
+        owner.set_state((state[0], state[1].numpy(), *state[2:]))
+    return checkpoint["global_step"], {"last_eval": checkpoint["last_eval"], "pending_eval": checkpoint["pending_eval"]}
+
+
+def check_finite(agent: Agent, frame: int):
     for name, network in agent.state_dict(optimizers=False).items():
         if not all(torch.isfinite(tensor).all() for tensor in network.values()):
             raise RunError(f"non-finite parameters in the {name} at frame {frame}; stopping without checkpointing")
@@ -1161,272 +1176,6 @@ class StopRequest:
         self.signal = signum
         then = "checkpointing and exiting" if self.checkpoints else "exiting (checkpoints are off: nothing to resume)"
         print(f"{signal.Signals(signum).name}: finishing this episode (an evaluation stops at once), then {then}")
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Training loop
-
-
-# bytes of a default run on the CPU besides the replay (measured: 2.9 GB at the first update, 3.5 GB over a run)
-UPDATE_MEMORY = 3.5e9
-
-
-def memory_available() -> int | None:
-    """MemAvailable of /proc/meminfo in bytes (None where there is none)."""
-    with contextlib.suppress(OSError, StopIteration, ValueError), open("/proc/meminfo") as f:
-        return 1024 * int(next(line.split()[1] for line in f if line.startswith("MemAvailable:")))
-    return None
-
-
-def check_memory(args: Args, env, device, replay_device) -> str:
-    """The replay's memory once the run has filled it, checked with the networks' against the memory available
-    (a replay that cannot fit would end the run hours in). Returns the line that says it."""
-    transitions = min(args.buffer_size, args.total_timesteps // args.action_repeat)
-    replay = ReplayBuffer.memory(transitions, env.frame_shape, env.action_dim)
-    host = replay if replay_device.type == "cpu" else 0.0
-    host += UPDATE_MEMORY if device.type == "cpu" else 0.0
-    available = memory_available()
-    if available is not None and host > available:
-        raise RunError(
-            f"the replay's {transitions} transitions take {replay / 1e9:.1f} GB and the updates about "
-            f"{UPDATE_MEMORY / 1e9:.1f} GB, but {available / 1e9:.1f} GB of memory are available: lower --buffer-size"
-        )
-    if replay_device.type == "cuda" and replay > torch.cuda.mem_get_info(replay_device)[0]:
-        raise RunError(f"the replay's {replay / 1e9:.1f} GB do not fit in the GPU's free memory: --replay-device cpu")
-    return f"replay: up to {transitions} transitions, {replay / 1e9:.2f} GB in {replay_device.type} memory"
-
-
-def configure_torch(args: Args):
-    """cuDNN's deterministic algorithms (--torch-deterministic) and the precision of fp32 convolutions (--tf32)."""
-    torch.backends.cudnn.deterministic = args.torch_deterministic
-    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = args.tf32, False
-
-
-def choose_replay_device(args: Args, device: torch.device, env) -> torch.device:
-    """--replay-device: `auto` puts the frames on the GPU when the full replay fits in half of its free memory."""
-    if args.replay_device == "cpu" or device.type == "cpu":
-        if args.replay_device == "cuda":
-            raise RunError("--replay-device cuda needs a CUDA device")
-        return torch.device("cpu")
-    if args.replay_device == "auto":
-        free, _ = torch.cuda.mem_get_info(device)
-        fits = ReplayBuffer.memory(args.buffer_size, env.frame_shape, env.action_dim) <= free / 2
-        return device if fits else torch.device("cpu")
-    return device
-
-
-def evaluate(agent, env, num_episodes, step, video_path=None, interrupted=lambda: False) -> list | None:
-    """Returns of `num_episodes` episodes acting with the mean action; the first one is filmed if asked. None if
-    `interrupted()` turns true on the way (a stop request must not wait for a long evaluation)."""
-    returns, video = [], []
-    for episode in range(num_episodes):
-        obs, done, episode_return = env.reset(), False, 0.0
-        while not done:
-            if interrupted():
-                return None
-            if video_path and episode == 0:
-                video.append(env.frame.transpose(1, 2, 0).repeat(3, axis=0).repeat(3, axis=1))  # 84 -> 252 px
-            obs, reward, _, done = env.step(agent.act(obs, step, eval_mode=True))
-            episode_return += reward
-        returns.append(episode_return)
-    if video_path:
-        import imageio
-
-        os.makedirs(os.path.dirname(video_path), exist_ok=True)
-        imageio.mimsave(video_path, video, fps=30, macro_block_size=4)
-    return returns
-
-
-def format_duration(seconds: float) -> str:
-    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m" if math.isfinite(seconds) else "?"
-
-
-def main(args: Args):
-    args = resolve_args(args)  # idempotent: the command line resolves first to fail before any import or file
-    # Everything that can be wrong (settings, checkpoint, renderer) is found before any file is written.
-    run_dir = find_run_to_resume(args) if args.resume else None
-    checkpoint = load_checkpoint(os.path.join(run_dir, CHECKPOINT)) if run_dir else None
-    if checkpoint is not None:
-        check_resumable(checkpoint["args"], args)
-    if args.cuda and not torch.cuda.is_available():
-        print("warning: no CUDA device is available; running on the CPU")
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    if args.cudagraphs and device.type != "cuda":
-        raise RunError("--cudagraphs needs a CUDA device")
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    configure_torch(args)
-
-    env_kwargs = {"action_repeat": args.action_repeat, "frame_stack": args.frame_stack}
-    env_kwargs["max_episode_frames"] = args.max_episode_frames
-    env = DMCPixelEnv(args.env_id, args.seed, **env_kwargs)
-    eval_env = DMCPixelEnv(args.env_id, args.seed, **env_kwargs)
-    replay_device = choose_replay_device(args, device, env)
-    memory = check_memory(args, env, device, replay_device)
-    try:
-        agent = Agent(env.observation_shape, env.action_dim, args, device)
-    except (RuntimeError, MemoryError) as error:  # an allocation that cannot succeed: sizes far too large
-        raise RunError(f"the networks do not fit in memory ({str(error).splitlines()[0][:150]})") from error
-    replay_kwargs = {"frame_stack": args.frame_stack, "nstep": args.nstep, "gamma": args.gamma, "seed": args.seed}
-    replay_kwargs["multistep"] = args.multistep
-    rb = ReplayBuffer(args.buffer_size, env.frame_shape, env.action_dim, **replay_kwargs, device=replay_device)
-    prefetcher = BatchPrefetcher(rb, args.batch_size, device)
-    start_step, total_steps = 0, args.total_timesteps // args.action_repeat  # in agent steps
-    if checkpoint is not None:
-        agent.load_state_dict(checkpoint["agent"])
-        if checkpoint["replay"] is not None:
-            rb.load_state_dict(checkpoint["replay"])
-            prefetcher.load_state_dict(checkpoint["prefetched"])
-        set_rng_state(checkpoint["rng"], (env, eval_env))
-        start_step, last_eval = checkpoint["global_step"], checkpoint.get("last_eval", float("nan"))
-        pending_eval = checkpoint.get("pending_eval")
-        del checkpoint  # its tensors are memory-mapped from the file
-        if start_step >= total_steps:
-            print(f"{run_dir} already ran {start_step * args.action_repeat} frames: nothing to do")
-            return
-    else:
-        last_eval, pending_eval = float("nan"), 0  # a new run evaluates at frame 0 first
-    resumed = start_step > 0
-    run_dir = run_dir or f"runs/{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
-    run_name = os.path.basename(run_dir)
-    with contextlib.suppress(FileNotFoundError):
-        os.remove(os.path.join(run_dir, f"{CHECKPOINT}.tmp"))  # left by a run killed while writing a checkpoint
-
-    if args.track:
-        import wandb
-
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            sync_tensorboard=True,
-            config=vars(args),
-            name=run_name,
-            id=run_name,  # a resumed run continues the same wandb run
-            resume="allow",
-            save_code=True,
-        )
-    from torch.utils.tensorboard import SummaryWriter
-
-    frame = start_step * args.action_repeat
-    # On resume, TensorBoard drops what the interrupted run logged after its checkpoint: each step appears once.
-    writer = SummaryWriter(run_dir, purge_step=frame + 1 if resumed else None)
-    if not resumed:
-        table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
-    print(f"{'resuming' if resumed else 'run'} {run_name} on {device}: {args.env_id}, frame {frame} of ", end="")
-    print(f"{args.total_timesteps}; logs in {run_dir}; {memory}")
-
-    def log_evaluation(frame):
-        """Evaluates and logs at `frame`; an evaluation cut short by a stop request is redone on resume."""
-        nonlocal last_eval, window_time, pending_eval, eval_seconds
-        eval_start = time.time()
-        video_path = f"videos/{run_name}/eval_{frame}.mp4" if args.capture_video else None
-        step, stopping = frame // args.action_repeat, lambda: stop.signal is not None
-        returns = evaluate(agent, eval_env, args.num_eval_episodes, step, video_path, interrupted=stopping)
-        pending_eval = frame if returns is None else None
-        if returns is not None:
-            last_eval, eval_seconds = float(np.mean(returns)), time.time() - eval_start
-            writer.add_scalar("eval/episodic_return", last_eval, frame)
-            print(f"frame {frame}: eval return {last_eval:.1f}")
-        window_time += time.time() - eval_start  # SPS measures training, not evaluation
-
-    def write_checkpoint(global_step):
-        check_finite(agent, global_step * args.action_repeat)
-        prefetched = prefetcher.state_dict() if args.checkpoint_replay else None  # first: it holds the replay's lock
-        replay = rb.state_dict() if args.checkpoint_replay else None
-        rng = rng_state((env, eval_env))
-        payload = {"args": vars(args), "global_step": global_step, "agent": agent.state_dict(), "replay": replay}
-        payload.update(prefetched=prefetched, rng=rng, last_eval=last_eval, pending_eval=pending_eval)
-        kept = f"the checkpoint of frame {last_checkpoint_frame} is kept" if last_checkpoint_frame else "none is kept"
-        save_checkpoint(os.path.join(run_dir, CHECKPOINT), payload, kept)
-
-    # Resumed without the replay: collect `learning_starts` frames anew before updating.
-    updates_start = frame + args.learning_starts if resumed and rb.num_transitions == 0 else args.learning_starts
-    eval_every_steps = max(args.eval_every // args.action_repeat, 1)
-    start_time = window_time = time.time()
-    window_start_frame = last_checkpoint_frame = frame
-    metrics, stop, eval_seconds, waiting = {}, StopRequest(checkpoints=args.checkpoint_every > 0), 0.0, False
-    try:
-        if pending_eval is not None:  # frame 0 of a new run, or an evaluation a stop request cut short
-            log_evaluation(pending_eval)
-        obs, episode_return, episode_steps = env.reset(), 0.0, 0
-        rb.start_episode(env.frame)
-        for global_step in range(start_step, total_steps):
-            action = agent.act(obs, global_step, eval_mode=False)
-            if global_step * args.action_repeat >= updates_start and global_step % args.update_every_steps == 0:
-                if prefetcher.can_supply():
-                    metrics, waiting = agent.update(prefetcher.next(), global_step), False
-                elif not waiting:  # e.g. --learning-starts shorter than an episode: wait for a whole one
-                    print(f"frame {global_step * args.action_repeat}: updates wait for a complete episode to sample")
-                    waiting = True
-
-            obs, reward, discount, done = env.step(action)
-            rb.add(action, reward, discount, env.frame)
-            episode_return += reward
-            episode_steps += 1
-            frame = (global_step + 1) * args.action_repeat
-            if (global_step + 1) % eval_every_steps == 0 or global_step + 1 == total_steps:
-                log_evaluation(frame)
-            if not done:
-                continue
-
-            rb.end_episode()
-            sps = (frame - window_start_frame) / (time.time() - window_time)
-            writer.add_scalar("charts/episodic_return", episode_return, frame)
-            writer.add_scalar("charts/episodic_length", episode_steps * args.action_repeat, frame)
-            writer.add_scalar("charts/SPS", sps, frame)
-            for tag, tensor in metrics.items():  # the latest update's metrics: read once per episode
-                value = tensor.item()
-                writer.add_scalar(tag, value, frame)
-                if not math.isfinite(value):
-                    raise RunError(
-                        f"non-finite {tag} ({value}) at frame {frame}; stopping without checkpointing "
-                        f"(the last checkpoint, at frame {last_checkpoint_frame}, is kept)"
-                    )
-            # time left: only once a whole episode with updates was timed; the evaluations still to come included
-            timed = window_start_frame >= updates_start and not waiting
-            evaluations_left = (args.total_timesteps - frame) // args.eval_every
-            eta = (args.total_timesteps - frame) / sps + evaluations_left * eval_seconds if timed else float("nan")
-            print(
-                f"frame {frame}/{args.total_timesteps} ({100 * frame / args.total_timesteps:.1f}%) | "
-                f"return {episode_return:.1f} | SPS {sps:.0f} | last eval {last_eval:.1f} | "
-                f"elapsed {format_duration(time.time() - start_time)} | left {format_duration(eta)}"
-            )
-            checkpoint_due = args.checkpoint_every and frame // args.checkpoint_every > last_checkpoint_frame // (
-                args.checkpoint_every
-            )
-            if args.checkpoint_every and (checkpoint_due or stop.signal):
-                write_checkpoint(global_step + 1)
-                last_checkpoint_frame = frame
-            if stop.signal:
-                name = signal.Signals(stop.signal).name
-                if args.checkpoint_every:
-                    print(f"stopped by {name} with a checkpoint at frame {frame}; resume with --resume {run_dir}")
-                else:
-                    print(f"stopped by {name} at frame {frame}; checkpoints are off, so there is nothing to resume")
-                raise SystemExit(128 + stop.signal)
-            window_time, window_start_frame = time.time(), frame
-            obs, episode_return, episode_steps = env.reset(), 0.0, 0
-            rb.start_episode(env.frame)
-
-        elapsed = time.time() - start_time
-        done_frames = args.total_timesteps - start_step * args.action_repeat
-        print(
-            f"done: {done_frames} frames in {elapsed:.0f} s ({done_frames / elapsed:.0f} frames/s with "
-            f"evaluations); last eval return {last_eval:.1f}"
-        )
-        if args.checkpoint_every:  # a last episode cut short by the budget is not kept
-            write_checkpoint(total_steps)
-        if args.save_model:
-            model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
-            saved = {"args": vars(args), "obs_shape": list(env.observation_shape), "action_dim": env.action_dim}
-            torch.save({**saved, **agent.state_dict(optimizers=False)}, model_path)
-            print(f"model saved to {model_path}")
-    finally:
-        writer.close()
-        if args.track:
-            wandb.finish()
 
 
 if __name__ == "__main__":

@@ -87,4 +87,4 @@ def test_reach_duplo_and_quadruped_load_with_their_cameras(script):
     obs, reward, _, done = duplo.step(np.zeros(9, dtype=np.float32))
     assert obs.shape == (9, 84, 84) and np.isfinite(reward) and not done
     quadruped = script.DMCPixelEnv("quadruped_run", seed=0)
-    assert quadruped._camera_id == 2 and quadruped.reset().shape == (9, 84, 84)
+    assert quadruped._camera == 2 and quadruped.reset().shape == (9, 84, 84)

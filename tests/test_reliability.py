@@ -1,5 +1,6 @@
 """Long runs: checkpoints, kill and resume, signals, damaged checkpoints, bad input, non-finite losses."""
 
+import contextlib
 import errno
 import glob
 import os
@@ -177,6 +178,48 @@ def test_damaged_checkpoint_is_refused_and_the_run_left_as_it_was(finished_run, 
     assert snapshot(tmp_path) == before, "nothing was written"
 
 
+def same_payload(a, b):
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same_payload(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same_payload(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_every_flipped_byte_and_every_truncation_is_refused_or_harmless(script, tmp_path):
+    """The zip's CRCs instead of a digest: at every byte of a checkpoint, a flipped byte (all bits, or the lowest) is
+    refused or leaves the loaded payload unchanged (a flip in a header field nothing reads); every truncation is
+    refused. torch.load alone would load some flipped tensors silently."""
+    path = tmp_path / "checkpoint.pt"
+    payload = {"args": {"seed": 1}, "global_step": 40, "agent": {"w": torch.randn(64), "steps": torch.arange(10)}}
+    payload["rng"] = [1, torch.randint(0, 255, (16,), dtype=torch.uint8), (2, 3)]
+    script.save_checkpoint(str(path), payload)
+    data = path.read_bytes()
+    silent, refused, unchecked_silent = [], 0, 0
+    for position in range(len(data)):
+        for mask in (0xFF, 0x01):
+            damaged = bytearray(data)
+            damaged[position] ^= mask
+            path.write_bytes(bytes(damaged))
+            try:
+                loaded = script.load_checkpoint(str(path))
+            except script.RunError:
+                refused += 1
+                with contextlib.suppress(Exception):
+                    unchecked_silent += not same_payload(payload, torch.load(path, weights_only=True))
+                continue
+            if not same_payload(payload, loaded):
+                silent.append((position, mask))
+    assert not silent, f"flips loaded as a different payload: {silent[:10]}"
+    assert refused > len(data) and unchecked_silent > 0, "the test would catch a loader that checks nothing"
+    for length in range(len(data)):
+        path.write_bytes(data[:length])
+        with pytest.raises(script.RunError, match="unreadable or corrupt"):
+            script.load_checkpoint(str(path))
+
+
 def bad_input_cases():
     return {
         "batch larger than the replay at learning_starts": (["--batch-size", "64"], "--batch-size 64 is larger than"),
@@ -251,7 +294,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
     from conftest import load_script
 
     drqv2 = load_script("drqv2_continuous_action")
-    kept = drqv2.load_checkpoint(f"{run_dir}/checkpoint.pt")  # whole: its digest matches
+    kept = drqv2.load_checkpoint(f"{run_dir}/checkpoint.pt")  # whole: every record matches its CRC
     assert kept["global_step"] == 40, "the frame-80 checkpoint, from before the first update, is kept"
 
 
