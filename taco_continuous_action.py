@@ -30,6 +30,9 @@ import tyro
 from torch import nn
 from torch.utils._pytree import tree_leaves
 
+# ----------------------------------------------------------------------------------------------------------------------
+# Settings: the command line (every field is a flag, `--help` lists them), and the published per-task presets
+
 
 @dataclass
 class Args:
@@ -129,16 +132,17 @@ class Args:
     """speed option, not the published step: the TACO anchor reuses the critic's encoding of o_t (one pass fewer)"""
 
 
-# The published runs' settings (detail 2): per difficulty, the std's decay (agent steps), the budget (frames), tasks
-PRESETS = {
-    "easy": (100_000, 1_100_000, "cartpole_balance cartpole_balance_sparse cartpole_swingup cup_catch finger_spin"),
-    "easy, cont.": (100_000, 1_100_000, "hopper_stand pendulum_swingup walker_stand walker_walk"),
-    "medium": (500_000, 3_100_000, "acrobot_swingup acrobot_swingup_sparse cartpole_swingup_sparse cheetah_run"),
-    "medium, cont.": (500_000, 3_100_000, "finger_turn_easy finger_turn_hard hopper_hop quadruped_run quadruped_walk"),
-    "medium, end": (500_000, 3_100_000, "reach_duplo reacher_easy reacher_hard walker_run"),
-    "hard": (2_000_000, 30_100_000, "humanoid_stand humanoid_walk humanoid_run manipulator_bring_ball"),
-}
-TASK_PRESET = {task: (decay, frames) for decay, frames, tasks in PRESETS.values() for task in tasks.split()}
+# The published runs' settings (detail 2): a task's difficulty sets the exploration std's decay (agent steps) and the
+# budget (frames); DEFAULTS hold for every task except the OVERRIDES of some task families.
+PRESETS = {"easy": (100_000, 1_100_000), "medium": (500_000, 3_100_000), "hard": (2_000_000, 30_100_000)}
+TASKS = """
+easy    cartpole_balance cartpole_balance_sparse cartpole_swingup cup_catch finger_spin hopper_stand pendulum_swingup
+easy    walker_stand walker_walk
+medium  acrobot_swingup acrobot_swingup_sparse cartpole_swingup_sparse cheetah_run finger_turn_easy finger_turn_hard
+medium  hopper_hop quadruped_run quadruped_walk reach_duplo reacher_easy reacher_hard walker_run
+hard    humanoid_stand humanoid_walk humanoid_run manipulator_bring_ball
+"""
+TASK_PRESET = {task: row.split()[0] for row in TASKS.strip().splitlines() for task in row.split()[1:]}
 DEFAULTS = {"buffer_size": 1_000_000, "batch_size": 1024, "nstep": 3, "learning_rate": 1e-4, "feature_dim": 50}
 OVERRIDES = {  # task name prefix: the settings that differ from DEFAULTS
     "walker_": {"nstep": 1},  # DrQ-v2 also uses batch 512 here; TACO keeps 1024
@@ -151,7 +155,7 @@ def resolve_args(args: Args) -> Args:
     """Fills every setting left unset (None) from the task's preset (what the user set wins), then checks them."""
     if args.env_id not in TASK_PRESET:
         raise RunError(f"unknown env_id {args.env_id!r}; valid tasks: {', '.join(sorted(TASK_PRESET))}")
-    decay, frames = TASK_PRESET[args.env_id]
+    decay, frames = PRESETS[TASK_PRESET[args.env_id]]
     preset = {**DEFAULTS, "total_timesteps": frames, "stddev_schedule": f"linear(1.0,0.1,{decay})"}
     for prefix, settings in OVERRIDES.items():
         preset.update(settings if args.env_id.startswith(prefix) else {})
@@ -401,15 +405,15 @@ class BatchPrefetcher:
         pin = self.device.type == "cuda" and self._worker is not None
         return {key: value.pin_memory() for key, value in batch.items()} if pin else batch
 
-    def _request(self, batch=None):
-        """Requests the next batch: `batch` if given (a restored one), else a sample taken under the replay's lock."""
-        if batch is None:
-            self.replay.lock.acquire()  # released once the sample is taken
-        if self._worker is not None and batch is None:
-            self._pending = self._worker.submit(self._sample)
-        else:
-            self._pending = concurrent.futures.Future()
-            self._pending.set_result(self._sample() if batch is None else batch)
+    def _request(self):
+        self.replay.lock.acquire()  # released once the sample is taken
+        self._pending = self._worker.submit(self._sample) if self._worker else self._ready(self._sample())
+
+    @staticmethod
+    def _ready(batch: dict) -> concurrent.futures.Future:
+        future = concurrent.futures.Future()
+        future.set_result(batch)
+        return future
 
     def can_supply(self) -> bool:
         """Whether a batch is requested or can be sampled now."""
@@ -430,11 +434,11 @@ class BatchPrefetcher:
 
     def load_state_dict(self, batch):
         if batch is not None:
-            self._request({key: value.to(self.replay.device) for key, value in batch.items()})
+            self._pending = self._ready({key: value.to(self.replay.device) for key, value in batch.items()})
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Networks and augmentation (details 6-8)
+# Networks and augmentation (details 6-8): the encoder of stacked frames, its random shifts, the actor, the twin critic
 
 
 def weight_init(m):
@@ -745,15 +749,16 @@ class CudaGraph:
             agent.compute_update(self.batch, self.std)
         torch.cuda.current_stream().wait_stream(side)
         with torch.no_grad():
-            for name in agent.state_dict(optimizers=False):
-                getattr(agent, name).load_state_dict(saved[name])
-            for name, optimizer in [(name, getattr(agent, name)) for name in saved if name.endswith("_opt")]:
-                parameters = [p for group in optimizer.param_groups for p in group["params"]]
-                for index, parameter in enumerate(parameters):
-                    before = saved[name]["state"].get(index)  # None: no state before the warm-up
-                    for key, tensor in optimizer.state[parameter].items():
-                        tensor.copy_(before[key]) if before else tensor.zero_()
-                optimizer.zero_grad(set_to_none=True)
+            for name, part in vars(agent).items():
+                if isinstance(part, nn.Module):
+                    part.load_state_dict(saved[name])
+                elif isinstance(part, torch.optim.Optimizer):
+                    parameters = [p for group in part.param_groups for p in group["params"]]
+                    for index, parameter in enumerate(parameters):
+                        before = saved[name]["state"].get(index)  # None: no state before the warm-up
+                        for key, tensor in part.state[parameter].items():
+                            tensor.copy_(before[key]) if before else tensor.zero_()
+                    part.zero_grad(set_to_none=True)
         torch.cuda.set_rng_state(rng)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):  # the sampling thread may pin memory
@@ -791,14 +796,15 @@ def main(args: Args):
         del checkpoint  # its tensors are memory-mapped from the file
     total_steps = args.total_timesteps // args.action_repeat  # in agent steps
     if start_step >= total_steps:
-        return print(f"{run_dir} already ran {start_step * args.action_repeat} frames: nothing to do")
+        print(f"{run_dir} already ran {start_step * args.action_repeat} frames: nothing to do")
+        return
     run = Run(args, run_dir, start_step, progress, agent, rb, prefetcher, (env, eval_env))
     print(
         f"{'resuming' if start_step else 'run'} {run.name} on {device}: {args.env_id}, frame {run.window_frame} "
         f"of {args.total_timesteps}; logs in {run.dir}; {memory}"
     )
     # Resumed without its replay: collect `learning_starts` frames anew before updating.
-    updates_start = args.learning_starts + (run.window_frame if start_step and not rb.episodes else 0)
+    updates_start = args.learning_starts + (run.window_frame if start_step and rb.num_transitions == 0 else 0)
     eval_every_steps, metrics, waiting = max(args.eval_every // args.action_repeat, 1), {}, False
     try:
         if progress["pending_eval"] is not None:  # frame 0 of a new run, or an evaluation a stop request cut short
@@ -1041,7 +1047,10 @@ def choose_replay_device(args: Args, device: torch.device, env) -> tuple:
         )
     if replay_device.type == "cuda" and replay > torch.cuda.mem_get_info(replay_device)[0]:
         raise RunError(f"the replay's {replay / 1e9:.1f} GB do not fit in the GPU's free memory: --replay-device cpu")
-    return replay_device, f"replay: up to {transitions} transitions, {replay / 1e9:.2f} GB in {replay_device} memory"
+    return (
+        replay_device,
+        f"replay: up to {transitions} transitions, {replay / 1e9:.2f} GB in {replay_device.type} memory",
+    )
 
 
 CHECKPOINT = "checkpoint.pt"
@@ -1115,7 +1124,8 @@ def find_run_to_resume(args: Args) -> str | None:
     found = sorted(glob.glob(f"runs/{args.env_id}__{args.exp_name}__{args.seed}__*/{CHECKPOINT}"))
     found.sort(key=os.path.getmtime, reverse=True)
     if not found:
-        return print("--resume auto: no checkpoint of this env_id, exp_name and seed under runs/; starting a new run")
+        print("--resume auto: no checkpoint of this env_id, exp_name and seed under runs/; starting a new run")
+        return None
     matching = [path for path in found if not settings_differences(checkpoint_args(path), args)]
     which = "with the same settings" if matching else "(none has the same settings)"
     chosen = os.path.dirname((matching or found)[0])
