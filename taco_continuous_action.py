@@ -873,13 +873,13 @@ class Run:
         self.name, frame = os.path.basename(self.dir), start_step * args.action_repeat
         with contextlib.suppress(FileNotFoundError):
             os.remove(os.path.join(self.dir, f"{CHECKPOINT}.tmp"))  # left by a run killed while writing a checkpoint
-        if args.track:
-            import wandb  # a resumed run continues the same wandb run
+        self.wandb = None
+        if args.track:  # a resumed run continues the same wandb run
+            import wandb
 
-            logging = {"sync_tensorboard": True, "resume": "allow", "save_code": True, "config": vars(args)}
-            wandb.init(
-                project=args.wandb_project_name, entity=args.wandb_entity, name=self.name, id=self.name, **logging
-            )
+            project = {"project": args.wandb_project_name, "entity": args.wandb_entity, "config": vars(args)}
+            wandb.init(**project, name=self.name, id=self.name, resume="allow", sync_tensorboard=True, save_code=True)
+            self.wandb = wandb
         from torch.utils.tensorboard import SummaryWriter
 
         # On resume, TensorBoard drops what the interrupted run logged after its checkpoint: each step appears once.
@@ -927,12 +927,9 @@ class Run:
         if every and (frame // every > self.checkpoint_frame // every or self.stop.signal):
             self.write_checkpoint(global_step)
         if self.stop.signal:
-            name, hint = signal.Signals(self.stop.signal).name, f"resume with --resume {self.dir}"
-            print(
-                f"stopped by {name} with a checkpoint at frame {frame}; {hint}"
-                if every
-                else f"stopped by {name} at frame {frame}; checkpoints are off, so there is nothing to resume"
-            )
+            resume = f"with a checkpoint at frame {frame}; resume with --resume {self.dir}"
+            nothing = f"at frame {frame}; checkpoints are off, so there is nothing to resume"
+            print(f"stopped by {signal.Signals(self.stop.signal).name} {resume if every else nothing}")
             raise SystemExit(128 + self.stop.signal)
         self.window_time, self.window_frame = time.time(), frame
 
@@ -960,8 +957,8 @@ class Run:
 
     def close(self):
         self.writer.close()
-        if self.args.track:
-            __import__("wandb").finish()
+        if self.wandb:
+            self.wandb.finish()
 
 
 def duration(seconds: float) -> str:

@@ -69,7 +69,7 @@ def test_tf32_convolutions_stay_close_to_fp32(script):
     lr x sign(gradient), turns rounding in tiny gradients into +-lr; a first GPU run failed on that, not on TF32)."""
     fp32, tf32 = agents(script)
     for agent in (fp32, tf32):
-        for optimizer in agent.optimizers():
+        for optimizer in [part for part in vars(agent).values() if isinstance(part, torch.optim.Optimizer)]:
             optimizer.param_groups[0]["lr"] = 0.0
     tf32.args = script.dataclasses.replace(tf32.args, tf32=True)
     batch = {key: value.to(CUDA) for key, value in tiny_batch(script, 32, 6).items()}
