@@ -1,6 +1,7 @@
 # DrQ-v2 (Yarats et al., 2021, arXiv 2107.09645): data-augmented actor-critic for continuous control from pixels.
 # Sections in reading order: settings, environment, replay, networks, agent (losses and update), training loop; then
-# the run machinery (checks, checkpoints, resume, signals). docs/drqv2.md explains each numbered detail.
+# the machinery: speed (prefetching, CUDA graphs) and the run's (logs, checks, checkpoints, resume, signals).
+# docs/drqv2.md explains each numbered detail.
 import concurrent.futures
 import contextlib
 import copy
@@ -367,57 +368,6 @@ class ReplayBuffer:
         return {"obs": obs, "next_obs": next_obs, **{k: torch.from_numpy(v).to(self.device) for k, v in host.items()}}
 
 
-class BatchPrefetcher:
-    """Hands out the next batch and requests the one after it at once, 2 agent steps before its update. A host replay
-    is sampled on a background thread while the agent acts and the environment steps, under the replay's lock, so a
-    batch is what `replay.sample` gave when requested; on a GPU it then crosses through pinned memory. A GPU replay
-    is sampled in the main thread: the host only draws indices and queues one gather."""
-
-    def __init__(self, replay: ReplayBuffer, batch_size: int, device: torch.device):
-        self.replay, self.batch_size, self.device = replay, batch_size, device
-        self._worker = concurrent.futures.ThreadPoolExecutor(1) if replay.device.type == "cpu" else None
-        self._pending = self._in_transfer = None
-
-    def _sample(self) -> dict:
-        try:
-            batch = self.replay.sample(self.batch_size)
-        finally:
-            self.replay.lock.release()
-        pin = self.device.type == "cuda" and self._worker is not None
-        return {key: value.pin_memory() for key, value in batch.items()} if pin else batch
-
-    def _request(self):
-        self.replay.lock.acquire()  # released once the sample is taken
-        self._pending = self._worker.submit(self._sample) if self._worker else self._ready(self._sample())
-
-    @staticmethod
-    def _ready(batch: dict) -> concurrent.futures.Future:
-        future = concurrent.futures.Future()
-        future.set_result(batch)
-        return future
-
-    def can_supply(self) -> bool:
-        """Whether a batch is requested or can be sampled now."""
-        return self._pending is not None or self.replay.can_sample()
-
-    def next(self) -> dict:
-        if self._pending is None:
-            self._request()
-        self._in_transfer = self._pending.result()  # a pinned batch is kept until its copy has surely finished
-        self._pending = None
-        if self.replay.can_sample():
-            self._request()
-        return {key: value.to(self.device, non_blocking=True) for key, value in self._in_transfer.items()}
-
-    def state_dict(self):
-        """The requested batch on the host (its draw already moved the replay's RNG), or None."""
-        return None if self._pending is None else {key: value.cpu() for key, value in self._pending.result().items()}
-
-    def load_state_dict(self, batch):
-        if batch is not None:
-            self._pending = self._ready({key: value.to(self.replay.device) for key, value in batch.items()})
-
-
 # ----------------------------------------------------------------------------------------------------------------------
 # Networks and augmentation (details 6-8): the encoder of stacked frames, its random shifts, the actor, the twin critic
 
@@ -577,9 +527,6 @@ class Agent:
         self.actor_opt.step()
         return {"losses/actor_loss": actor_loss.detach()}
 
-    def optimizers(self) -> list:
-        return [part for part in vars(self).values() if isinstance(part, torch.optim.Optimizer)]
-
     def state_dict(self, optimizers=True) -> dict:
         """The state dicts of the networks (and optimizers), by attribute name."""
         kinds = (nn.Module, torch.optim.Optimizer) if optimizers else nn.Module
@@ -588,51 +535,6 @@ class Agent:
     def load_state_dict(self, state: dict):
         for name, part_state in state.items():
             getattr(self, name).load_state_dict(part_state)
-
-
-class CudaGraph:
-    """--cudagraphs: the whole update (forwards, backwards, optimizer steps, target update) recorded once as a CUDA
-    graph, then replayed: one launch instead of hundreds. Each replay reads the batch and std copied into the graph's
-    input tensors and overwrites the metrics it returned last time; random draws come from the CUDA generator."""
-
-    def __init__(self, agent: Agent):
-        self.agent, self.graph = agent, None
-
-    def __call__(self, batch: dict, std: float) -> dict:
-        if self.graph is None:
-            self.batch = {key: value.clone() for key, value in batch.items()}
-            self.std = torch.full((), std, device=self.agent.device)
-            self.capture()
-        for key, value in batch.items():
-            self.batch[key].copy_(value, non_blocking=True)
-        self.std.fill_(std)
-        self.graph.replay()
-        return self.metrics
-
-    def capture(self):
-        # A warm-up update on a side stream sets up what a graph cannot (library handles, Adam's state); then the
-        # weights, the optimizer states and the random generator are put back, in place, as they were before it.
-        agent, saved, rng = self.agent, copy.deepcopy(self.agent.state_dict()), torch.cuda.get_rng_state()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            agent.compute_update(self.batch, self.std)
-        torch.cuda.current_stream().wait_stream(side)
-        with torch.no_grad():
-            for name, part in vars(agent).items():
-                if isinstance(part, nn.Module):
-                    part.load_state_dict(saved[name])
-                elif isinstance(part, torch.optim.Optimizer):
-                    parameters = [p for group in part.param_groups for p in group["params"]]
-                    for index, parameter in enumerate(parameters):
-                        before = saved[name]["state"].get(index)  # None: no state before the warm-up
-                        for key, tensor in part.state[parameter].items():
-                            tensor.copy_(before[key]) if before else tensor.zero_()
-                    part.zero_grad(set_to_none=True)
-        torch.cuda.set_rng_state(rng)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):  # the sampling thread may pin memory
-            self.metrics = agent.compute_update(self.batch, self.std)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -731,6 +633,111 @@ def evaluate(agent, env, num_episodes, step, video_path=None, interrupted=lambda
         os.makedirs(os.path.dirname(video_path), exist_ok=True)
         imageio.mimsave(video_path, video, fps=30, macro_block_size=4)
     return returns
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Speed machinery: the next batch sampled while the agent acts, the whole update replayed as one CUDA graph
+
+
+class BatchPrefetcher:
+    """Hands out the next batch and requests the one after it at once, 2 agent steps before its update. A host replay
+    is sampled on a background thread while the agent acts and the environment steps, under the replay's lock, so a
+    batch is what `replay.sample` gave when requested; on a GPU it then crosses through pinned memory. A GPU replay
+    is sampled in the main thread: the host only draws indices and queues one gather."""
+
+    def __init__(self, replay: ReplayBuffer, batch_size: int, device: torch.device):
+        self.replay, self.batch_size, self.device = replay, batch_size, device
+        self._worker = concurrent.futures.ThreadPoolExecutor(1) if replay.device.type == "cpu" else None
+        self._pending = self._in_transfer = None
+
+    def _sample(self) -> dict:
+        try:
+            batch = self.replay.sample(self.batch_size)
+        finally:
+            self.replay.lock.release()
+        pin = self.device.type == "cuda" and self._worker is not None
+        return {key: value.pin_memory() for key, value in batch.items()} if pin else batch
+
+    def _request(self):
+        self.replay.lock.acquire()  # released once the sample is taken
+        self._pending = self._worker.submit(self._sample) if self._worker else self._ready(self._sample())
+
+    @staticmethod
+    def _ready(batch: dict) -> concurrent.futures.Future:
+        future = concurrent.futures.Future()
+        future.set_result(batch)
+        return future
+
+    def can_supply(self) -> bool:
+        """Whether a batch is requested or can be sampled now."""
+        return self._pending is not None or self.replay.can_sample()
+
+    def next(self) -> dict:
+        if self._pending is None:
+            self._request()
+        self._in_transfer = self._pending.result()  # a pinned batch is kept until its copy has surely finished
+        self._pending = None
+        if self.replay.can_sample():
+            self._request()
+        return {key: value.to(self.device, non_blocking=True) for key, value in self._in_transfer.items()}
+
+    def state_dict(self):
+        """The requested batch on the host (its draw already moved the replay's RNG), or None."""
+        return None if self._pending is None else {key: value.cpu() for key, value in self._pending.result().items()}
+
+    def load_state_dict(self, batch):
+        if batch is not None:
+            self._pending = self._ready({key: value.to(self.replay.device) for key, value in batch.items()})
+
+
+class CudaGraph:
+    """--cudagraphs: the whole update (forwards, backwards, optimizer steps, target update) recorded once as a CUDA
+    graph, then replayed: one launch instead of hundreds. Each replay reads the batch and std copied into the graph's
+    input tensors and overwrites the metrics it returned last time; random draws come from the CUDA generator."""
+
+    def __init__(self, agent: Agent):
+        self.agent, self.graph = agent, None
+
+    def __call__(self, batch: dict, std: float) -> dict:
+        if self.graph is None:
+            self.batch = {key: value.clone() for key, value in batch.items()}
+            self.std = torch.full((), std, device=self.agent.device)
+            self.capture()
+        for key, value in batch.items():
+            self.batch[key].copy_(value, non_blocking=True)
+        self.std.fill_(std)
+        self.graph.replay()
+        return self.metrics
+
+    def capture(self):
+        # A warm-up update on a side stream sets up what a graph cannot (library handles, Adam's state); then the
+        # weights, the optimizer states and the random generator are put back, in place, as they were before it.
+        agent, saved, rng = self.agent, copy.deepcopy(self.agent.state_dict()), torch.cuda.get_rng_state()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            agent.compute_update(self.batch, self.std)
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.no_grad():
+            for name, part in vars(agent).items():
+                if isinstance(part, nn.Module):
+                    part.load_state_dict(saved[name])
+                elif isinstance(part, torch.optim.Optimizer):
+                    parameters = [p for group in part.param_groups for p in group["params"]]
+                    for index, parameter in enumerate(parameters):
+                        before = saved[name]["state"].get(index)  # None: no state before the warm-up
+                        for key, tensor in part.state[parameter].items():
+                            tensor.copy_(before[key]) if before else tensor.zero_()
+                    part.zero_grad(set_to_none=True)
+        torch.cuda.set_rng_state(rng)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):  # the sampling thread may pin memory
+            self.metrics = agent.compute_update(self.batch, self.std)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# Run machinery: what the loop records (logs, evaluations, progress, checkpoints), the checks made before anything
+# is written, checkpoints that continue a run exactly, and stop signals
 
 
 class Run:
@@ -833,10 +840,6 @@ class Run:
 
 def duration(seconds: float) -> str:
     return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m" if math.isfinite(seconds) else "?"
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Run machinery: the checks made before anything is written, checkpoints that continue a run exactly, stop signals
 
 
 class RunError(ValueError):
