@@ -1,7 +1,7 @@
 # TACO (Zheng et al., NeurIPS 2023, arXiv 2306.13229): DrQ-v2 plus temporal action-driven contrastive learning.
 # The state at t with the next K actions must pick out the state at t+K among the batch (InfoNCE), with CURL and
 # reward prediction as auxiliary losses, and the critic scores learned latent actions.
-# Sections in reading order: settings, environment, replay, networks, agent (losses and update), training loop; then
+# Sections in reading order: settings, environment, replay, networks, TACO, agent (update), training loop; then
 # the machinery: speed (prefetching, CUDA graphs) and the run's (logs, checks, checkpoints, resume, signals).
 # docs/taco.md explains each numbered detail.
 import concurrent.futures
@@ -1038,19 +1038,18 @@ def choose_replay_device(args: Args, device: torch.device, env) -> tuple:
     transitions = min(args.buffer_size, args.total_timesteps // args.action_repeat)
     replay = ReplayBuffer.memory(transitions, env.frame_shape, env.action_dim)
     host = (replay if replay_device.type == "cpu" else 0) + (UPDATE_MEMORY if device.type == "cpu" else 0)
+    available = math.inf  # where /proc/meminfo cannot tell
     with contextlib.suppress(OSError, StopIteration, ValueError), open("/proc/meminfo") as meminfo:
         available = 1024 * int(next(line.split()[1] for line in meminfo if line.startswith("MemAvailable:")))
-    if host > locals().get("available", math.inf):
+    if host > available:
         raise RunError(
             f"the replay's {transitions} transitions take {replay / 1e9:.1f} GB and the updates about "
             f"{UPDATE_MEMORY / 1e9:.1f} GB, but {available / 1e9:.1f} GB of memory are available: lower --buffer-size"
         )
     if replay_device.type == "cuda" and replay > torch.cuda.mem_get_info(replay_device)[0]:
         raise RunError(f"the replay's {replay / 1e9:.1f} GB do not fit in the GPU's free memory: --replay-device cpu")
-    return (
-        replay_device,
-        f"replay: up to {transitions} transitions, {replay / 1e9:.2f} GB in {replay_device.type} memory",
-    )
+    where = f"{replay / 1e9:.2f} GB in {replay_device.type} memory"
+    return replay_device, f"replay: up to {transitions} transitions, {where}"
 
 
 CHECKPOINT = "checkpoint.pt"
@@ -1096,9 +1095,11 @@ def load_checkpoint(path: str, args: Args | None = None) -> dict:
         payload = torch.load(path, weights_only=True, mmap=True) if damaged is None else None
     except Exception as error:  # a damaged file fails in many ways
         raise RunError(f"the checkpoint {path} is unreadable or corrupt ({first_line(error)})") from error
-    if not isinstance(payload, dict):
+    if damaged is not None:
         raise RunError(f"the checkpoint {path} is corrupt: its record {damaged} does not match its CRC")
-    if differences := settings_differences(payload["args"], args) if args else []:
+    if not isinstance(payload, dict):
+        raise RunError(f"the checkpoint {path} is corrupt: it holds no run's checkpoint")
+    if differences := settings_differences(payload.get("args", {}), args) if args else []:
         raise RunError("cannot resume with settings other than the checkpoint's: " + "; ".join(differences))
     return payload
 
@@ -1162,7 +1163,8 @@ def restore(checkpoint: dict, agent: Agent, replay: ReplayBuffer, prefetcher: Ba
         torch.cuda.set_rng_state_all(rng["cuda"])
     for state, owner in zip([rng["numpy"], *rng["envs"]], [np.random, *(env.random_state for env in envs)]):
         owner.set_state((state[0], state[1].numpy(), *state[2:]))
-    return checkpoint["global_step"], {"last_eval": checkpoint["last_eval"], "pending_eval": checkpoint["pending_eval"]}
+    progress = {"last_eval": checkpoint.get("last_eval", math.nan), "pending_eval": checkpoint.get("pending_eval")}
+    return checkpoint["global_step"], progress
 
 
 def check_finite(agent: Agent, frame: int):
