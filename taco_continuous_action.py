@@ -130,7 +130,8 @@ class Args:
     reward_loss: bool = True
     """if toggled, adds reward prediction from (z_t, U_t); --no-reward-loss skips it entirely"""
     taco_anchor_from_critic: bool = False
-    """speed option, not the published step: the TACO anchor reuses the critic's encoding of o_t (one pass fewer)"""
+    """speed option, off by default (not the published step): the TACO anchor z_t reuses the critic's encoding of o_t
+    (its augmentation, and the encoder before this update's steps); one encoder forward pass fewer"""
 
 
 # The published runs' settings (detail 2): a task's difficulty sets the exploration std's decay (agent steps) and the
