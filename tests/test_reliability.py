@@ -426,3 +426,22 @@ def test_a_checkpoint_holds_the_stored_transitions_not_the_replay_capacity(scrip
     saved = io.BytesIO()
     torch.save(replay.state_dict(), saved)
     assert len(saved.getvalue()) < 100_000, "11 frames of 108 bytes, not 101 001 slots"
+
+
+def test_a_checkpoint_without_the_replay_resumes_and_refills_it_first(tmp_path):
+    """--no-checkpoint-replay: the checkpoint holds no replay; the resumed run collects --learning-starts frames
+    (80) into its empty replay before its first update, so losses appear later than in an uninterrupted run."""
+    first = run_script(
+        "drqv2_continuous_action", [*TINY_RUN, "--total-timesteps", "80", "--no-checkpoint-replay"], tmp_path
+    )
+    assert first.returncode == 0, first.stderr[-2000:]
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    checkpoint = load(f"{run_dir}/checkpoint.pt")
+    assert checkpoint["replay"] is None and checkpoint["prefetched"] is None and checkpoint["global_step"] == 40
+    resumed = run_script(
+        "drqv2_continuous_action", [*TINY_RUN, "--no-checkpoint-replay", "--resume", run_dir], tmp_path
+    )
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
+    assert f"resuming {os.path.basename(run_dir)}" in resumed.stdout
+    losses = read_scalars(run_dir)["losses/critic_loss"]
+    assert losses[0][0] == 200, "updates from frame 80 + 80: the first losses are logged at the episode end at 200"
