@@ -50,3 +50,10 @@ def test_records_a_run_with_its_provenance_and_draws_the_figure(tmp_path):
     assert (out / "learning.png").stat().st_size > 10_000
     assert "| cartpole_balance | drqv2_continuous_action, seed 4, NVIDIA H200, `--" in drawn.stdout
     assert "| cartpole_balance | DrQ-v2 published, mean ± std (seeds) |" in drawn.stdout
+
+    # actor_saturation.py on the same run: the frame of its checkpoint, and shares and spreads that are well formed
+    sys.path.insert(0, str(ROOT / "benchmarks" / "learning"))
+    from actor_saturation import saturation
+
+    result = saturation(run_dir, states=64)
+    assert result["frame"] == 240 and 0.0 <= result["saturated_share"] <= 1.0 and result["pre_tanh_std"] > 0

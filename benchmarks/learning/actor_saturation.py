@@ -1,0 +1,59 @@
+# How saturated a run's actor is: on replay states of its checkpoint, the actor's output before its tanh and the share
+# of mean actions beyond +-0.99 (a tanh saturated far enough passes almost no gradient, so the policy cannot move).
+#   python benchmarks/learning/actor_saturation.py runs/<run_name> [--states 512]
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import tyro
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # benchmarks/, for the loader
+from speed import load_script
+
+
+@dataclass
+class Args:
+    run_dir: tyro.conf.Positional[str]
+    """a run directory whose checkpoint holds the replay (the default --checkpoint-replay)"""
+    states: int = 512
+    """replay states to evaluate the actor on"""
+    seed: int = 0
+    """seed of the draw of replay states"""
+
+
+def saturation(run_dir: str, states: int = 512, seed: int = 0) -> dict:
+    checkpoint_args = torch.load(f"{run_dir}/checkpoint.pt", weights_only=True, mmap=True)["args"]
+    module = load_script(checkpoint_args["exp_name"])
+    checkpoint = module.load_checkpoint(f"{run_dir}/checkpoint.pt")
+    args = module.Args(**checkpoint["args"])
+    if checkpoint["replay"] is None:
+        raise SystemExit(f"{run_dir}: the checkpoint holds no replay (--no-checkpoint-replay)")
+    action_dim = checkpoint["replay"]["actions"].shape[1]
+    frame_shape = tuple(checkpoint["replay"]["frames"].shape[1:])
+    agent = module.Agent((3 * args.frame_stack, *frame_shape[1:]), action_dim, args, torch.device("cpu"))
+    agent.load_state_dict(checkpoint["agent"])
+    replay = module.ReplayBuffer(args.buffer_size, frame_shape, action_dim, args.frame_stack, args.nstep, args.gamma)
+    replay.load_state_dict(checkpoint["replay"])
+    replay.rng = np.random.default_rng(seed)  # the states drawn, not the run's next batch
+    with torch.no_grad():
+        pre_tanh = agent.actor.policy(agent.actor.trunk(agent.encoder(replay.sample(states)["obs"])))
+    action = torch.tanh(pre_tanh)
+    return {
+        "frame": checkpoint["global_step"] * args.action_repeat,
+        "pre_tanh_mean": pre_tanh.mean().item(),
+        "pre_tanh_std": pre_tanh.std().item(),
+        "mean_action": action.mean().item(),
+        "saturated_share": (action.abs() > 0.99).float().mean().item(),
+    }
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    result = saturation(args.run_dir, args.states, args.seed)
+    print(
+        f"{args.run_dir} at frame {result['frame']}: pre-tanh {result['pre_tanh_mean']:.2f} ± "
+        f"{result['pre_tanh_std']:.2f}, mean action {result['mean_action']:.3f}, "
+        f"{100 * result['saturated_share']:.0f}% of actions beyond ±0.99 ({args.states} replay states)"
+    )
