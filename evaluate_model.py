@@ -13,6 +13,8 @@ import numpy as np
 import torch
 import tyro
 
+from machinery import RunError, first_line
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SAVED_KEYS = {"encoder", "actor", "args", "obs_shape", "action_dim"}
 
@@ -59,15 +61,14 @@ class Policy:
 def load_policy(module, path: str, device):
     """(policy, saved dict), or a RunError naming what is wrong with the file."""
     if not os.path.isfile(path):
-        raise module.RunError(f"{path}: no such file")
+        raise RunError(f"{path}: no such file")
     try:
         saved = torch.load(path, map_location=device, weights_only=True)  # weights only: loading runs no code
     except Exception as error:  # a damaged or foreign file fails in many ways inside torch.load
-        reason = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
-        raise module.RunError(f"{path} is not a readable model file ({reason})") from error
+        raise RunError(f"{path} is not a readable model file ({first_line(error)})") from error
     if not isinstance(saved, dict) or not SAVED_KEYS <= set(saved):
         missing = sorted(SAVED_KEYS - set(saved)) if isinstance(saved, dict) else sorted(SAVED_KEYS)
-        raise module.RunError(f"{path} is not a model saved by --save-model (missing {', '.join(missing)})")
+        raise RunError(f"{path} is not a model saved by --save-model (missing {', '.join(missing)})")
     trained = saved["args"]
     encoder = module.Encoder(saved["obs_shape"]).to(device)
     actor = module.Actor(encoder.repr_dim, saved["action_dim"], trained["feature_dim"], trained["hidden_dim"])
@@ -75,7 +76,7 @@ def load_policy(module, path: str, device):
         encoder.load_state_dict(saved["encoder"])
         actor.load_state_dict(saved["actor"])
     except RuntimeError as error:
-        raise module.RunError(f"{path}: the weights do not fit the networks ({str(error).splitlines()[0]})") from error
+        raise RunError(f"{path}: the weights do not fit the networks ({first_line(error)})") from error
     return Policy(encoder.eval(), actor.to(device).eval(), device), saved
 
 
@@ -85,17 +86,17 @@ agent_script = load_agent_script()  # sets MUJOCO_GL=egl unless it is set
 def main(args: Args):
     module = agent_script
     if args.num_episodes < 1:
-        raise module.RunError(f"--num-episodes must be positive, got {args.num_episodes}")
+        raise RunError(f"--num-episodes must be positive, got {args.num_episodes}")
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     policy, saved = load_policy(module, args.model_path, device)
     trained = saved["args"]
     env_id = args.env_id or trained["env_id"]
     if env_id not in module.TASK_PRESET:
-        raise module.RunError(f"unknown env_id {env_id!r}; valid tasks: {', '.join(sorted(module.TASK_PRESET))}")
+        raise RunError(f"unknown env_id {env_id!r}; valid tasks: {', '.join(sorted(module.TASK_PRESET))}")
     env_kwargs = {"action_repeat": trained["action_repeat"], "frame_stack": trained["frame_stack"]}
     env = module.DMCPixelEnv(env_id, args.seed, max_episode_frames=args.max_episode_frames, **env_kwargs)
     if env.action_dim != saved["action_dim"]:
-        raise module.RunError(
+        raise RunError(
             f"{env_id} has {env.action_dim}-dimensional actions; the model was trained on {trained['env_id']}, "
             f"with {saved['action_dim']}"
         )
@@ -131,5 +132,5 @@ if __name__ == "__main__":
     arguments = tyro.cli(Args)
     try:
         main(arguments)
-    except agent_script.RunError as error:  # one clear line and a non-zero exit
+    except RunError as error:  # one clear line and a non-zero exit
         raise SystemExit(f"error: {error}") from None

@@ -59,6 +59,8 @@ class Args:
 
 def load_script(name):
     """Imports an agent script by file name, once (module-level code only: its main() does not run)."""
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)  # the scripts import machinery.py from the repository root
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, f"{name}.py"))
         module = importlib.util.module_from_spec(spec)

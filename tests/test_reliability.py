@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+import machinery
+
 from conftest import ROOT, TINY_RUN, read_scalars, run_script
 
 # 8 episodes of 40 frames, a checkpoint at each episode end, evaluations at 0, 160 and 320 frames
@@ -186,14 +188,14 @@ def same_payload(a, b) -> bool:
     return True
 
 
-def test_every_flipped_byte_and_every_truncation_is_refused_or_harmless(script, tmp_path):
+def test_every_flipped_byte_and_every_truncation_is_refused_or_harmless(tmp_path):
     """The zip's CRCs instead of a digest: at every byte of a checkpoint, a flipped byte (all bits, or the lowest) is
     refused or leaves the loaded payload unchanged (a flip in a header field nothing reads); every truncation is
     refused. torch.load alone would load some flipped tensors silently."""
     path = tmp_path / "checkpoint.pt"
     payload = {"args": {"seed": 1}, "global_step": 40, "agent": {"w": torch.randn(64), "steps": torch.arange(10)}}
     payload["rng"] = [1, torch.randint(0, 255, (16,), dtype=torch.uint8), (2, 3)]
-    script.save_checkpoint(str(path), payload)
+    machinery.save_checkpoint(str(path), payload)
     data = path.read_bytes()
     silent, refused, unchecked_silent = [], 0, 0
     for position in range(len(data)):
@@ -202,8 +204,8 @@ def test_every_flipped_byte_and_every_truncation_is_refused_or_harmless(script, 
             damaged[position] ^= mask
             path.write_bytes(bytes(damaged))
             try:
-                loaded = script.load_checkpoint(str(path))
-            except script.RunError:
+                loaded = machinery.load_checkpoint(str(path))
+            except machinery.RunError:
                 refused += 1
                 with contextlib.suppress(Exception):
                     unchecked_silent += not same_payload(payload, torch.load(path, weights_only=True))
@@ -214,8 +216,8 @@ def test_every_flipped_byte_and_every_truncation_is_refused_or_harmless(script, 
     assert refused > len(data) and unchecked_silent > 0, "the test would catch a loader that checks nothing"
     for length in range(len(data)):
         path.write_bytes(data[:length])
-        with pytest.raises(script.RunError, match="unreadable or corrupt"):
-            script.load_checkpoint(str(path))
+        with pytest.raises(machinery.RunError, match="unreadable or corrupt"):
+            machinery.load_checkpoint(str(path))
 
 
 def bad_input_cases():
@@ -296,44 +298,44 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
     assert kept["global_step"] == 40, "the frame-80 checkpoint, from before the first update, is kept"
 
 
-def test_full_disk_keeps_the_previous_checkpoint(script, tmp_path, monkeypatch):
+def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint.pt")
-    script.save_checkpoint(path, {"weights": torch.ones(3), "step": 1})
+    machinery.save_checkpoint(path, {"weights": torch.ones(3), "step": 1})
 
     def no_space(*_, **__):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(script.torch, "save", no_space)
-    with pytest.raises(script.RunError, match="No space left on device.*the previous checkpoint is kept"):
-        script.save_checkpoint(path, {"weights": torch.zeros(3), "step": 2})
-    assert script.load_checkpoint(path)["step"] == 1 and not os.path.exists(path + ".tmp")
+    monkeypatch.setattr(torch, "save", no_space)
+    with pytest.raises(machinery.RunError, match="No space left on device.*the previous checkpoint is kept"):
+        machinery.save_checkpoint(path, {"weights": torch.zeros(3), "step": 2})
+    assert machinery.load_checkpoint(path)["step"] == 1 and not os.path.exists(path + ".tmp")
 
 
 def test_full_disk_inside_torch_save_keeps_the_previous_checkpoint_and_removes_the_temporary_file(
-    script, tmp_path, monkeypatch
+    tmp_path, monkeypatch
 ):
     """torch's zip writer fails with a RuntimeError, not an OSError, when the disk fills during the write."""
     path = str(tmp_path / "checkpoint.pt")
-    script.save_checkpoint(path, {"weights": torch.ones(3), "step": 1})
+    machinery.save_checkpoint(path, {"weights": torch.ones(3), "step": 1})
 
     def fills_the_disk(payload, f):
         f.write(b"x" * 1000)
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
 
-    monkeypatch.setattr(script.torch, "save", fills_the_disk)
+    monkeypatch.setattr(torch, "save", fills_the_disk)
     kept = "the checkpoint of frame 40 is kept"
-    with pytest.raises(script.RunError, match=f"could not write .*unexpected pos.*; {kept}"):
-        script.save_checkpoint(path, {"weights": torch.zeros(3), "step": 2}, kept)
-    assert script.load_checkpoint(path)["step"] == 1 and not os.path.exists(path + ".tmp")
+    with pytest.raises(machinery.RunError, match=f"could not write .*unexpected pos.*; {kept}"):
+        machinery.save_checkpoint(path, {"weights": torch.zeros(3), "step": 2}, kept)
+    assert machinery.load_checkpoint(path)["step"] == 1 and not os.path.exists(path + ".tmp")
 
 
-def test_too_little_disk_space_is_found_before_writing(script, tmp_path, monkeypatch):
+def test_too_little_disk_space_is_found_before_writing(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint.pt")
-    script.save_checkpoint(path, {"weights": torch.ones(3), "step": 1})
-    monkeypatch.setattr(script.shutil, "disk_usage", lambda folder: shutil._ntuple_diskusage(10**9, 10**9, 1000))
-    with pytest.raises(script.RunError, match=r"not enough disk space for .*the previous checkpoint is kept"):
-        script.save_checkpoint(path, {"weights": torch.zeros(10**6), "step": 2})
-    assert script.load_checkpoint(path)["step"] == 1 and not os.path.exists(path + ".tmp")
+    machinery.save_checkpoint(path, {"weights": torch.ones(3), "step": 1})
+    monkeypatch.setattr(shutil, "disk_usage", lambda folder: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+    with pytest.raises(machinery.RunError, match=r"not enough disk space for .*the previous checkpoint is kept"):
+        machinery.save_checkpoint(path, {"weights": torch.zeros(10**6), "step": 2})
+    assert machinery.load_checkpoint(path)["step"] == 1 and not os.path.exists(path + ".tmp")
 
 
 def test_updates_wait_for_a_complete_episode(tmp_path):
