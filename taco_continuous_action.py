@@ -412,7 +412,7 @@ class ReplayBuffer:
         return frames.reshape(len(index), -1, *frames.shape[-2:]).split(len(episode_starts))
 
     def sample(self, batch_size):
-        """A batch on the replay's device: obs, action, reward (n-step), discount (gamma^n times the env's), next_obs,
+        """A batch on the replay's device: obs, action, n-step reward, discount (gamma^n times the env's), next_obs,
         action_seq (a_t .. a_{t+K-1}) and future_obs (the stacked observation at t+K)."""
         slots, episode_starts = self.sample_indices(batch_size)
         reward, discount = np.zeros((batch_size, 1), np.float32), np.ones((batch_size, 1), np.float32)
@@ -547,7 +547,7 @@ class TacoHead(nn.Module):
 
     def __init__(self, repr_dim, feature_dim, sequence_dim, hidden_dim):
         super().__init__()
-        self.project = nn.Sequential(nn.Linear(repr_dim, feature_dim), nn.LayerNorm(feature_dim), nn.Tanh())
+        self.project = trunk(repr_dim, feature_dim)  # h: the same shape as the actor's and critic's trunks
         self.predictor = nn.Sequential(
             nn.Linear(feature_dim + sequence_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, feature_dim)
         )

@@ -24,9 +24,9 @@ class Args:
 
 
 def saturation(run_dir: str, states: int = 512, seed: int = 0) -> dict:
-    checkpoint_args = torch.load(f"{run_dir}/checkpoint.pt", weights_only=True, mmap=True)["args"]
-    module = load_script(checkpoint_args["exp_name"])
-    checkpoint = module.load_checkpoint(f"{run_dir}/checkpoint.pt")
+    drqv2 = load_script("drqv2_continuous_action")  # both scripts load checkpoints with the same machinery
+    checkpoint = drqv2.load_checkpoint(f"{run_dir}/checkpoint.pt")
+    module = load_script("taco_continuous_action") if "multistep" in checkpoint["args"] else drqv2
     args = module.Args(**checkpoint["args"])
     if checkpoint["replay"] is None:
         raise SystemExit(f"{run_dir}: the checkpoint holds no replay (--no-checkpoint-replay)")
