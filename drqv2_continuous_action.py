@@ -82,7 +82,7 @@ class Args:
 
     # Speed options: off by default until a GPU learning run shows they do no harm ("Speed and memory", README)
     amp: Literal["none", "bf16"] = "none"
-    """`bf16`: the update's forward passes under bfloat16 autocast; two CPU runs collapsed (README, "Results")"""
+    """`bf16`: the update's forward passes under bfloat16 autocast; not yet shown to learn like fp32 (README, "Results")"""
     compile: bool = False
     """if toggled, compiles the networks with torch.compile"""
     cudagraphs: bool = False
