@@ -99,8 +99,7 @@ done
 # Task names are checked against the scripts' task list before anything runs, is submitted or is written.
 read -r first_script _ <<< "$SCRIPTS"
 unknown=$("$PYTHON" - "$ROOT/$first_script" $ENV_IDS <<'PY'
-import importlib.util, os, sys
-sys.path.insert(0, os.path.dirname(sys.argv[1]))  # the scripts import machinery.py from beside them
+import importlib.util, sys
 spec = importlib.util.spec_from_file_location("agent_script", sys.argv[1])
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)

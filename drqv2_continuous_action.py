@@ -1,18 +1,22 @@
 # DrQ-v2 (Yarats et al., 2021, arXiv 2107.09645): data-augmented actor-critic for continuous control from pixels.
-# Sections in reading order: settings, environment, replay, networks, agent (losses and update), training loop. What
-# runs around the algorithm, the same for both scripts (prefetching, CUDA graphs, logs, checkpoints, resume,
-# signals), is imported from machinery.py.
+# One self-contained file: copy it anywhere and run it. Sections in reading order: settings, environment, replay,
+# networks, agent (losses and update), run machinery (checks, checkpoints, signals), training loop. Blocks marked
+# `# --- shared: ... ---` are the same, byte for byte, in taco_continuous_action.py (a test keeps them so).
 # docs/drqv2.md explains each numbered detail.
+import contextlib
 import copy
 import dataclasses
+import glob
 import math
 import os
 import random
 import re
-import threading
+import signal
+import time
+import zipfile
 from collections import deque
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must be set before dm_control is imported
 
@@ -21,24 +25,12 @@ import torch
 import torch.nn.functional as F
 import tyro
 from torch import nn
-
-from machinery import (  # the same for both scripts, around the algorithm: speed, logs, checks, checkpoints, signals
-    CHECKPOINT,
-    BatchPrefetcher,
-    CudaGraph,
-    Run,
-    RunError,
-    choose_device,
-    choose_replay_device,
-    configure_torch,
-    find_run_to_resume,
-    first_line,
-    load_checkpoint,
-    restore,
-)
+from torch.utils.tensorboard import SummaryWriter
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Settings: the command line (every field is a flag, `--help` lists them), the published per-task presets, the checks
+
+PRESET = tyro.conf.arg(help_behavior_hint="")  # a field the task's preset fills: its docstring gives the defaults
 
 
 @dataclass
@@ -52,8 +44,8 @@ class Args:
     cuda: bool = True
     """if toggled, uses CUDA when a GPU is available (without one: runs on the CPU and prints a warning)"""
     track: bool = False
-    """if toggled, logs to Weights and Biases (works offline with WANDB_MODE=offline)"""
-    wandb_project_name: str = "taco"
+    """if toggled, logs to Weights and Biases with this file, the whole algorithm (offline: WANDB_MODE=offline)"""
+    wandb_project_name: str = "drqv2"
     """the wandb project name"""
     wandb_entity: str | None = None
     """the entity (team) of the wandb project"""
@@ -69,9 +61,9 @@ class Args:
     """number of consecutive renders stacked into one observation"""
     action_repeat: int = 2
     """frames per agent step; rewards are summed over them"""
-    max_episode_frames: int | None = None
+    max_episode_frames: Annotated[int | None, PRESET] = None
     """cut episodes after this many frames (default: the task's time limit, 1000 frames); for tests and debugging"""
-    total_timesteps: int | None = None
+    total_timesteps: Annotated[int | None, PRESET] = None
     """total environment frames to train for (default: the task preset's: 1.1M easy, 3.1M medium, 30.1M hard)"""
     learning_starts: int = 4000
     """frames collected before the first update"""
@@ -92,7 +84,7 @@ class Args:
     replay_device: Literal["auto", "cpu", "cuda"] = "auto"
     """where the replay's frames live (same batches on either); `auto`: the GPU if they fit in half its free memory"""
 
-    # Checkpoints (see "Long runs" in the README)
+    # Checkpoints (see docs/long-runs.md)
     checkpoint_every: int = 100_000
     """write runs/{run_name}/checkpoint.pt every this many frames, at the end and on SIGTERM/SIGINT/SIGUSR1; 0: off"""
     checkpoint_replay: bool = True
@@ -101,17 +93,17 @@ class Args:
     """continue a run: its directory, or `auto` for the newest of this env_id, exp_name and seed (else a new run)"""
 
     # Algorithm
-    buffer_size: int | None = None
+    buffer_size: Annotated[int | None, PRESET] = None
     """replay capacity in transitions (default: 1e6; 1e5 for quadruped_run)"""
-    batch_size: int | None = None
+    batch_size: Annotated[int | None, PRESET] = None
     """batch size of every update (default: 256; 512 for walker_*)"""
-    nstep: int | None = None
+    nstep: Annotated[int | None, PRESET] = None
     """n of the n-step return (default: 3; 1 for walker_*)"""
     gamma: float = 0.99
     """the discount factor gamma"""
-    learning_rate: float | None = None
+    learning_rate: Annotated[float | None, PRESET] = None
     """Adam learning rate of the encoder, actor and critic (default: 1e-4; 8e-5 for humanoid_*)"""
-    feature_dim: int | None = None
+    feature_dim: Annotated[int | None, PRESET] = None
     """width of the actor's and critic's trunk output (default: 50; 100 for humanoid_*)"""
     hidden_dim: int = 1024
     """width of the hidden layers of the actor and critic MLPs"""
@@ -121,14 +113,22 @@ class Args:
     """update the agent every this many agent steps"""
     num_expl_steps: int = 2000
     """agent steps of uniformly random actions at the start"""
-    stddev_schedule: str | None = None
+    stddev_schedule: Annotated[str | None, PRESET] = None
     """exploration std: a number or `linear(init,final,duration)` in agent steps (default: the task preset's)"""
     stddev_clip: float = 0.3
     """clip of the policy noise when sampling actions for the losses"""
 
 
-# The published runs' settings (detail 2): a task's difficulty sets the exploration std's decay (agent steps) and the
-# budget (frames); DEFAULTS hold for every task except the OVERRIDES of some task families.
+# The published runs' settings (detail 2): DEFAULTS hold for every task except the OVERRIDES of some task families.
+DEFAULTS = {"buffer_size": 1_000_000, "batch_size": 256, "nstep": 3, "learning_rate": 1e-4, "feature_dim": 50}
+OVERRIDES = {  # task name prefix: the settings that differ from DEFAULTS
+    "walker_": {"nstep": 1, "batch_size": 512},
+    "quadruped_run": {"buffer_size": 100_000},
+    "humanoid_": {"learning_rate": 8e-5, "feature_dim": 100},
+}
+
+# --- shared: presets ---
+# A task's difficulty sets the exploration std's decay (agent steps) and the budget (frames).
 PRESETS = {"easy": (100_000, 1_100_000), "medium": (500_000, 3_100_000), "hard": (2_000_000, 30_100_000)}
 TASKS = """
 easy    cartpole_balance cartpole_balance_sparse cartpole_swingup cup_catch finger_spin hopper_stand pendulum_swingup
@@ -138,23 +138,19 @@ medium  hopper_hop quadruped_run quadruped_walk reach_duplo reacher_easy reacher
 hard    humanoid_stand humanoid_walk humanoid_run manipulator_bring_ball
 """
 TASK_PRESET = {task: row.split()[0] for row in TASKS.strip().splitlines() for task in row.split()[1:]}
-DEFAULTS = {"buffer_size": 1_000_000, "batch_size": 256, "nstep": 3, "learning_rate": 1e-4, "feature_dim": 50}
-OVERRIDES = {  # task name prefix: the settings that differ from DEFAULTS
-    "walker_": {"nstep": 1, "batch_size": 512},
-    "quadruped_run": {"buffer_size": 100_000},
-    "humanoid_": {"learning_rate": 8e-5, "feature_dim": 100},
-}
 
 
-def resolve_args(args: Args) -> Args:
+def resolve_args(args):
     """Fills every setting left unset (None) from the task's preset (what the user set wins), then checks them."""
     if args.env_id not in TASK_PRESET:
         raise RunError(f"unknown env_id {args.env_id!r}; valid tasks: {', '.join(sorted(TASK_PRESET))}")
     decay, frames = PRESETS[TASK_PRESET[args.env_id]]
     preset = {**DEFAULTS, "total_timesteps": frames, "stddev_schedule": f"linear(1.0,0.1,{decay})"}
     for prefix, settings in OVERRIDES.items():
-        preset.update(settings if args.env_id.startswith(prefix) else {})
-    args = dataclasses.replace(args, **{key: value for key, value in preset.items() if getattr(args, key) is None})
+        if args.env_id.startswith(prefix):
+            preset.update(settings)
+    unset = {key: value for key, value in preset.items() if getattr(args, key) is None}
+    args = dataclasses.replace(args, **unset)
     validate_args(args)
     return args
 
@@ -164,43 +160,62 @@ def parse_schedule(spec: str):
     number = r"\s*([-+0-9.eE]+)\s*"
     match = re.fullmatch(rf"linear\({number},{number},{number}\)", spec)
     try:
-        init, final, duration = [float(g) for g in match.groups()] if match else [float(spec)] * 2 + [1.0]
+        values = [float(group) for group in match.groups()] if match else [float(spec), float(spec), 1.0]
     except ValueError:
-        init = final = duration = math.nan
-    if not all(math.isfinite(v) and v >= 0 for v in (init, final, duration)) or duration == 0:
+        values = [math.nan] * 3
+    init, final, duration = values
+    if not all(math.isfinite(value) and value >= 0 for value in values) or duration == 0:
         raise RunError(
             f"--stddev-schedule must be a number >= 0 or 'linear(init,final,duration)' of such, got {spec!r}"
         )
     return lambda step: init + (final - init) * min(step / duration, 1.0)
 
 
-def validate_args(args: Args):
-    """Fails fast, before any environment is built, on settings that cannot work."""
-    value, limit = vars(args), 250 if args.env_id == "reach_duplo" else 1000  # the task's time limit, in frames
-    episode_steps = min(args.max_episode_frames or limit, limit) // args.action_repeat
-    positive = "frame_stack action_repeat total_timesteps eval_every num_eval_episodes buffer_size batch_size nstep"
-    positive += " learning_rate feature_dim hidden_dim update_every_steps"
-    rules = [(name, value[name] is None or value[name] > 0, "must be positive") for name in positive.split()]
-    rules += [(name, value[name] >= 0, "must be non-negative") for name in ("learning_starts", "num_expl_steps")]
-    rules += [("checkpoint_every", args.checkpoint_every >= 0, "must be non-negative")]
+def check_common_args(args, positive: list[str]) -> int:
+    """Fails fast, before any environment is built, on settings that cannot work; returns an episode's agent steps."""
+    time_limit = 250 if args.env_id == "reach_duplo" else 1000  # the task's, in frames
+    episode_steps = min(args.max_episode_frames or time_limit, time_limit) // args.action_repeat
+    value = vars(args)
+    positive = positive + ["frame_stack", "action_repeat", "total_timesteps", "eval_every", "num_eval_episodes"]
+    positive += [
+        "buffer_size",
+        "batch_size",
+        "nstep",
+        "learning_rate",
+        "feature_dim",
+        "hidden_dim",
+        "update_every_steps",
+    ]
+    rules = [(name, value[name] is None or value[name] > 0, "must be positive") for name in positive]
+    for name in ("learning_starts", "num_expl_steps", "checkpoint_every"):
+        rules.append((name, value[name] >= 0, "must be non-negative"))
     rules += [(name, 0 < value[name] <= 1, "must be in (0, 1]") for name in ("gamma", "tau")]
-    rules += [("learning_rate", math.isfinite(args.learning_rate), "must be finite")]
-    rules += [("stddev_clip", math.isfinite(args.stddev_clip) and args.stddev_clip >= 0, "must be finite and >= 0")]
+    rules.append(("learning_rate", math.isfinite(args.learning_rate), "must be finite"))
+    rules.append(("stddev_clip", math.isfinite(args.stddev_clip) and args.stddev_clip >= 0, "must be finite and >= 0"))
     at_least_one_step = args.max_episode_frames is None or args.max_episode_frames >= args.action_repeat
-    rules += [("max_episode_frames", at_least_one_step, "must be at least --action-repeat")]
+    rules.append(("max_episode_frames", at_least_one_step, "must be at least --action-repeat"))
     for name, ok, requirement in rules:
         if not ok:
             raise RunError(f"--{name.replace('_', '-')} {requirement}, got {value[name]}")
-    if args.batch_size > (stored := min(args.buffer_size, args.learning_starts // args.action_repeat)):
+    stored = min(args.buffer_size, args.learning_starts // args.action_repeat)
+    if args.batch_size > stored:
         raise RunError(
             f"--batch-size {args.batch_size} is larger than the {stored} transitions the replay holds when updates "
             f"start (--learning-starts {args.learning_starts} frames, --buffer-size {args.buffer_size})"
         )
     if args.buffer_size < episode_steps:
         raise RunError(f"--buffer-size {args.buffer_size} is smaller than one episode ({episode_steps} transitions)")
+    parse_schedule(args.stddev_schedule)
+    return episode_steps
+
+
+# --- end shared ---
+
+
+def validate_args(args: Args):
+    episode_steps = check_common_args(args, positive=[])
     if args.nstep >= episode_steps:
         raise RunError(f"--nstep must be shorter than an episode ({episode_steps} agent steps)")
-    parse_schedule(args.stddev_schedule)
 
 
 UPDATE_MEMORY = 1.5e9  # bytes of a default CPU run besides the replay (1.40 GB measured: benchmarks/update_memory.py)
@@ -210,13 +225,15 @@ UPDATE_MEMORY = 1.5e9  # bytes of a default CPU run besides the replay (1.40 GB 
 # Environment (detail 1): a dm_control task seen through 84x84 renders, action repeat, stacked frames, channels first
 
 
+# --- shared: environment ---
 class DMCPixelEnv:
     def __init__(self, env_id, seed, action_repeat=2, frame_stack=3, max_episode_frames=None, size=84):
         try:  # dm_control picks the renderer at import; a bad MUJOCO_GL fails there or at the first render
             from dm_control import manipulation, suite
 
             if env_id == "reach_duplo":  # the manipulation task renders its own 84x84 pixels
-                self._env, self._camera = manipulation.load("reach_duplo_vision", seed=seed), None
+                self._env = manipulation.load("reach_duplo_vision", seed=seed)
+                self._camera = None
             else:
                 domain, task = env_id.split("_", 1)
                 domain = "ball_in_cup" if domain == "cup" else domain
@@ -230,10 +247,17 @@ class DMCPixelEnv:
                 "CPU-only machines: apt-get install libegl1 libgl1-mesa-dri) or MUJOCO_GL=osmesa (libosmesa6)"
             ) from error
         spec = self._env.action_spec()
-        self._low, self._high = spec.minimum.astype(np.float32), spec.maximum.astype(np.float32)
-        self.action_dim, self.frame_shape = spec.shape[0], (3, size, size)
+        # Actions in [-1, 1] are rescaled as the published code's wrappers do, in the same order and dtypes: its
+        # float32 action spec, then dm_control's action_scale.Wrapper; other roundings make trajectories drift apart.
+        self._action_low = spec.minimum.astype(np.float32)
+        self._action_scale = (spec.maximum.astype(np.float32) - self._action_low) / (np.array(1.0) - np.array(-1.0))
+        self._action_dtype = spec.dtype
+        self.action_dim = spec.shape[0]
+        self.frame_shape = (3, size, size)
         self.observation_shape = (3 * frame_stack, size, size)
-        self._size, self._action_repeat, self._max_episode_frames = size, action_repeat, max_episode_frames
+        self._size = size
+        self._action_repeat = action_repeat
+        self._max_episode_frames = max_episode_frames
         self._frames = deque(maxlen=frame_stack)
         self.frame = None  # the latest render, (3, size, size) uint8: what the replay stores
 
@@ -257,8 +281,10 @@ class DMCPixelEnv:
 
     def step(self, action: np.ndarray):
         """Returns (stacked observation, summed reward, discount, episode over)."""
-        action = self._low + (np.asarray(action, np.float32) + 1.0) / 2.0 * (self._high - self._low)
-        reward, discount = 0.0, 1.0
+        scaled = self._action_low + self._action_scale * (np.asarray(action) - np.array(-1.0))
+        action = scaled.astype(np.float32, copy=False).astype(self._action_dtype)
+        reward = 0.0
+        discount = 1.0
         for _ in range(self._action_repeat):
             time_step = self._env.step(action)
             reward += (time_step.reward or 0.0) * discount
@@ -268,6 +294,9 @@ class DMCPixelEnv:
             if done:
                 break
         return self._observe(time_step), reward, discount, done
+
+
+# --- end shared ---
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -281,16 +310,24 @@ class ReplayBuffer:
     frames wait on the host and reach the ring in one copy when it ends."""
 
     def __init__(self, capacity, frame_shape, action_dim, frame_stack, nstep, gamma, seed=0, device="cpu"):
-        self.capacity, self.frame_stack, self.nstep, self.gamma = capacity, frame_stack, nstep, gamma
+        self.capacity = capacity
+        self.frame_stack = frame_stack
+        self.nstep = nstep
+        self.gamma = gamma
         self.window = nstep  # steps after t that a sample at t reads
-        self.device, self.num_slots = torch.device(device), self.slots(capacity)
+        self.device = torch.device(device)
+        self.num_slots = self.slots(capacity)
         self.frames = torch.empty((self.num_slots, *frame_shape), dtype=torch.uint8, device=self.device)
         self.actions = np.zeros((self.num_slots, action_dim), dtype=np.float32)
-        self.rewards, self.discounts = np.zeros(self.num_slots, np.float32), np.zeros(self.num_slots, np.float32)
+        self.rewards = np.zeros(self.num_slots, np.float32)
+        self.discounts = np.zeros(self.num_slots, np.float32)
         self.episodes = deque()  # (first slot, transitions) of the complete episodes, oldest first; slots count up
-        self.num_transitions, self._next_slot, self._episode_start, self._episode_frames = 0, 0, None, []
-        self._table, self.rng = None, np.random.default_rng(seed)
-        self.lock = threading.Lock()  # writers wait while a background sample (BatchPrefetcher) reads
+        self.num_transitions = 0
+        self._next_slot = 0
+        self._episode_start = None  # first slot of the running episode
+        self._episode_frames = []  # its frames, on the host until it ends
+        self._table = None  # what sampling needs of the episode table, rebuilt when it changes
+        self.rng = np.random.default_rng(seed)
 
     @staticmethod
     def slots(capacity: int) -> int:
@@ -319,30 +356,35 @@ class ReplayBuffer:
 
     def start_episode(self, frame: np.ndarray):
         """Stores the first frame of a new episode (an unfinished previous episode is dropped)."""
-        with self.lock:
-            self._next_slot = self._next_slot if self._episode_start is None else self._episode_start
-            self._episode_start, self._episode_frames = self._next_slot, []
-            self._claim_slot(frame)
+        if self._episode_start is not None:
+            self._next_slot = self._episode_start
+        self._episode_start = self._next_slot
+        self._episode_frames = []
+        self._claim_slot(frame)
 
     def add(self, action, reward, discount, next_frame):
         """Stores the transition from the latest frame and the frame it led to."""
-        with self.lock:
-            slot = (self._next_slot - 1) % self.num_slots
-            self.actions[slot], self.rewards[slot], self.discounts[slot] = action, reward, discount
-            self._claim_slot(next_frame)
+        slot = (self._next_slot - 1) % self.num_slots
+        self.actions[slot] = action
+        self.rewards[slot] = reward
+        self.discounts[slot] = discount
+        self._claim_slot(next_frame)
 
     def end_episode(self):
         """Writes the episode's frames into the ring (which may wrap), makes it sampleable, evicts beyond capacity."""
-        with self.lock:
-            frames, first = torch.from_numpy(np.stack(self._episode_frames)), self._episode_start % self.num_slots
-            head = min(len(frames), self.num_slots - first)
-            self.frames[first : first + head] = frames[:head].to(self.device)
-            self.frames[: len(frames) - head] = frames[head:].to(self.device)
-            self.episodes.append((self._episode_start, self._next_slot - 1 - self._episode_start))
-            self.num_transitions += self.episodes[-1][1]
-            self._episode_start, self._episode_frames, self._table = None, [], None
-            while self.num_transitions > self.capacity:
-                self._evict_oldest()
+        frames = torch.from_numpy(np.stack(self._episode_frames))
+        first = self._episode_start % self.num_slots
+        head = min(len(frames), self.num_slots - first)
+        self.frames[first : first + head] = frames[:head].to(self.device)
+        self.frames[: len(frames) - head] = frames[head:].to(self.device)
+        transitions = self._next_slot - 1 - self._episode_start
+        self.episodes.append((self._episode_start, transitions))
+        self.num_transitions += transitions
+        self._episode_start = None
+        self._episode_frames = []
+        self._table = None
+        while self.num_transitions > self.capacity:
+            self._evict_oldest()
 
     def state_dict(self) -> dict:
         """The used slots as host tensors, the episode table and the RNG (an unfinished episode is dropped)."""
@@ -359,8 +401,11 @@ class ReplayBuffer:
         for name in ("actions", "rewards", "discounts"):
             getattr(self, name)[: len(state[name])] = state[name].numpy()
         self.episodes = deque(tuple(episode) for episode in state["episodes"])
-        self.num_transitions, self._next_slot = state["num_transitions"], state["next_slot"]
-        self._episode_start, self._episode_frames, self._table = None, [], None
+        self.num_transitions = state["num_transitions"]
+        self._next_slot = state["next_slot"]
+        self._episode_start = None
+        self._episode_frames = []
+        self._table = None
         self.rng.bit_generator.state = state["rng"]
 
     def _sample_table(self):
@@ -384,7 +429,7 @@ class ReplayBuffer:
         episode = np.searchsorted(cumulative, draws, side="right")
         return starts[episode] + draws - np.r_[0, cumulative][episode], starts[episode]
 
-    def _gather_stacks(self, episode_starts, *slots):
+    def _gather_stacks(self, episode_starts, slots: list):
         """The stacked observations at each array of slots (an episode's first frame repeats before its start),
         gathered in one pass on the replay's device: uint8 tensors of shape (B, frame_stack * 3, H, W)."""
         offsets = np.arange(-self.frame_stack + 1, 1)
@@ -394,24 +439,27 @@ class ReplayBuffer:
             frames = torch.from_numpy(self.frames.numpy()[index])
         else:
             frames = self.frames[torch.from_numpy(index).to(self.device)]
-        return frames.reshape(len(index), -1, *frames.shape[-2:]).split(len(episode_starts))
+        stacks = frames.reshape(len(index), -1, frames.shape[-2], frames.shape[-1])
+        return stacks.split(len(episode_starts))
 
     def sample(self, batch_size):
         """A batch on the replay's device: obs, action, n-step reward, discount (gamma^n times the env's), next_obs."""
         slots, episode_starts = self.sample_indices(batch_size)
-        reward, discount = np.zeros((batch_size, 1), np.float32), np.ones((batch_size, 1), np.float32)
+        reward = np.zeros((batch_size, 1), np.float32)
+        discount = np.ones((batch_size, 1), np.float32)
         for step in ((slots[:, None] + i) % self.num_slots for i in range(self.nstep)):
             reward += discount * self.rewards[step]
             discount *= self.discounts[step] * self.gamma
-        obs, next_obs = self._gather_stacks(episode_starts, slots, slots + self.nstep)
-        host = {"action": self.actions[slots % self.num_slots], "reward": reward, "discount": discount}
-        return {"obs": obs, "next_obs": next_obs, **{k: torch.from_numpy(v).to(self.device) for k, v in host.items()}}
+        obs, next_obs = self._gather_stacks(episode_starts, [slots, slots + self.nstep])
+        arrays = {"action": self.actions[slots % self.num_slots], "reward": reward, "discount": discount}
+        return {"obs": obs, "next_obs": next_obs, **{k: torch.from_numpy(v).to(self.device) for k, v in arrays.items()}}
 
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Networks and augmentation (details 6-8): the encoder of stacked frames, its random shifts, the actor, the twin critic
 
 
+# --- shared: networks ---
 def weight_init(m):
     """Orthogonal weights (ReLU gain for convolutions), zero biases."""
     if isinstance(m, (nn.Linear, nn.Conv2d)):
@@ -433,9 +481,17 @@ def random_shift(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
 class Encoder(nn.Module):
     def __init__(self, obs_shape):
         super().__init__()
-        convs = [nn.Conv2d(obs_shape[0], 32, 3, stride=2)] + [nn.Conv2d(32, 32, 3, stride=1) for _ in range(3)]
         # in-place ReLUs: no extra activation buffer (the convolutions' backward needs none)
-        self.convnet = nn.Sequential(*[layer for conv in convs for layer in (conv, nn.ReLU(inplace=True))])
+        self.convnet = nn.Sequential(
+            nn.Conv2d(obs_shape[0], 32, 3, stride=2),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(32, 32, 3, stride=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(32, 32, 3, stride=1),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(32, 32, 3, stride=1),
+            nn.ReLU(inplace=True),
+        )
         self.repr_dim = 32 * ((obs_shape[-1] - 3) // 2 + 1 - 6) ** 2  # 39 200 for 84x84 inputs
         self.apply(weight_init)
         self.convnet.to(memory_format=torch.channels_last)  # faster convolutions on CPU and GPU
@@ -454,14 +510,20 @@ def trunk(repr_dim, feature_dim):
 
 
 def mlp(in_dim, hidden_dim, out_dim):
-    layers = [nn.Linear(in_dim, hidden_dim), nn.ReLU(), nn.Linear(hidden_dim, hidden_dim), nn.ReLU()]
-    return nn.Sequential(*layers, nn.Linear(hidden_dim, out_dim))
+    return nn.Sequential(
+        nn.Linear(in_dim, hidden_dim),
+        nn.ReLU(),
+        nn.Linear(hidden_dim, hidden_dim),
+        nn.ReLU(),
+        nn.Linear(hidden_dim, out_dim),
+    )
 
 
 class Actor(nn.Module):
     def __init__(self, repr_dim, action_dim, feature_dim, hidden_dim):
         super().__init__()
-        self.trunk, self.policy = trunk(repr_dim, feature_dim), mlp(feature_dim, hidden_dim, action_dim)
+        self.trunk = trunk(repr_dim, feature_dim)
+        self.policy = mlp(feature_dim, hidden_dim, action_dim)
         self.apply(weight_init)
 
     def forward(self, features):
@@ -473,7 +535,8 @@ class Critic(nn.Module):
     def __init__(self, repr_dim, action_dim, feature_dim, hidden_dim):
         super().__init__()
         self.trunk = trunk(repr_dim, feature_dim)
-        self.q1, self.q2 = mlp(feature_dim + action_dim, hidden_dim, 1), mlp(feature_dim + action_dim, hidden_dim, 1)
+        self.q1 = mlp(feature_dim + action_dim, hidden_dim, 1)
+        self.q2 = mlp(feature_dim + action_dim, hidden_dim, 1)
         self.apply(weight_init)
 
     def forward(self, features, action):
@@ -494,24 +557,84 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float):
     torch._foreach_lerp_(list(target.parameters()), list(source.parameters()), tau)
 
 
+# --- end shared ---
+
+
 # ----------------------------------------------------------------------------------------------------------------------
 # Agent (details 9-10): the networks and their optimizers, acting, and the update with its losses
 
 
+# --- shared: CUDA graphs ---
+class CudaGraph:
+    """--cudagraphs: the whole update (forwards, backwards, optimizer steps, target update) recorded once as a CUDA
+    graph, then replayed: one launch instead of hundreds. Each replay reads the batch and std copied into the graph's
+    input tensors and overwrites the metrics it returned last time; random draws come from the CUDA generator."""
+
+    def __init__(self, agent):
+        self.agent = agent
+        self.graph = None
+
+    def __call__(self, batch: dict, std: float) -> dict:
+        if self.graph is None:
+            self.batch = {key: value.clone() for key, value in batch.items()}
+            self.std = torch.full((), std, device=self.agent.device)
+            self.capture()
+        for key, value in batch.items():
+            self.batch[key].copy_(value, non_blocking=True)
+        self.std.fill_(std)
+        self.graph.replay()
+        return self.metrics
+
+    def capture(self):
+        # A warm-up update on a side stream sets up what a graph cannot (library handles, Adam's state); then the
+        # weights, the optimizer states and the random generator are put back, in place, as they were before it.
+        saved = copy.deepcopy(self.agent.state_dict())
+        rng = torch.cuda.get_rng_state()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.agent.compute_update(self.batch, self.std)
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.no_grad():
+            for name, part in vars(self.agent).items():
+                if isinstance(part, nn.Module):
+                    part.load_state_dict(saved[name])
+                elif isinstance(part, torch.optim.Optimizer):
+                    parameters = [p for group in part.param_groups for p in group["params"]]
+                    for index, parameter in enumerate(parameters):
+                        before = saved[name]["state"].get(index, {})  # empty: no state before the warm-up
+                        for key, tensor in part.state[parameter].items():
+                            if key in before:
+                                tensor.copy_(before[key])
+                            else:
+                                tensor.zero_()
+                    part.zero_grad(set_to_none=True)
+        torch.cuda.set_rng_state(rng)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):  # other threads: TensorBoard's writer
+            self.metrics = self.agent.compute_update(self.batch, self.std)
+
+
+# --- end shared ---
+
+
 class Agent:
     def __init__(self, obs_shape, action_dim, args: Args, device):
-        self.args, self.device, dims = args, device, (action_dim, args.feature_dim, args.hidden_dim)
+        self.args = args
+        self.device = device
         self.encoder = Encoder(obs_shape).to(device)
-        self.actor = Actor(self.encoder.repr_dim, *dims).to(device)
-        self.critic = Critic(self.encoder.repr_dim, *dims).to(device)
+        repr_dim = self.encoder.repr_dim
+        self.actor = Actor(repr_dim, action_dim, args.feature_dim, args.hidden_dim).to(device)
+        self.critic = Critic(repr_dim, action_dim, args.feature_dim, args.hidden_dim).to(device)
         self.critic_target = copy.deepcopy(self.critic)
         adam = {"lr": args.learning_rate, "capturable": args.cudagraphs}  # capturable: Adam's step count on the GPU
         self.encoder_opt = torch.optim.Adam(self.encoder.parameters(), **adam)
         self.actor_opt = torch.optim.Adam(self.actor.parameters(), **adam)
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), **adam)
         self.stddev = parse_schedule(args.stddev_schedule)
-        for network in self.state_dict(optimizers=False) if args.compile else []:
-            getattr(self, network).compile()  # keeps the state_dict keys
+        if args.compile:
+            for network in self.state_dict(optimizers=False):
+                getattr(self, network).compile()  # keeps the state_dict keys
         self.cuda_graph = CudaGraph(self) if args.cudagraphs else None
 
     def autocast(self):
@@ -548,7 +671,8 @@ class Agent:
         with self.autocast():
             with torch.no_grad():
                 next_action = sample_action(self.actor(next_obs), std, self.args.stddev_clip)
-                target_q = reward + discount * torch.min(*self.critic_target(next_obs, next_action))
+                target_q1, target_q2 = self.critic_target(next_obs, next_action)
+                target_q = reward + discount * torch.min(target_q1, target_q2)
             q1, q2 = self.critic(obs, action)
         critic_loss = F.mse_loss(q1.float(), target_q.float()) + F.mse_loss(q2.float(), target_q.float())
         self.encoder_opt.zero_grad(set_to_none=True)
@@ -561,7 +685,8 @@ class Agent:
     def update_actor(self, obs, std):
         with self.autocast():
             action = sample_action(self.actor(obs), std, self.args.stddev_clip)
-            actor_loss = -torch.min(*self.critic(obs, action)).float().mean()
+            q1, q2 = self.critic(obs, action)
+            actor_loss = -torch.min(q1, q2).float().mean()
         self.actor_opt.zero_grad(set_to_none=True)
         actor_loss.backward()
         self.actor_opt.step()
@@ -578,6 +703,234 @@ class Agent:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
+# Run machinery (detail 12): the checks made before anything is written, evaluation, checkpoints that continue a run
+# exactly, and stop signals. Nothing here changes what an update computes.
+
+
+# --- shared: run machinery ---
+class RunError(ValueError):
+    """A problem the user can fix (bad settings, a damaged checkpoint, no renderer): one clear line, non-zero exit."""
+
+
+def first_line(error: Exception) -> str:
+    return str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+
+
+def duration(seconds: float) -> str:
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m" if math.isfinite(seconds) else "?"
+
+
+def choose_device(args) -> torch.device:
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if args.cuda and device.type == "cpu":
+        print("warning: no CUDA device is available; running on the CPU")
+    if args.cudagraphs and device.type != "cuda":
+        raise RunError("--cudagraphs needs a CUDA device")
+    return device
+
+
+def configure_torch(args):
+    """cuDNN's deterministic algorithms (--torch-deterministic) and the precision of fp32 convolutions (--tf32)."""
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.backends.cudnn.allow_tf32 = args.tf32  # fp32 convolutions (--tf32); matmuls stay in full fp32
+    torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def choose_replay_device(args, device: torch.device, env, replay_memory, update_memory: float):
+    """--replay-device, and the memory of the replay once full checked now (not when a run fails hours in), given the
+    bytes a replay of n transitions of `env` allocates, `replay_memory(n, frame_shape, action_dim)`, and the bytes the
+    updates take on the CPU. Returns the device and a line that says it."""
+    if args.replay_device == "cuda" and device.type == "cpu":
+        raise RunError("--replay-device cuda needs a CUDA device")
+    full = replay_memory(args.buffer_size, env.frame_shape, env.action_dim)
+    fits = args.replay_device == "cuda" or device.type == "cuda" and full <= torch.cuda.mem_get_info(device)[0] / 2
+    replay_device = device if args.replay_device != "cpu" and fits else torch.device("cpu")
+    transitions = min(args.buffer_size, args.total_timesteps // args.action_repeat)
+    replay_bytes = replay_memory(transitions, env.frame_shape, env.action_dim)
+    host_bytes = replay_bytes if replay_device.type == "cpu" else 0
+    if device.type == "cpu":
+        host_bytes += update_memory
+    available = math.inf  # where /proc/meminfo cannot tell
+    with contextlib.suppress(OSError, StopIteration, ValueError), open("/proc/meminfo") as meminfo:
+        available = 1024 * int(next(line.split()[1] for line in meminfo if line.startswith("MemAvailable:")))
+    if host_bytes > available:
+        raise RunError(
+            f"the replay's {transitions} transitions take {replay_bytes / 1e9:.1f} GB and the updates about "
+            f"{update_memory / 1e9:.1f} GB, but {available / 1e9:.1f} GB of memory are available: lower --buffer-size"
+        )
+    if replay_device.type == "cuda" and replay_bytes > torch.cuda.mem_get_info(replay_device)[0]:
+        raise RunError(
+            f"the replay's {replay_bytes / 1e9:.1f} GB do not fit in the GPU's free memory: --replay-device cpu"
+        )
+    return (
+        replay_device,
+        f"replay: up to {transitions} transitions, {replay_bytes / 1e9:.2f} GB in {replay_device.type} memory",
+    )
+
+
+def evaluate(agent, env, num_episodes: int, video_path: str | None = None) -> list:
+    """Returns of episodes acting with the mean action (the first one filmed to `video_path`, if given)."""
+    returns = []
+    video = []
+    for episode in range(num_episodes):
+        obs = env.reset()
+        done = False
+        returns.append(0.0)
+        while not done:
+            if video_path and episode == 0:
+                video.append(env.frame.transpose(1, 2, 0).repeat(3, axis=0).repeat(3, axis=1))  # 84 -> 252 px
+            obs, reward, _, done = env.step(agent.act(obs, step=0, eval_mode=True))
+            returns[-1] += reward
+    if video_path:
+        import imageio
+
+        os.makedirs(os.path.dirname(video_path), exist_ok=True)
+        imageio.mimsave(video_path, video, fps=30, macro_block_size=4)
+    return returns
+
+
+def read_metrics(metrics: dict, frame: int, checkpoint_frame: int) -> dict:
+    """The latest update's metrics as numbers (reading them waits for the GPU: once an episode); stops on a
+    non-finite one."""
+    values = {tag: tensor.item() for tag, tensor in metrics.items()}
+    for tag, value in values.items():
+        if not math.isfinite(value):
+            kept = f"the last checkpoint, at frame {checkpoint_frame}, is kept"
+            raise RunError(f"non-finite {tag} ({value}) at frame {frame}; stopping without checkpointing ({kept})")
+    return values
+
+
+CHECKPOINT = "checkpoint.pt"
+# Settings that may differ when a run is resumed; every other setting must equal the checkpoint's.
+RESUMABLE_CHANGES = {"total_timesteps", "eval_every", "num_eval_episodes", "checkpoint_every", "checkpoint_replay"}
+RESUMABLE_CHANGES |= {"resume", "cuda", "torch_deterministic", "track", "wandb_project_name", "wandb_entity"}
+RESUMABLE_CHANGES |= {"capture_video", "save_model", "compile", "cudagraphs", "tf32", "replay_device"}
+
+
+def save_checkpoint(path: str, payload: dict, kept: str = "the previous checkpoint is kept"):
+    """Writes a temporary file, fsyncs, renames it over `path`: a kill or a full disk at any moment leaves the
+    previous checkpoint whole, and the temporary file goes whatever the error."""
+    temporary = f"{path}.tmp"
+    try:
+        with open(temporary, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+        descriptor = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
+        os.fsync(descriptor)  # the rename itself reaches the disk
+        os.close(descriptor)
+    except Exception as error:  # OSError (a full disk), or torch's zip writer failing on one (RuntimeError)
+        raise RunError(f"could not write {path} ({first_line(error)}); {kept}") from error
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+
+
+def load_checkpoint(path: str, args=None) -> dict:
+    """The checkpoint's payload (tensors memory-mapped) once every record of its zip file matches its CRC (torch.load
+    checks none) and, given `args`, the settings that change what is computed match them."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+        payload = torch.load(path, weights_only=True, mmap=True) if damaged is None else None
+    except Exception as error:  # a damaged file fails in many ways
+        raise RunError(f"the checkpoint {path} is unreadable or corrupt ({first_line(error)})") from error
+    if damaged is not None:
+        raise RunError(f"the checkpoint {path} is corrupt: its record {damaged} does not match its CRC")
+    if not isinstance(payload, dict):
+        raise RunError(f"the checkpoint {path} is corrupt: it holds no run's checkpoint")
+    saved = payload.get("args", {})
+    differences = [
+        f"--{name.replace('_', '-')} is {saved.get(name)!r} in the checkpoint but {value!r} now"
+        for name, value in (vars(args).items() if args else [])
+        if name not in RESUMABLE_CHANGES and saved.get(name) != value
+    ]
+    if differences:
+        raise RunError("cannot resume with settings other than the checkpoint's: " + "; ".join(differences))
+    return payload
+
+
+def find_run_to_resume(args) -> str | None:
+    """The run directory --resume names (or holds the checkpoint file it names); for `auto`, the newest run of the
+    same env_id, exp_name and seed with a checkpoint, else None."""
+    if args.resume != "auto":
+        if os.path.isfile(args.resume) and os.path.basename(args.resume) == CHECKPOINT:
+            return os.path.dirname(os.path.abspath(args.resume))
+        if not os.path.isfile(os.path.join(args.resume, CHECKPOINT)):
+            missing = "no such run directory" if not os.path.isdir(args.resume) else f"there is no {CHECKPOINT} in it"
+            raise RunError(f"--resume {args.resume}: {missing} (pass runs/<run_name> or auto; checkpoints off?)")
+        return os.path.normpath(args.resume)
+    found = glob.glob(f"runs/{args.env_id}__{args.exp_name}__{args.seed}__*/{CHECKPOINT}")
+    if not found:
+        print("--resume auto: no checkpoint of this env_id, exp_name and seed under runs/; starting a new run")
+        return None
+    chosen = os.path.dirname(max(found, key=os.path.getmtime))
+    print(f"--resume auto: resuming {chosen}, the newest of {len(found)} runs of this task and seed")
+    return chosen
+
+
+def write_checkpoint(run_dir, args, global_step, agent, replay, envs, last_eval, checkpoint_frame):
+    """Everything the run needs to continue exactly: weights, optimizer states, the replay, every random state."""
+    frame = global_step * args.action_repeat
+    for name, network in agent.state_dict(optimizers=False).items():
+        if not all(torch.isfinite(tensor).all() for tensor in network.values()):
+            raise RunError(f"non-finite parameters in the {name} at frame {frame}; stopping without checkpointing")
+    random_states = [state.get_state() for state in [np.random, *(env.random_state for env in envs)]]
+    random_states = [[state[0], torch.from_numpy(state[1].copy()), *state[2:]] for state in random_states]
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state(), "numpy": random_states[0]}
+    rng["envs"] = random_states[1:]
+    rng["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
+    payload = {"args": vars(args), "global_step": global_step, "agent": agent.state_dict(), "rng": rng}
+    payload["replay"] = replay.state_dict() if args.checkpoint_replay else None
+    payload["last_eval"] = last_eval
+    kept = f"the checkpoint of frame {checkpoint_frame} is kept" if checkpoint_frame else "none is kept"
+    save_checkpoint(os.path.join(run_dir, CHECKPOINT), payload, kept)
+
+
+def restore(checkpoint: dict, agent, replay, envs):
+    """Puts the run back as its checkpoint left it. Returns the agent step it reached and its last evaluation."""
+    agent.load_state_dict(checkpoint["agent"])
+    if checkpoint["replay"] is not None:
+        replay.load_state_dict(checkpoint["replay"])
+    rng = checkpoint["rng"]
+    random.setstate((rng["python"][0], tuple(rng["python"][1]), rng["python"][2]))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    for state, owner in zip([rng["numpy"], *rng["envs"]], [np.random, *(env.random_state for env in envs)]):
+        owner.set_state((state[0], state[1].numpy(), *state[2:]))
+    return checkpoint["global_step"], checkpoint["last_eval"]
+
+
+class StopRequest:
+    """SIGTERM, SIGINT and SIGUSR1 ask the run to checkpoint at the end of the current episode and exit; a second
+    signal exits at once (the previous checkpoint stays whole)."""
+
+    def __init__(self, checkpoints: bool):
+        self.signal = None
+        self.checkpoints = checkpoints
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+            signal.signal(signum, self._handle)
+
+    def _handle(self, signum, _):
+        if self.signal is not None:
+            raise SystemExit(128 + signum)
+        self.signal = signum
+        then = "checkpointing and exiting" if self.checkpoints else "exiting (checkpoints are off: nothing to resume)"
+        print(f"{signal.Signals(signum).name}: finishing this episode, then {then}", flush=True)
+
+    def exit(self, frame: int, run_dir: str):
+        resume = f"with a checkpoint at frame {frame}; resume with --resume {run_dir}"
+        nothing = f"at frame {frame}; checkpoints are off, so there is nothing to resume"
+        print(f"stopped by {signal.Signals(self.signal).name} {resume if self.checkpoints else nothing}")
+        raise SystemExit(128 + self.signal)
+
+
+# --- end shared ---
+
+
+# ----------------------------------------------------------------------------------------------------------------------
 # Training loop (detail 11): act, update when due, step the environment; evaluate, log and checkpoint on schedule
 
 
@@ -590,89 +943,154 @@ def main(args: Args):
     np.random.seed(args.seed)
     torch.manual_seed(args.seed)
     configure_torch(args)
-    env, eval_env = [
-        DMCPixelEnv(args.env_id, args.seed, args.action_repeat, args.frame_stack, args.max_episode_frames)
-        for _ in range(2)
-    ]
-    replay_device, memory = choose_replay_device(args, device, env, ReplayBuffer.memory, UPDATE_MEMORY)
+    env = DMCPixelEnv(args.env_id, args.seed, args.action_repeat, args.frame_stack, args.max_episode_frames)
+    eval_env = DMCPixelEnv(args.env_id, args.seed, args.action_repeat, args.frame_stack, args.max_episode_frames)
+    replay_device, replay_line = choose_replay_device(args, device, env, ReplayBuffer.memory, UPDATE_MEMORY)
     try:
         agent = Agent(env.observation_shape, env.action_dim, args, device)
     except (RuntimeError, MemoryError) as error:  # an allocation that cannot succeed: sizes far too large
         raise RunError(f"the networks do not fit in memory ({first_line(error)[:150]})") from error
-    sizes = (args.buffer_size, env.frame_shape, env.action_dim, args.frame_stack)
-    rb = ReplayBuffer(*sizes, args.nstep, args.gamma, seed=args.seed, device=replay_device)
-    prefetcher = BatchPrefetcher(rb, args.batch_size, device)
-    start_step, progress = 0, {"last_eval": math.nan, "pending_eval": 0}  # a new run evaluates frame 0 first
+    rb = ReplayBuffer(
+        args.buffer_size,
+        env.frame_shape,
+        env.action_dim,
+        args.frame_stack,
+        args.nstep,
+        args.gamma,
+        args.seed,
+        device=replay_device,
+    )
+    start_step = 0
+    last_eval = math.nan
     if checkpoint:
-        start_step, progress = restore(checkpoint, agent, rb, prefetcher, (env, eval_env))
+        start_step, last_eval = restore(checkpoint, agent, rb, [env, eval_env])
         del checkpoint  # its tensors are memory-mapped from the file
     total_steps = args.total_timesteps // args.action_repeat  # in agent steps
     if start_step >= total_steps:
         print(f"{run_dir} already ran {start_step * args.action_repeat} frames: nothing to do")
         return
-    run = Run(args, run_dir, start_step, progress, agent, rb, prefetcher, (env, eval_env), evaluate)
+    run_name = os.path.basename(run_dir or f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
+    run_dir = run_dir or f"runs/{run_name}"
+    start_frame = start_step * args.action_repeat
+    if args.track:  # a resumed run continues the same wandb run; save_code keeps this file, the whole algorithm
+        import wandb
+
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            config=vars(args),
+            name=run_name,
+            id=run_name,
+            resume="allow",
+            sync_tensorboard=True,
+            save_code=True,
+        )
+    # On resume, TensorBoard drops what the interrupted run logged after its checkpoint: each step appears once.
+    writer = SummaryWriter(run_dir, purge_step=start_frame + 1 if start_frame else None)
+    if not start_frame:
+        table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+    stop = StopRequest(checkpoints=args.checkpoint_every > 0)
     print(
-        f"{'resuming' if start_step else 'run'} {run.name} on {device}: {args.env_id}, frame {run.window_frame} "
-        f"of {args.total_timesteps}; logs in {run.dir}; {memory}"
+        f"{'resuming' if start_step else 'run'} {run_name} on {device}: {args.env_id}, frame {start_frame} of "
+        f"{args.total_timesteps}; logs in {run_dir}; {replay_line}"
     )
     # Resumed without its replay: collect `learning_starts` frames anew before updating.
-    updates_start = args.learning_starts + (run.window_frame if start_step and rb.num_transitions == 0 else 0)
-    eval_every_steps, metrics, waiting = max(args.eval_every // args.action_repeat, 1), {}, False
+    updates_start = args.learning_starts + (start_frame if start_step and rb.num_transitions == 0 else 0)
+    eval_every_steps = max(args.eval_every // args.action_repeat, 1)
+    video_dir = f"videos/{run_name}" if args.capture_video else None
+    checkpoint_frame = start_frame
+    metrics = {}
+    waiting = False
+    start_time = time.time()
+    eval_seconds = 0.0
     try:
-        if progress["pending_eval"] is not None:  # frame 0 of a new run, or an evaluation a stop request cut short
-            run.log_evaluation(progress["pending_eval"])
-        obs, episode_return, episode_steps = env.reset(), 0.0, 0
+        if not start_step:  # a new run evaluates frame 0 first
+            returns = evaluate(agent, eval_env, args.num_eval_episodes, video_dir and f"{video_dir}/eval_0.mp4")
+            last_eval = float(np.mean(returns))
+            writer.add_scalar("eval/episodic_return", last_eval, 0)
+            print(f"frame 0: eval return {last_eval:.1f}")
+        obs = env.reset()
         rb.start_episode(env.frame)
+        episode_return = 0.0
+        episode_steps = 0
+        episode_start_time = time.time()
         for global_step in range(start_step, total_steps):
             action = agent.act(obs, global_step, eval_mode=False)
             if global_step * args.action_repeat >= updates_start and global_step % args.update_every_steps == 0:
-                if prefetcher.can_supply():
-                    metrics, waiting = agent.update(prefetcher.next(), global_step), False
+                if rb.can_sample():
+                    batch = {key: value.to(device) for key, value in rb.sample(args.batch_size).items()}
+                    metrics = agent.update(batch, global_step)
+                    waiting = False
                 elif not waiting:  # e.g. --learning-starts shorter than an episode: wait for a whole one
                     print(f"frame {global_step * args.action_repeat}: updates wait for a complete episode to sample")
                     waiting = True
 
             obs, reward, discount, done = env.step(action)
             rb.add(action, reward, discount, env.frame)
-            episode_return, episode_steps = episode_return + reward, episode_steps + 1
+            episode_return += reward
+            episode_steps += 1
             frame = (global_step + 1) * args.action_repeat
             if (global_step + 1) % eval_every_steps == 0 or global_step + 1 == total_steps:
-                run.log_evaluation(frame)
+                eval_start = time.time()
+                returns = evaluate(
+                    agent, eval_env, args.num_eval_episodes, video_dir and f"{video_dir}/eval_{frame}.mp4"
+                )
+                last_eval = float(np.mean(returns))
+                writer.add_scalar("eval/episodic_return", last_eval, frame)
+                print(f"frame {frame}: eval return {last_eval:.1f}")
+                eval_seconds = time.time() - eval_start
+                episode_start_time += eval_seconds  # SPS measures training, not evaluation
             if done:
                 rb.end_episode()
-                timed = run.window_frame >= updates_start and not waiting  # a whole episode of updates was timed
-                run.end_episode(global_step + 1, episode_return, episode_steps, metrics, timed)
-                obs, episode_return, episode_steps = env.reset(), 0.0, 0
+                episode_frames = episode_steps * args.action_repeat
+                sps = episode_frames / (time.time() - episode_start_time)
+                writer.add_scalar("charts/episodic_return", episode_return, frame)
+                writer.add_scalar("charts/episodic_length", episode_frames, frame)
+                writer.add_scalar("charts/SPS", sps, frame)
+                for tag, value in read_metrics(metrics, frame, checkpoint_frame).items():
+                    writer.add_scalar(tag, value, frame)
+                frames_left = args.total_timesteps - frame  # time left: the evaluations still to come included
+                timed = frame - episode_frames >= updates_start and not waiting  # a whole episode of updates
+                left = frames_left / sps + frames_left // args.eval_every * eval_seconds if timed else math.nan
+                print(
+                    f"frame {frame}/{args.total_timesteps} ({100 * frame / args.total_timesteps:.1f}%) | return "
+                    f"{episode_return:.1f} | SPS {sps:.0f} | last eval {last_eval:.1f} | elapsed "
+                    f"{duration(time.time() - start_time)} | left {duration(left)}"
+                )
+                due = (
+                    args.checkpoint_every and frame // args.checkpoint_every > checkpoint_frame // args.checkpoint_every
+                )
+                if due or stop.signal and args.checkpoint_every:
+                    write_checkpoint(
+                        run_dir, args, global_step + 1, agent, rb, [env, eval_env], last_eval, checkpoint_frame
+                    )
+                    checkpoint_frame = frame
+                if stop.signal:
+                    stop.exit(frame, run_dir)
+                obs = env.reset()
                 rb.start_episode(env.frame)
+                episode_return = 0.0
+                episode_steps = 0
+                episode_start_time = time.time()
 
-        run.finish(start_step)
+        elapsed = time.time() - start_time
+        frames = args.total_timesteps - start_frame
+        print(
+            f"done: {frames} frames in {elapsed:.0f} s ({frames / elapsed:.0f} frames/s with evaluations); "
+            f"last eval return {last_eval:.1f}"
+        )
+        if args.checkpoint_every:  # a last episode cut short by the budget is not kept
+            write_checkpoint(run_dir, args, total_steps, agent, rb, [env, eval_env], last_eval, checkpoint_frame)
         if args.save_model:
-            model_path = f"{run.dir}/{args.exp_name}.cleanrl_model"
+            model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
             saved = {"args": vars(args), "obs_shape": list(env.observation_shape), "action_dim": env.action_dim}
             torch.save({**saved, **agent.state_dict(optimizers=False)}, model_path)
             print(f"model saved to {model_path}")
     finally:
-        run.close()
-
-
-def evaluate(agent, env, num_episodes, step, video_path=None, interrupted=lambda: False) -> list | None:
-    """Returns of episodes acting with the mean action (the first filmed if asked); None once `interrupted()`."""
-    returns, video = [], []
-    for episode in range(num_episodes):
-        obs, done, returns = env.reset(), False, [*returns, 0.0]
-        while not done:
-            if interrupted():
-                return None
-            if video_path and episode == 0:
-                video.append(env.frame.transpose(1, 2, 0).repeat(3, axis=0).repeat(3, axis=1))  # 84 -> 252 px
-            obs, reward, _, done = env.step(agent.act(obs, step, eval_mode=True))
-            returns[-1] += reward
-    if video_path:
-        import imageio
-
-        os.makedirs(os.path.dirname(video_path), exist_ok=True)
-        imageio.mimsave(video_path, video, fps=30, macro_block_size=4)
-    return returns
+        writer.close()
+        if args.track:
+            wandb.finish()
 
 
 if __name__ == "__main__":

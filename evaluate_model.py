@@ -13,8 +13,6 @@ import numpy as np
 import torch
 import tyro
 
-from machinery import RunError, first_line
-
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SAVED_KEYS = {"encoder", "actor", "args", "obs_shape", "action_dim"}
 
@@ -81,6 +79,8 @@ def load_policy(module, path: str, device):
 
 
 agent_script = load_agent_script()  # sets MUJOCO_GL=egl unless it is set
+RunError = agent_script.RunError
+first_line = agent_script.first_line
 
 
 def main(args: Args):
@@ -105,7 +105,7 @@ def main(args: Args):
     video_path = os.path.join(folder, f"{name}.mp4") if args.capture_video else None
     print(f"evaluating {args.model_path} ({trained['exp_name']}, trained on {trained['env_id']}) on {env_id}: ", end="")
     print(f"{args.num_episodes} episodes, seed {args.seed}", flush=True)
-    returns = [float(r) for r in module.evaluate(policy, env, args.num_episodes, 0, video_path)]
+    returns = [float(r) for r in module.evaluate(policy, env, args.num_episodes, video_path)]
     result = {
         "model": os.path.abspath(args.model_path),
         "exp_name": trained["exp_name"],

@@ -57,10 +57,13 @@ class Args:
     """Markdown file the results are appended to; empty to only print them"""
 
 
+def sample_to(replay, batch_size, device):
+    """A batch sampled and moved to the training device, as the scripts' loop does it."""
+    return {key: value.to(device) for key, value in replay.sample(batch_size).items()}
+
+
 def load_script(name):
     """Imports an agent script by file name, once (module-level code only: its main() does not run)."""
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)  # the scripts import machinery.py from the repository root
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, f"{name}.py"))
         module = importlib.util.module_from_spec(spec)
@@ -245,14 +248,12 @@ def main(args: Args):
             else:
                 where = f"{replay_rss / replay.num_transitions:.0f} B / transition resident"
             # a batch sampled and on the training device, as the update receives it
-            prefetcher = module.BatchPrefetcher(replay, base.batch_size, device)
-            sample, _ = timed(prefetcher.next, max(args.repeats, 20), device)
+            sample, _ = timed(lambda: sample_to(replay, base.batch_size, device), max(args.repeats, 20), device)  # noqa: B023
             memory_rows.append(
                 f"| {name} | {replay_device} | {replay.num_transitions} | {replay.nbytes_per_transition():.0f} | "
                 f"{replay_rss / 1e6:.0f} MB ({where}) | {base.batch_size} | {1000 * sample:.1f} |"
             )
             print(memory_rows[-1], flush=True)
-            del replay, prefetcher
 
     fps = environment_fps(module, args.env_id, args.env_steps)
     table = "\n".join(rows)

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # machinery.py, which the scripts import
 sys.path.insert(0, str(ROOT / "benchmarks"))  # the tests share the benchmark's script loader and random batches
 from speed import load_script, random_batch
 

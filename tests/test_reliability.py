@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-import machinery
+from conftest import ROOT, TINY_RUN, load_script, read_scalars, run_script
 
-from conftest import ROOT, TINY_RUN, read_scalars, run_script
+machinery = load_script("drqv2_continuous_action")  # the checkpoint functions, the same in both scripts
 
 # 8 episodes of 40 frames, a checkpoint at each episode end, evaluations at 0, 160 and 320 frames
 RUN = [*TINY_RUN, "--total-timesteps", "320", "--eval-every", "160", "--checkpoint-every", "40", "--save-model"]
@@ -329,15 +329,6 @@ def test_full_disk_inside_torch_save_keeps_the_previous_checkpoint_and_removes_t
     assert machinery.load_checkpoint(path)["step"] == 1 and not os.path.exists(path + ".tmp")
 
 
-def test_too_little_disk_space_is_found_before_writing(tmp_path, monkeypatch):
-    path = str(tmp_path / "checkpoint.pt")
-    machinery.save_checkpoint(path, {"weights": torch.ones(3), "step": 1})
-    monkeypatch.setattr(shutil, "disk_usage", lambda folder: shutil._ntuple_diskusage(10**9, 10**9, 1000))
-    with pytest.raises(machinery.RunError, match=r"not enough disk space for .*the previous checkpoint is kept"):
-        machinery.save_checkpoint(path, {"weights": torch.zeros(10**6), "step": 2})
-    assert machinery.load_checkpoint(path)["step"] == 1 and not os.path.exists(path + ".tmp")
-
-
 def test_updates_wait_for_a_complete_episode(tmp_path):
     """Updates due before the first episode ends (--learning-starts 20 < 40-frame episodes), and a replay of 25
     transitions that loses its only complete episode while the next one fills it: the run waits, never crashes."""
@@ -363,25 +354,24 @@ def test_a_signal_with_checkpoints_off_says_there_is_nothing_to_resume(tmp_path)
     assert "checkpoints are off, so there is nothing to resume" in output and "--resume" not in output
 
 
-def test_a_stop_during_an_evaluation_checkpoints_at_once_and_the_evaluation_is_redone(tmp_path):
-    """An evaluation of 200 episodes (8000 frames) starts the run; SIGUSR1 during it: the run stops within one more
-    training episode, and the resumed run evaluates frame 0 first."""
-    args = [*RUN, "--num-eval-episodes", "200"]
+def test_a_stop_during_an_evaluation_lets_it_finish_then_checkpoints(tmp_path):
+    """SIGUSR1 during the frame-0 evaluation (20 episodes): the evaluation is kept, the run checkpoints at the end of
+    its first training episode, and the resumed run does not evaluate frame 0 again."""
+    args = [*RUN, "--num-eval-episodes", "20"]
     process = start_script("drqv2_continuous_action", args, tmp_path)
     deadline = time.time() + 120
     while not glob.glob(str(tmp_path / "runs" / "*" / "events.*")):
         assert time.time() < deadline and process.poll() is None
         time.sleep(0.2)
     time.sleep(1.0)  # inside the evaluation at frame 0
-    signalled = time.time()
     process.send_signal(signal.SIGUSR1)
-    output, _ = process.communicate(timeout=120)
+    output, _ = process.communicate(timeout=300)
     assert process.returncode == 128 + signal.SIGUSR1, output
-    assert time.time() - signalled < 30, "it did not wait for the 200 evaluation episodes"
+    assert output.index("SIGUSR1: finishing this episode") < output.index("frame 0: eval return")
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
     checkpoint = load(f"{run_dir}/checkpoint.pt")
-    assert checkpoint["pending_eval"] == 0 and checkpoint["global_step"] == 20
-    assert "eval/episodic_return" not in read_scalars(run_dir)
+    assert checkpoint["global_step"] == 20 and np.isfinite(checkpoint["last_eval"])
+    assert [step for step, _ in read_scalars(run_dir)["eval/episodic_return"]] == [0]
 
     resumed = run_script("drqv2_continuous_action", [*RUN, "--resume", run_dir], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
@@ -396,20 +386,18 @@ def test_time_left_is_shown_once_updates_are_timed(tmp_path):
     assert all(re.fullmatch(r"\dh\d\dm", line.split("| left ")[1]) for line in progress[3:])
 
 
-def test_resume_auto_prefers_the_run_with_the_same_settings_and_names_it(tmp_path):
+def test_resume_auto_takes_the_newest_run_and_names_it(tmp_path):
     short = [*TINY_RUN, "--total-timesteps", "80", "--checkpoint-every", "40"]
     first = run_script("drqv2_continuous_action", short, tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
-    (matching,) = glob.glob(str(tmp_path / "runs" / "*"))
     time.sleep(1.1)  # run names hold the second they started
-    other = run_script("drqv2_continuous_action", [*short, "--hidden-dim", "16"], tmp_path)
-    assert other.returncode == 0, other.stderr[-2000:]
+    second = run_script("drqv2_continuous_action", short, tmp_path)
+    assert second.returncode == 0, second.stderr[-2000:]
+    newest = max(glob.glob(str(tmp_path / "runs" / "*")))
     resumed = run_script("drqv2_continuous_action", [*short, "--total-timesteps", "160", "--resume", "auto"], tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
-    name = f"runs/{os.path.basename(matching)}"
-    assert f"--resume auto: resuming {name}, the newest of 2 runs of this task and seed with the same settings" in (
-        resumed.stdout
-    )
+    name = f"runs/{os.path.basename(newest)}"
+    assert f"--resume auto: resuming {name}, the newest of 2 runs of this task and seed" in resumed.stdout
     progress = [line for line in resumed.stdout.splitlines() if line.startswith("frame 120/")]
     assert progress and "last eval nan" not in progress[0], "the last evaluation comes back with the checkpoint"
 
@@ -439,7 +427,7 @@ def test_a_checkpoint_without_the_replay_resumes_and_refills_it_first(tmp_path):
     assert first.returncode == 0, first.stderr[-2000:]
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
     checkpoint = load(f"{run_dir}/checkpoint.pt")
-    assert checkpoint["replay"] is None and checkpoint["prefetched"] is None and checkpoint["global_step"] == 40
+    assert checkpoint["replay"] is None and checkpoint["global_step"] == 40
     resumed = run_script(
         "drqv2_continuous_action", [*TINY_RUN, "--no-checkpoint-replay", "--resume", run_dir], tmp_path
     )

@@ -145,32 +145,3 @@ def test_bytes_per_transition_is_one_frame(script):
     assert replay.frames.shape[1:] == (3, 84, 84), "frames are stored one render at a time, not stacked"
     assert frame_bytes <= replay.nbytes_per_transition() <= 1.02 * frame_bytes + 64
     assert replay.nbytes_per_transition() < 22_000
-
-
-def test_prefetched_batches_are_the_samples_drawn_at_request_time(script):
-    """The prefetcher draws batch k+1 right after handing out batch k; writes to the replay wait for that draw."""
-    rng = np.random.default_rng(5)
-    episodes = [make_episode(rng, i, 12) for i in range(6)]
-    prefetched, direct = make_replay(script, seed=7), make_replay(script, seed=7)
-    for episode in episodes[:4]:
-        store(prefetched, episode)
-        store(direct, episode)
-    prefetcher = script.BatchPrefetcher(prefetched, 64, torch.device("cpu"))
-    expected = [direct.sample(64), direct.sample(64)]  # the first batch, and the one requested along with it
-    got = [prefetcher.next()]
-    store(prefetched, episodes[4])  # waits for the requested sample: the new episode is not in it
-    store(direct, episodes[4])
-    got.append(prefetcher.next())
-    expected.append(direct.sample(64))  # requested after the fifth episode
-    got.append(prefetcher.next())
-    for batch, reference in zip(got, expected):
-        for key in reference:
-            np.testing.assert_array_equal(batch[key].numpy(), reference[key])
-    assert 4 not in {int(x) for x in got[1]["obs"][:, -3, 0, 0]}
-
-    pending = prefetcher.state_dict()  # for a checkpoint: the fourth batch, already drawn
-    fourth = direct.sample(64)
-    np.testing.assert_array_equal(pending["obs"].numpy(), fourth["obs"])
-    resumed = script.BatchPrefetcher(make_replay(script), 64, torch.device("cpu"))
-    resumed.load_state_dict(pending)
-    np.testing.assert_array_equal(resumed.next()["action"].numpy(), fourth["action"])
