@@ -871,7 +871,8 @@ def find_run_to_resume(args) -> str | None:
 
 
 def write_checkpoint(run_dir, args, global_step, agent, replay, envs, last_eval, checkpoint_frame):
-    """Everything the run needs to continue exactly: weights, optimizer states, the replay, every random state."""
+    """Everything the run needs to continue exactly: weights, optimizer states, the replay (unless `replay` is None or
+    --no-checkpoint-replay), every random state."""
     frame = global_step * args.action_repeat
     for name, network in agent.state_dict(optimizers=False).items():
         if not all(torch.isfinite(tensor).all() for tensor in network.values()):
@@ -882,7 +883,7 @@ def write_checkpoint(run_dir, args, global_step, agent, replay, envs, last_eval,
     rng["envs"] = random_states[1:]
     rng["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     payload = {"args": vars(args), "global_step": global_step, "agent": agent.state_dict(), "rng": rng}
-    payload["replay"] = replay.state_dict() if args.checkpoint_replay else None
+    payload["replay"] = replay.state_dict() if args.checkpoint_replay and replay is not None else None
     payload["last_eval"] = last_eval
     kept = f"the checkpoint of frame {checkpoint_frame} is kept" if checkpoint_frame else "none is kept"
     save_checkpoint(os.path.join(run_dir, CHECKPOINT), payload, kept)
@@ -1061,7 +1062,7 @@ def main(args: Args):
                 due = (
                     args.checkpoint_every and frame // args.checkpoint_every > checkpoint_frame // args.checkpoint_every
                 )
-                if due or stop.signal and args.checkpoint_every:
+                if due and global_step + 1 < total_steps or stop.signal and args.checkpoint_every:  # the last: below
                     write_checkpoint(
                         run_dir, args, global_step + 1, agent, rb, [env, eval_env], last_eval, checkpoint_frame
                     )
@@ -1076,12 +1077,15 @@ def main(args: Args):
 
         elapsed = time.time() - start_time
         frames = args.total_timesteps - start_frame
+        kept = "no checkpoint (checkpoints are off)"
+        if args.checkpoint_every:  # the final checkpoint leaves out the replay, by far its largest part
+            write_checkpoint(run_dir, args, total_steps, agent, None, [env, eval_env], last_eval, checkpoint_frame)
+            size = os.path.getsize(os.path.join(run_dir, CHECKPOINT))
+            kept = f"kept {run_dir}/{CHECKPOINT} ({size / 1e6:.0f} MB: networks, optimizers and progress, no replay)"
         print(
             f"done: {frames} frames in {elapsed:.0f} s ({frames / elapsed:.0f} frames/s with evaluations); "
-            f"last eval return {last_eval:.1f}"
+            f"last eval return {last_eval:.1f}; {kept}"
         )
-        if args.checkpoint_every:  # a last episode cut short by the budget is not kept
-            write_checkpoint(run_dir, args, total_steps, agent, rb, [env, eval_env], last_eval, checkpoint_frame)
         if args.save_model:
             model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
             saved = {"args": vars(args), "obs_shape": list(env.observation_shape), "action_dim": env.action_dim}

@@ -1,8 +1,10 @@
-# Evaluates a model saved by either agent script's --save-model, as CleanRL's cleanrl_utils/evals do: N episodes
+# Evaluates a model saved by either agent script's --save-model (or the policy in a run's checkpoint.pt), as
+# CleanRL's cleanrl_utils/evals do: N episodes
 # acting with the policy's mean action on the task it was trained on (or another task with the same action size),
 # the first one filmed if asked. Prints the mean and standard deviation of the return and writes them, with each
 # episode's return, to a JSON file next to the model (where a sweep's plotting step or a script can read them).
 #   python evaluate_model.py runs/<run_name>/drqv2_continuous_action.cleanrl_model --num-episodes 10
+#   python evaluate_model.py runs/<run_name>/checkpoint.pt
 # The policy (encoder and actor) is the same in both scripts; TACO's latent actions only enter its critic.
 import importlib.util
 import json
@@ -20,7 +22,7 @@ SAVED_KEYS = {"encoder", "actor", "args", "obs_shape", "action_dim"}
 @dataclass
 class Args:
     model_path: tyro.conf.Positional[str]
-    """the `.cleanrl_model` file that `--save-model` wrote"""
+    """the `.cleanrl_model` file that `--save-model` wrote, or a run's `checkpoint.pt`"""
     env_id: str | None = None
     """task to evaluate on (default: the one the model was trained on); it must have the same action size"""
     num_episodes: int = 10
@@ -56,14 +58,35 @@ class Policy:
         return self.actor(self.encoder(torch.as_tensor(obs, device=self.device)[None]))[0].cpu().numpy()
 
 
+def model_of_checkpoint(checkpoint: dict) -> dict:
+    """What --save-model would have saved at the checkpoint's frame: the encoder and actor, with the run's settings."""
+    encoder = checkpoint["agent"].get("encoder", {})
+    actor = checkpoint["agent"].get("actor", {})
+    if "convnet.0.weight" not in encoder or "policy.4.weight" not in actor:
+        return {}
+    image_size = 84  # the scripts' DMCPixelEnv renders 84x84 pixels
+    obs_shape = [encoder["convnet.0.weight"].shape[1], image_size, image_size]
+    action_dim = actor["policy.4.weight"].shape[0]
+    return {
+        "encoder": encoder,
+        "actor": actor,
+        "args": checkpoint["args"],
+        "obs_shape": obs_shape,
+        "action_dim": action_dim,
+    }
+
+
 def load_policy(module, path: str, device):
     """(policy, saved dict), or a RunError naming what is wrong with the file."""
     if not os.path.isfile(path):
         raise RunError(f"{path}: no such file")
     try:
-        saved = torch.load(path, map_location=device, weights_only=True)  # weights only: loading runs no code
+        # weights only: loading runs no code; memory-mapped: a checkpoint's replay is not read
+        saved = torch.load(path, map_location=device, weights_only=True, mmap=True)
     except Exception as error:  # a damaged or foreign file fails in many ways inside torch.load
         raise RunError(f"{path} is not a readable model file ({first_line(error)})") from error
+    if isinstance(saved, dict) and {"agent", "args", "global_step"} <= set(saved):  # a checkpoint: its policy part
+        saved = model_of_checkpoint(saved)
     if not isinstance(saved, dict) or not SAVED_KEYS <= set(saved):
         missing = sorted(SAVED_KEYS - set(saved)) if isinstance(saved, dict) else sorted(SAVED_KEYS)
         raise RunError(f"{path} is not a model saved by --save-model (missing {', '.join(missing)})")

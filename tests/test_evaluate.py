@@ -47,6 +47,18 @@ def test_evaluates_a_saved_model_and_writes_its_returns(saved_model, tmp_path):
     assert json.loads((tmp_path / "b.json").read_text())["returns"] == saved["returns"], "same seed, same episodes"
 
 
+def test_a_checkpoint_is_evaluated_as_the_model_saved_beside_it(saved_model, tmp_path):
+    """The final checkpoint.pt holds the policy the model file holds: same seed, same returns."""
+    checkpoint = saved_model.rsplit("/", 1)[0] + "/checkpoint.pt"
+    results = []
+    for path in [saved_model, checkpoint]:
+        output = tmp_path / f"{path.rsplit('/', 1)[1]}.json"
+        result = evaluate(path, "--num-episodes", 2, "--max-episode-frames", 40, "--output", output)
+        assert result.returncode == 0, result.stderr[-3000:]
+        results.append(json.loads(output.read_text()))
+    assert results[1]["returns"] == results[0]["returns"] and results[1]["exp_name"] == "taco_continuous_action"
+
+
 def test_another_task_with_the_same_action_size_is_allowed(saved_model, tmp_path):
     result = evaluate(saved_model, "--env-id", "pendulum_swingup", "--num-episodes", 1, "--max-episode-frames", 20)
     assert result.returncode == 0, result.stderr[-3000:]
