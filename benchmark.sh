@@ -10,6 +10,8 @@ SCRIPTS="taco_continuous_action.py drqv2_continuous_action.py"
 ENV_IDS="quadruped_run hopper_hop walker_run quadruped_walk cheetah_run finger_turn_hard acrobot_swingup reacher_hard reach_duplo"
 NUM_SEEDS=6
 FIRST_SEED=1
+FRAMES=1000000
+DISK_CHECK=1
 OUT=benchmark
 WORKERS=1
 PLOT=1
@@ -27,16 +29,21 @@ usage() {
   cat <<EOF
 Usage: ./benchmark.sh [options] [-- extra arguments for every run]
 
-Runs every (script, task, seed) of a sweep, then plot.py on the results.
+Runs every (script, task, seed) of a sweep, then plot.py on the results. By default: the TACO paper's benchmark,
+both scripts on its 9 tasks at 1M frames (its table's budget), 6 seeds each.
+Run again, the same command continues each interrupted run from its checkpoint and skips the finished ones.
 
 Sweep:
   --scripts "A B"        agent scripts (default: $SCRIPTS)
   --env-ids "A B"        tasks (default: the TACO paper's 9 tasks: $ENV_IDS)
   --num-seeds N          seeds per (script, task) (default: $NUM_SEEDS)
   --first-seed N         first seed; seeds are N .. N+num-seeds-1 (default: $FIRST_SEED)
+  --frames N             frames per run, passed as --total-timesteps N (default: $FRAMES, the paper's table);
+                         "preset" for each task's preset budget (1.1M / 3.1M / 30.1M frames)
   --out DIR              where everything goes: DIR/runs (TensorBoard), DIR/logs (one log per run),
                          DIR/plots (figures and table) (default: $OUT)
   --no-plot              skip the plotting step
+  --no-disk-check        launch even if the disk the sweep needs at its peak (printed before launching) is not free
   -- ARGS                passed to every run, e.g. -- --total-timesteps 1000000 --track
 
 Local mode (default):
@@ -62,6 +69,7 @@ EOF
 }
 
 die() { echo "benchmark.sh: $*" >&2; exit 2; }
+quote_words() { [ $# = 0 ] || printf '%q ' "$@"; }  # each word quoted for bash; nothing for no words
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -70,6 +78,8 @@ while [ $# -gt 0 ]; do
     --env-ids) ENV_IDS=${2:?}; shift 2 ;;
     --num-seeds) NUM_SEEDS=${2:?}; shift 2 ;;
     --first-seed) FIRST_SEED=${2:?}; shift 2 ;;
+    --frames) FRAMES=${2:?}; shift 2 ;;
+    --no-disk-check) DISK_CHECK=0; shift ;;
     --out) OUT=${2:?}; shift 2 ;;
     --workers) WORKERS=${2:?}; shift 2 ;;
     --no-plot) PLOT=0; shift ;;
@@ -92,21 +102,86 @@ for n in "${!FLAG_OF[@]}"; do
   [[ ${!n} =~ ^[0-9]+$ ]] || die "${FLAG_OF[$n]} must be a whole number, got '${!n}'"
 done
 [ "$WORKERS" -ge 1 ] && [ "$NUM_SEEDS" -ge 1 ] || die "--workers and --num-seeds must be at least 1"
+[[ $FRAMES =~ ^[0-9]+$|^preset$ ]] || die "--frames must be a whole number or 'preset', got '$FRAMES'"
 for script in $SCRIPTS; do
   [ -f "$ROOT/$script" ] || die "no agent script '$script' in $ROOT"
 done
 [ -n "$ENV_IDS" ] || die "--env-ids is empty"
-# Task names are checked against the scripts' task list before anything runs, is submitted or is written.
-read -r first_script _ <<< "$SCRIPTS"
-unknown=$("$PYTHON" - "$ROOT/$first_script" $ENV_IDS <<'PY'
-import importlib.util, sys
-spec = importlib.util.spec_from_file_location("agent_script", sys.argv[1])
-module = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(module)
-print(" ".join(task for task in sys.argv[2:] if task not in module.TASK_PRESET))
+# What every run gets after its task and seed: the budget, then the arguments after --, which may override it.
+RUN_ARGS=("${EXTRA_ARGS[@]}")
+[ "$FRAMES" = preset ] || RUN_ARGS=(--total-timesteps "$FRAMES" "${EXTRA_ARGS[@]}")
+num_runs=$(($(wc -w <<< "$SCRIPTS") * $(wc -w <<< "$ENV_IDS") * NUM_SEEDS))
+at_once=$WORKERS
+[ "$SLURM" = 1 ] && at_once=$MAX_CONCURRENT
+[ "$at_once" -lt "$num_runs" ] || at_once=$num_runs
+# Before anything runs, is submitted or is written: the task names, checked against the scripts' task list, and the
+# disk the sweep needs at its peak (each running run's checkpoint with its full replay, twice while one is written,
+# plus the final checkpoints of the others, which leave the replay out), against the space free where --out is.
+"$PYTHON" - "$ROOT" "$SCRIPTS" "$ENV_IDS" "$num_runs" "$at_once" "$OUT" "$DISK_CHECK" "${RUN_ARGS[@]}" <<'PY'
+import contextlib, importlib.util, io, os, shutil, sys
+
+import torch
+import tyro
+
+root, scripts, tasks, num_runs, at_once, out, disk_check, *run_args = sys.argv[1:]
+modules = {}
+for script in scripts.split():
+    spec = importlib.util.spec_from_file_location(script[: -len(".py")], os.path.join(root, script))
+    modules[script] = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # tyro looks it up there
+    spec.loader.exec_module(modules[script])
+unknown = [task for task in tasks.split() if any(task not in module.TASK_PRESET for module in modules.values())]
+if unknown:
+    sys.exit(f"benchmark.sh: unknown task(s) in --env-ids: {' '.join(unknown)} (python {script} --help lists them)")
+
+ACTION_DIM = 24  # at least any task's (humanoid: 21): an upper bound on the actions' share of the replay
+
+
+def checkpoint_bytes(module, task):
+    """(networks and optimizers, replay) bytes of a full checkpoint of this task's run with these arguments; a run
+    whose arguments do not parse takes the defaults (it fails on its own, naming them)."""
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            args = module.resolve_args(tyro.cli(module.Args, args=["--env-id", task, *run_args]))
+    except (SystemExit, ValueError):
+        args = module.resolve_args(module.Args(env_id=task))
+    if not args.checkpoint_every:
+        return 0, 0
+    args.compile = False
+    args.cudagraphs = False
+    with torch.device("meta"):  # sizes only: nothing is allocated
+        agent = module.Agent((3 * args.frame_stack, 84, 84), ACTION_DIM, args, torch.device("meta"))
+    parts = vars(agent).values()
+    modules_ = [part for part in parts if isinstance(part, torch.nn.Module)]
+    optimized = [p for part in parts if isinstance(part, torch.optim.Optimizer) for g in part.param_groups for p in g["params"]]
+    size = sum(p.numel() * p.element_size() for m in modules_ for p in m.parameters())
+    size += 2 * sum(p.numel() * p.element_size() for p in optimized)  # Adam's two moments
+    transitions = min(args.buffer_size, args.total_timesteps // args.action_repeat)
+    replay = module.ReplayBuffer.memory(transitions, (3, 84, 84), ACTION_DIM) if args.checkpoint_replay else 0
+    return size, replay
+
+
+sizes = [checkpoint_bytes(module, task) for module in modules.values() for task in tasks.split()]
+networks = max(size for size, _ in sizes)
+full = max(size + replay for size, replay in sizes)
+at_once = int(at_once)
+need = at_once * 2 * full + (int(num_runs) - at_once) * networks
+folder = os.path.abspath(out)
+while not os.path.isdir(folder):
+    folder = os.path.dirname(folder)
+free = shutil.disk_usage(folder).free
+line = (
+    f"disk: up to {need / 1e9:.1f} GB at the sweep's peak (2 checkpoints of up to {full / 1e9:.2f} GB, with the "
+    f"replay, while one is written, for each of the {at_once} running at once; {networks / 1e9:.2f} GB for each of "
+    f"the {int(num_runs) - at_once} others, finished); {free / 1e9:.1f} GB are free in {folder}"
+)
+print(line, file=sys.stderr)
+if need > free and disk_check == "1":
+    sys.exit(
+        "benchmark.sh: not enough free disk for the sweep: free some, lower --workers (--max-concurrent on Slurm) or "
+        "pass -- --no-checkpoint-replay; --no-disk-check launches anyway"
+    )
 PY
-) || die "could not load $first_script to check the task names"
-[ -z "$unknown" ] || die "unknown task(s) in --env-ids: $unknown (python $first_script --help lists them)"
+[ $? = 0 ] || exit 2
 
 # The sweep: one line "script task seed" per run.
 RUNS=()
@@ -145,7 +220,7 @@ if [ "$SLURM" = 1 ]; then
     printf '  "%s"\n' "${RUNS[@]}"
     echo ")"
     echo 'read -r script task seed <<< "${RUNS[$SLURM_ARRAY_TASK_ID]}"'
-    printf 'EXTRA_ARGS=(%s)\n' "$(printf '%q ' "${EXTRA_ARGS[@]}")"
+    printf 'RUN_ARGS=(%s)\n' "$(quote_words "${RUN_ARGS[@]}")"
     echo
     echo "cd $(printf '%q' "$OUT")"
     echo 'export OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK'
@@ -161,7 +236,7 @@ if [ "$SLURM" = 1 ]; then
     echo '}'
     echo 'trap requeue USR1'
     echo "# --resume auto: a requeued element continues from its run's last checkpoint (a new run the first time)"
-    echo "$(printf '%q ' "$PYTHON")$(printf '%q' "$ROOT")/\$script --env-id \"\$task\" --seed \"\$seed\" --resume auto \"\${EXTRA_ARGS[@]}\" &"
+    echo "$(printf '%q ' "$PYTHON")$(printf '%q' "$ROOT")/\$script --env-id \"\$task\" --seed \"\$seed\" --resume auto \"\${RUN_ARGS[@]}\" &"
     echo 'run_pid=$!'
     echo 'wait "$run_pid"  # returns early when USR1 arrives; the trap then takes over'
     echo 'status=$?'
@@ -194,6 +269,7 @@ fi
 cores=$(nproc)
 threads=$((cores / WORKERS > 0 ? cores / WORKERS : 1))
 declare -A NAME_OF_PID=()
+declare -A LOG_START=()  # where this attempt's part of each run's log begins (a log holds every attempt)
 FAILED=()
 finished=0
 
@@ -210,21 +286,24 @@ reap_one() {  # waits for the next run to end and reports it
   wait -n -p pid "${!NAME_OF_PID[@]}"
   status=$?
   finished=$((finished + 1))
-  if [ "$status" = 0 ]; then
+  log="$OUT/logs/${NAME_OF_PID[$pid]}.log"
+  if [ "$status" = 0 ] && tail -c "+${LOG_START[$pid]}" "$log" | grep -q "nothing to do$"; then
+    echo "[$(date +%T)] skipped ($finished/${#RUNS[@]}) ${NAME_OF_PID[$pid]} (finished before)"
+  elif [ "$status" = 0 ]; then
     echo "[$(date +%T)] done    ($finished/${#RUNS[@]}) ${NAME_OF_PID[$pid]}"
   else
     echo "[$(date +%T)] FAILED  ($finished/${#RUNS[@]}) ${NAME_OF_PID[$pid]} (exit code $status, log: $OUT/logs/${NAME_OF_PID[$pid]}.log)"
     FAILED+=("${NAME_OF_PID[$pid]}")
   fi
-  unset "NAME_OF_PID[$pid]"
+  unset "NAME_OF_PID[$pid]" "LOG_START[$pid]"
 }
 
 if [ "$DRY_RUN" = 1 ]; then
   echo "benchmark.sh (dry run): ${#RUNS[@]} runs, $WORKERS at a time, OMP_NUM_THREADS=$threads, in $OUT:"
   for run in "${RUNS[@]}"; do
     read -r script task seed <<< "$run"
-    printf '%q ' "$PYTHON" "$ROOT/$script" --env-id "$task" --seed "$seed" "${EXTRA_ARGS[@]}"
-    echo "> $OUT/logs/${script%.py}__${task}__${seed}.log"
+    printf '%q ' "$PYTHON" "$ROOT/$script" --env-id "$task" --seed "$seed" --resume auto "${RUN_ARGS[@]}"
+    echo ">> $OUT/logs/${script%.py}__${task}__${seed}.log"
   done
   [ "$PLOT" = 1 ] && echo "then: $PLOT_COMMAND"
   exit 0
@@ -234,10 +313,13 @@ for run in "${RUNS[@]}"; do
   read -r script task seed <<< "$run"
   while [ "${#NAME_OF_PID[@]}" -ge "$WORKERS" ]; do reap_one; done
   name="${script%.py}__${task}__${seed}"
-  # setsid: each run leads its own process group, so Ctrl-C here stops it with all its children
+  log_size=$(stat -c %s "$OUT/logs/$name.log" 2>/dev/null || echo 0)
+  # --resume auto: a run interrupted before continues from its checkpoint, a finished one says "nothing to do".
+  # setsid: each run leads its own process group, so Ctrl-C here stops it with all its children.
   (cd "$OUT" && OMP_NUM_THREADS=$threads exec setsid --wait "$PYTHON" "$ROOT/$script" --env-id "$task" --seed "$seed" \
-    "${EXTRA_ARGS[@]}" > "$OUT/logs/$name.log" 2>&1) &
+    --resume auto "${RUN_ARGS[@]}" >> "$OUT/logs/$name.log" 2>&1) &
   NAME_OF_PID[$!]=$name
+  LOG_START[$!]=$((log_size + 1))
   echo "[$(date +%T)] start   $name"
 done
 while [ "${#NAME_OF_PID[@]}" -gt 0 ]; do reap_one; done

@@ -12,7 +12,7 @@ import glob
 import os
 import struct
 from collections import defaultdict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import tyro
@@ -35,8 +35,9 @@ class Args:
     """folder for tasks.png, aggregate.png and results.md"""
     tag: str = "eval/episodic_return"
     """the scalar to plot and tabulate"""
-    budgets: list[int] = field(default_factory=lambda: [100_000, 500_000, 1_000_000])
-    """frame budgets of the table's columns"""
+    budgets: list[int] | None = None
+    """frame budgets of the table's columns (default: from the runs read: the largest frame that all runs of some task
+    reached, and a tenth and a half of it, as the paper's 100k / 500k / 1M)"""
     reference: str | None = DEFAULT_REFERENCE
     """folder of published curves (`dmc_<task>.csv`) to overlay and tabulate; `None` for none"""
     score_scale: float = 1000.0
@@ -368,12 +369,21 @@ def plot_aggregate(runs, args, rng, path):
     plt.close(fig)
 
 
+def budgets_of(runs) -> list[int]:
+    """The largest frame all runs of one task reached (the best covered task), with a tenth and a half of it."""
+    reached = max(min(frames[-1] for frames, _ in seeds.values()) for seeds in runs.values())
+    return sorted({int(reached) // 10, int(reached) // 2, int(reached)} - {0}) or [0]
+
+
 def main(args: Args):
     runs, report = find_runs(args.runs_dir, args.tag)
     print(f"plot.py: {len(report)} run directories under {args.runs_dir}")
     print("\n".join(report))
     if not runs:
         raise SystemExit(f"plot.py: no run under {args.runs_dir} has {args.tag}; nothing to plot")
+    if args.budgets is None:
+        args.budgets = budgets_of(runs)
+        print(f"plot.py: budgets {', '.join(format_frames(b) for b in args.budgets)} frames, from the runs (--budgets)")
     rng = np.random.default_rng(args.seed)
     references = {}
     if args.tag == "eval/episodic_return":  # the published curves are evaluation returns

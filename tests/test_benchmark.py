@@ -7,6 +7,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -109,10 +110,27 @@ def test_plot_table_numbers_equal_a_hand_computation(synthetic_runs, tmp_path, c
 
 
 def test_plot_of_another_tag_and_of_nothing(synthetic_runs, tmp_path):
-    plot.main(plot.Args(runs_dir=str(synthetic_runs), out=str(tmp_path / "p"), tag="charts/episodic_return"))
+    args = plot.Args(runs_dir=str(synthetic_runs), out=str(tmp_path / "p"), tag="charts/episodic_return")
+    args.budgets = [100_000]
+    plot.main(args)
     assert "| cheetah_run | c | – (none of 1 reached it)" in (tmp_path / "p" / "results.md").read_text()
     with pytest.raises(SystemExit, match="no run under"):
         plot.main(plot.Args(runs_dir=str(tmp_path / "empty"), out=str(tmp_path / "q")))
+
+
+def test_plot_budgets_come_from_the_runs_unless_given(tmp_path, capsys):
+    """Runs of 20k frames (one task's seeds to 20k, another task's to 10k) are tabulated at 2k, 10k and 20k frames,
+    not at a paper's 100k / 500k / 1M that none reached; --budgets still sets them."""
+    for seed, (task, last) in enumerate([("cartpole_balance", 20_000)] * 2 + [("cheetah_run", 10_000)]):
+        hyper = {"exp_name": "m", "env_id": task, "seed": seed}
+        write_run(tmp_path / "runs" / f"r{seed}", hyper, [(f, f / 100) for f in range(0, last + 1, 10_000)])
+    plot.main(plot.Args(runs_dir=str(tmp_path / "runs"), out=str(tmp_path / "p"), bootstrap_reps=20))
+    table = (tmp_path / "p" / "results.md").read_text()
+    assert "| task | method | 2k frames | 10k frames | 20k frames |" in table
+    assert "| cartpole_balance | m | 0.0 ± 0.0 (2) | 100.0 ± 0.0 (2) | 200.0 ± 0.0 (2) |" in table
+    assert "plot.py: budgets 2k, 10k, 20k frames, from the runs" in capsys.readouterr().out
+    plot.main(plot.Args(runs_dir=str(tmp_path / "runs"), out=str(tmp_path / "q"), budgets=[5000], bootstrap_reps=20))
+    assert "| task | method | 5k frames |" in (tmp_path / "q" / "results.md").read_text()
 
 
 def run_benchmark(args, cwd, env=None, timeout=600):
@@ -171,9 +189,65 @@ def test_local_dry_run_prints_the_runs_and_runs_nothing(tmp_path):
     assert result.returncode == 0, result.stderr
     commands = [line for line in result.stdout.splitlines() if "--env-id" in line]
     assert len(commands) == 8 and "taco_continuous_action.py --env-id cheetah_run --seed 2" in result.stdout
-    assert all("--total-timesteps 1000" in line for line in commands)
+    # the paper's 1M frames, then what follows --, which overrides it; --resume auto continues an interrupted run
+    assert all("--resume auto --total-timesteps 1000000 --total-timesteps 1000 >> " in line for line in commands)
     assert not out.exists() and not (tmp_path / "runs").exists(), "a dry run writes nothing"
     assert "start" not in result.stdout
+    assert re.search(r"disk: up to [\d.]+ GB at the sweep's peak .* GB are free in ", result.stderr), result.stderr
+    preset = run_benchmark([*sweep, "--frames", "preset", "--no-disk-check", "--out", str(out)], tmp_path)
+    assert preset.returncode == 0 and "--total-timesteps" not in preset.stdout, "each task's preset budget"
+    assert "9 tasks at 1M frames" in run_benchmark(["--help"], tmp_path).stdout
+
+
+def test_a_sweep_that_does_not_fit_on_the_disk_is_refused_unless_told(tmp_path):
+    out = tmp_path / "sweep"
+    sweep = ["--env-ids", "cartpole_balance", "--num-seeds", "1", "--out", str(out)]
+    huge = ["--", "--buffer-size", "100000000", "--total-timesteps", "400000000"]  # a replay of 2 PB
+    for mode in [[], ["--slurm"], ["--dry-run"]]:
+        result = run_benchmark([*mode, *sweep, *huge], tmp_path)
+        assert result.returncode == 2 and "not enough free disk for the sweep" in result.stderr, result.stderr
+        assert "--no-disk-check launches anyway" in result.stderr and result.stdout == "" and not out.exists()
+        assert re.search(r"disk: up to \d+\.\d GB at the sweep's peak \(2 checkpoints of up to 21\d\d", result.stderr)
+    forced = run_benchmark(["--dry-run", "--no-disk-check", *sweep, *huge], tmp_path)
+    assert forced.returncode == 0 and forced.stdout.count("--buffer-size 100000000") == 2, forced.stderr
+    light = run_benchmark(["--dry-run", *sweep, *huge, "--no-checkpoint-replay"], tmp_path)
+    assert light.returncode == 0 and "2 checkpoints of up to 0.1" in light.stderr, light.stderr
+
+
+def test_a_local_sweep_run_again_continues_interrupted_runs_and_skips_finished_ones(tmp_path):
+    out = tmp_path / "sweep"
+    sweep = ["--scripts", "drqv2_continuous_action.py", "--env-ids", "cartpole_balance", "--num-seeds", "1"]
+    command = [*sweep, "--no-plot", "--out", str(out), "--", *TINY_RUN[2:], "--total-timesteps", "400"]
+    command += ["--checkpoint-every", "40"]
+    process = subprocess.Popen(
+        ["bash", str(ROOT / "benchmark.sh"), *command],
+        cwd=tmp_path,
+        env={**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    deadline = time.time() + 300
+    while not list((out / "runs").glob("*/checkpoint.pt")):
+        assert process.poll() is None and time.time() < deadline, "no checkpoint appeared"
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)  # Ctrl-C: every run checkpoints and stops
+    assert process.wait(timeout=300) == 130, process.stdout.read()
+    (run_dir,) = list((out / "runs").iterdir())
+    assert 400 not in [step for step, _ in read_scalars(run_dir).get("eval/episodic_return", [])], "stopped early"
+
+    again = run_benchmark(command, tmp_path)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert " done    (1/1) drqv2_continuous_action__cartpole_balance__1" in again.stdout
+    assert list((out / "runs").iterdir()) == [run_dir], "the same run continued"
+    log = (out / "logs" / "drqv2_continuous_action__cartpole_balance__1.log").read_text()
+    assert "stopped by SIGTERM" in log and f"resuming {run_dir.name}" in log, "the log keeps both attempts"
+    steps = [step for step, _ in read_scalars(run_dir)["charts/episodic_return"]]
+    assert steps == list(range(40, 401, 40)), "every episode logged once across the two attempts"
+
+    third = run_benchmark(command, tmp_path)
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert "skipped (1/1) drqv2_continuous_action__cartpole_balance__1 (finished before)" in third.stdout
 
 
 def test_unknown_tasks_are_refused_before_anything_runs(tmp_path):
@@ -192,7 +266,8 @@ def test_bad_benchmark_options_fail_fast(tmp_path):
 
 
 def test_slurm_dry_run_prints_a_readable_array_job(tmp_path):
-    args = ["--slurm", "--dry-run", "--env-ids", "cheetah_run walker_walk", "--num-seeds", "3", "--partition", "gpu"]
+    args = ["--slurm", "--dry-run", "--no-disk-check", "--env-ids", "cheetah_run walker_walk", "--num-seeds", "3"]
+    args += ["--partition", "gpu"]
     result = run_benchmark([*args, "--out", str(tmp_path / "my s"), "--", "--total-timesteps", "1000000"], tmp_path)
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / "my s").exists(), "a dry run writes nothing"
@@ -288,6 +363,51 @@ def test_slurm_array_job_runs_the_sweep_and_the_plots(slurm_cluster, tmp_path):
     assert len(logs) == 4 and all("finished with exit code 0" in log.read_text() for log in logs)
     assert len(list((out / "runs").iterdir())) == 4
     assert (out / "plots" / "tasks.png").stat().st_size > 10_000, "the dependent plot job ran"
+
+
+def test_slurm_elements_get_exactly_the_arguments_given_none_or_quoted(slurm_cluster, tmp_path):
+    """Each element's command line, as the agent script would receive it: with nothing after --, only the task, seed,
+    --resume auto and the budget; with arguments holding spaces and quotes, those same words."""
+    recorder = tmp_path / "python"  # records an agent script's arguments instead of training; runs python otherwise
+    recorder.write_text(
+        '#!/bin/bash\nif [[ "$1" == *_continuous_action.py ]]; then\n'
+        '  printf "%s\\0" "$@" > "$RECORD_DIR/$SLURM_ARRAY_TASK_ID"; exit 0\nfi\n'
+        f'exec {sys.executable} "$@"\n'
+    )
+    recorder.chmod(0o755)
+    sweep = ["--slurm", "--no-plot", "--scripts", "drqv2_continuous_action.py", "--env-ids", "cartpole_balance"]
+    sweep += [
+        "--num-seeds",
+        "1",
+        "--gpus",
+        "0",
+        "--cpus",
+        "1",
+        "--mem",
+        "500M",
+        "--time",
+        "00:05:00",
+        "--no-disk-check",
+    ]
+    tricky = ["--exp-name", 'it\'s a "quoted" name', "--learning-rate", "1e-4"]
+    script = str(ROOT / "drqv2_continuous_action.py")
+    for extra, frames, expected_tail in [
+        ([], ["--frames", "preset"], []),
+        (["--", *tricky], [], ["--total-timesteps", "1000000", *tricky]),
+    ]:
+        record_dir = tmp_path / f"record{len(extra)}"
+        record_dir.mkdir()
+        env = {**slurm_cluster, "PYTHON": str(recorder), "RECORD_DIR": str(record_dir)}
+        out = tmp_path / f"sweep{len(extra)}"
+        result = run_benchmark([*sweep, *frames, "--out", str(out), *extra], tmp_path, env=env)
+        assert result.returncode == 0, result.stdout + result.stderr
+        deadline = time.time() + 120
+        while subprocess.check_output(["squeue", "-h"], env=slurm_cluster, text=True).strip():
+            assert time.time() < deadline, "the array job did not finish in time"
+            time.sleep(1)
+        assert "finished with exit code 0" in next((out / "logs").glob("*_0.log")).read_text()
+        words = (record_dir / "0").read_text().split("\0")[:-1]
+        assert words == [script, "--env-id", "cartpole_balance", "--seed", "1", "--resume", "auto", *expected_tail]
 
 
 def test_slurm_requeue_resumes_from_the_checkpoint(slurm_cluster, tmp_path):
