@@ -377,7 +377,8 @@ def budgets_of(runs) -> list[int]:
 
 def main(args: Args):
     runs, report = find_runs(args.runs_dir, args.tag)
-    print(f"plot.py: {len(report)} run directories under {args.runs_dir}")
+    directories = sum(line.startswith(("  read ", "  skipped ")) for line in report)  # the other lines are notes
+    print(f"plot.py: {directories} run director{'y' if directories == 1 else 'ies'} under {args.runs_dir}")
     print("\n".join(report))
     if not runs:
         raise SystemExit(f"plot.py: no run under {args.runs_dir} has {args.tag}; nothing to plot")

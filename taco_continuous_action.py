@@ -14,6 +14,7 @@ import os
 import random
 import re
 import signal
+import sys
 import time
 import zipfile
 from collections import deque
@@ -74,9 +75,9 @@ class Args:
     num_eval_episodes: int = 10
     """episodes per evaluation, acting with the policy's mean action"""
 
-    # Speed options: off by default until a GPU learning run shows they do no harm ("Speed and memory", README)
+    # Speed options: off by default until a GPU learning run shows they do no harm (docs/speed.md)
     amp: Literal["none", "bf16"] = "none"
-    """`bf16`: the update's forward passes under bfloat16 autocast; not yet shown to learn like fp32 (README, "Results")"""
+    """`bf16`: the update's forward passes under bfloat16 autocast; not yet shown to learn like fp32 (README, Results)"""
     compile: bool = False
     """if toggled, compiles the networks with torch.compile"""
     cudagraphs: bool = False
@@ -859,7 +860,7 @@ def first_line(error: Exception) -> str:
 
 
 def duration(seconds: float) -> str:
-    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m" if math.isfinite(seconds) else "?"
+    return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m" if math.isfinite(seconds) else "-"
 
 
 def choose_device(args) -> torch.device:
@@ -911,7 +912,8 @@ def choose_replay_device(args, device: torch.device, env, replay_memory, update_
 
 
 def evaluate(agent, env, num_episodes: int, video_path: str | None = None) -> list:
-    """Returns of episodes acting with the mean action (the first one filmed to `video_path`, if given)."""
+    """Returns of episodes acting with the mean action (the first one filmed to `video_path`, if given, and sent to
+    the wandb run, if one is tracking)."""
     returns = []
     video = []
     for episode in range(num_episodes):
@@ -928,6 +930,9 @@ def evaluate(agent, env, num_episodes: int, video_path: str | None = None) -> li
 
         os.makedirs(os.path.dirname(video_path), exist_ok=True)
         imageio.mimsave(video_path, video, fps=30, macro_block_size=4)
+        wandb = sys.modules.get("wandb")  # imported by --track only
+        if wandb is not None and wandb.run is not None:
+            wandb.log({"videos/eval": wandb.Video(video_path, format="mp4")})
     return returns
 
 
@@ -1141,6 +1146,8 @@ def main(args: Args):
     )
     # Resumed without its replay: collect `learning_starts` frames anew before updating.
     updates_start = args.learning_starts + (start_frame if start_step and rb.num_transitions == 0 else 0)
+    if updates_start >= args.total_timesteps:
+        print(f"warning: updates start at frame {updates_start}, not before the budget's end: this run will not learn")
     eval_every_steps = max(args.eval_every // args.action_repeat, 1)
     video_dir = f"videos/{run_name}" if args.capture_video else None
     checkpoint_frame = start_frame
@@ -1197,9 +1204,10 @@ def main(args: Args):
                 frames_left = args.total_timesteps - frame  # time left: the evaluations still to come included
                 timed = frame - episode_frames >= updates_start and not waiting  # a whole episode of updates
                 left = frames_left / sps + frames_left // args.eval_every * eval_seconds if timed else math.nan
+                shown_eval = "-" if math.isnan(last_eval) else f"{last_eval:.1f}"  # "-": no evaluation yet
                 print(
                     f"frame {frame}/{args.total_timesteps} ({100 * frame / args.total_timesteps:.1f}%) | return "
-                    f"{episode_return:.1f} | SPS {sps:.0f} | last eval {last_eval:.1f} | elapsed "
+                    f"{episode_return:.1f} | SPS {sps:.0f} | last eval {shown_eval} | elapsed "
                     f"{duration(time.time() - start_time)} | left {duration(left)}"
                 )
                 due = (

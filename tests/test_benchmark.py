@@ -501,5 +501,5 @@ def test_runs_with_other_settings_are_kept_apart_and_truncated_logs_named(tmp_pa
     # run2 lost its last record (frame 100k): it counts as a run that fell short, and a warning says why
     assert "| cheetah_run | drqv2_continuous_action (nstep=3) | 100.0 (1), 1 short of budget |" in table
     assert "| cheetah_run | drqv2_continuous_action (nstep=1) | 300.0 (1) |" in table
-    assert "kept apart" in printed
+    assert "kept apart" in printed and "plot.py: 3 run directories under" in printed, "notes are not directories"
     assert re.search(r"warning: \S*run2/events\.out\.tfevents\.\S+ is truncated; read up to frame", printed)

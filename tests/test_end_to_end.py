@@ -54,3 +54,5 @@ def test_tiny_run_writes_logs_video_model_and_wandb(script, tmp_path):
     env.step(action)
 
     assert glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "*.wandb")), "wandb wrote an offline run"
+    videos = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "files" / "media" / "videos" / "**" / "*.mp4"))
+    assert len(videos) == 3, "each evaluation's video reaches the wandb run"

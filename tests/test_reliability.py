@@ -383,7 +383,7 @@ def test_time_left_is_shown_once_updates_are_timed(tmp_path):
     result = run_script("drqv2_continuous_action", TINY_RUN, tmp_path)  # updates from frame 80, episodes of 40
     progress = [line for line in result.stdout.splitlines() if line.startswith("frame ") and "| left" in line]
     assert len(progress) == 6, "an episode of 40 frames ends every 40 of the 240 frames"
-    assert [line.split("| left ")[1] for line in progress[:2]] == ["?", "?"], "before updates: no estimate"
+    assert [line.split("| left ")[1] for line in progress[:2]] == ["-", "-"], "before updates: no estimate"
     assert all(re.fullmatch(r"\dh\d\dm", line.split("| left ")[1]) for line in progress[3:])
 
 
@@ -456,3 +456,13 @@ def test_a_finished_run_keeps_its_checkpoint_without_the_replay_and_can_continue
     losses = read_scalars(run_dir)["losses/critic_loss"]
     steps = [step for step, _ in losses]
     assert steps == [120, 240], "after frame 120, updates start at 120 + 80 once the replay is refilled"
+
+
+def test_a_run_that_will_make_no_update_says_so_at_start(tmp_path):
+    result = run_script("drqv2_continuous_action", [*TINY_RUN, "--total-timesteps", "80"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    warning = "warning: updates start at frame 80, not before the budget's end: this run will not learn"
+    lines = result.stdout.splitlines()
+    assert warning in lines and lines.index(warning) < 3, result.stdout[:1000]
+    learning = run_script("drqv2_continuous_action", [*TINY_RUN, "--total-timesteps", "120"], tmp_path)
+    assert "warning: updates start" not in learning.stdout

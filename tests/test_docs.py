@@ -1,0 +1,40 @@
+"""The markdown files: every relative link leads to a file of the repository, and every #anchor to a heading there."""
+
+import re
+import subprocess
+
+from conftest import ROOT
+
+LINK = re.compile(r"\]\(([^)\s]+)\)")
+
+
+def github_anchor(heading: str) -> str:
+    """The anchor GitHub gives a heading: lower case, punctuation dropped, spaces as hyphens."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def anchors(path):
+    headings = [line.lstrip("#") for line in path.read_text().splitlines() if re.match(r"#{1,6} ", line)]
+    return {github_anchor(heading) for heading in headings}
+
+
+def test_every_relative_link_of_every_markdown_file_works():
+    tracked = subprocess.check_output(["git", "ls-files", "*.md"], cwd=ROOT, text=True).split()
+    assert "README.md" in tracked and len(tracked) > 3
+    broken = []
+    for name in tracked:
+        page = ROOT / name
+        for target in LINK.findall(page.read_text()):
+            if re.match(r"[a-z]+:", target):  # https:, mailto:: not this test's business
+                continue
+            file_part, _, anchor = target.partition("#")
+            linked = (page.parent / file_part).resolve() if file_part else page
+            if not linked.exists():
+                broken.append(f"{name}: {target} (no such file)")
+            elif anchor and linked.suffix == ".md" and anchor not in anchors(linked):
+                broken.append(f"{name}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
+
+
+def test_the_readme_is_read_in_two_minutes():
+    assert len((ROOT / "README.md").read_text().split()) < 1500
