@@ -57,3 +57,4 @@ def test_records_a_run_with_its_provenance_and_draws_the_figure(tmp_path):
 
     result = saturation(run_dir, states=64)
     assert result["frame"] == 240 and 0.0 <= result["saturated_share"] <= 1.0 and result["pre_tanh_std"] > 0
+    assert result["states"] == "states the policy visits", "a finished run's checkpoint holds no replay"

@@ -1,5 +1,6 @@
 # How saturated a run's actor is: on replay states of its checkpoint, the actor's output before its tanh and the share
 # of mean actions beyond +-0.99 (a tanh saturated far enough passes almost no gradient, so the policy cannot move).
+# A finished run's checkpoint holds no replay: then the states are those the policy visits acting with its mean action.
 #   python benchmarks/learning/actor_saturation.py runs/<run_name> [--states 512]
 import os
 import sys
@@ -16,11 +17,11 @@ from speed import load_script
 @dataclass
 class Args:
     run_dir: tyro.conf.Positional[str]
-    """a run directory whose checkpoint holds the replay (the default --checkpoint-replay)"""
+    """a run directory with a checkpoint"""
     states: int = 512
-    """replay states to evaluate the actor on"""
+    """states to evaluate the actor on"""
     seed: int = 0
-    """seed of the draw of replay states"""
+    """seed of the draw of replay states (or of the environment the policy acts in)"""
 
 
 def saturation(run_dir: str, states: int = 512, seed: int = 0) -> dict:
@@ -28,17 +29,24 @@ def saturation(run_dir: str, states: int = 512, seed: int = 0) -> dict:
     checkpoint = drqv2.load_checkpoint(f"{run_dir}/checkpoint.pt")
     module = load_script("taco_continuous_action") if "multistep" in checkpoint["args"] else drqv2
     args = module.Args(**checkpoint["args"])
-    if checkpoint["replay"] is None:
-        raise SystemExit(f"{run_dir}: the checkpoint holds no replay (--no-checkpoint-replay)")
-    action_dim = checkpoint["replay"]["actions"].shape[1]
-    frame_shape = tuple(checkpoint["replay"]["frames"].shape[1:])
-    agent = module.Agent((3 * args.frame_stack, *frame_shape[1:]), action_dim, args, torch.device("cpu"))
+    env = module.DMCPixelEnv(args.env_id, seed, args.action_repeat, args.frame_stack, args.max_episode_frames)
+    agent = module.Agent(env.observation_shape, env.action_dim, args, torch.device("cpu"))
     agent.load_state_dict(checkpoint["agent"])
-    replay = module.ReplayBuffer(args.buffer_size, frame_shape, action_dim, args.frame_stack, args.nstep, args.gamma)
-    replay.load_state_dict(checkpoint["replay"])
-    replay.rng = np.random.default_rng(seed)  # the states drawn, not the run's next batch
+    if checkpoint["replay"] is not None:
+        replay = module.ReplayBuffer(
+            args.buffer_size, env.frame_shape, env.action_dim, args.frame_stack, args.nstep, args.gamma
+        )
+        replay.load_state_dict(checkpoint["replay"])
+        replay.rng = np.random.default_rng(seed)  # the states drawn, not the run's next batch
+        observations = replay.sample(states)["obs"]
+    else:
+        visited = [env.reset()]
+        while len(visited) < states:
+            obs, _, _, done = env.step(agent.act(visited[-1], step=0, eval_mode=True))
+            visited.append(env.reset() if done else obs)
+        observations = torch.as_tensor(np.stack(visited))
     with torch.no_grad():
-        pre_tanh = agent.actor.policy(agent.actor.trunk(agent.encoder(replay.sample(states)["obs"])))
+        pre_tanh = agent.actor.policy(agent.actor.trunk(agent.encoder(observations)))
     action = torch.tanh(pre_tanh)
     return {
         "frame": checkpoint["global_step"] * args.action_repeat,
@@ -46,6 +54,7 @@ def saturation(run_dir: str, states: int = 512, seed: int = 0) -> dict:
         "pre_tanh_std": pre_tanh.std().item(),
         "mean_action": action.mean().item(),
         "saturated_share": (action.abs() > 0.99).float().mean().item(),
+        "states": "replay states" if checkpoint["replay"] is not None else "states the policy visits",
     }
 
 
@@ -55,5 +64,5 @@ if __name__ == "__main__":
     print(
         f"{args.run_dir} at frame {result['frame']}: pre-tanh {result['pre_tanh_mean']:.2f} ± "
         f"{result['pre_tanh_std']:.2f}, mean action {result['mean_action']:.3f}, "
-        f"{100 * result['saturated_share']:.0f}% of actions beyond ±0.99 ({args.states} replay states)"
+        f"{100 * result['saturated_share']:.0f}% of actions beyond ±0.99 ({args.states} {result['states']})"
     )
