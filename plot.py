@@ -304,6 +304,55 @@ def aggregate_groups(runs, method, tasks, budget, scale):
     return groups
 
 
+DISPLAY_NAMES = {"taco_continuous_action": "TACO", "drqv2_continuous_action": "DrQ-v2"}
+Y_LABELS = {"eval/episodic_return": "evaluation return", "charts/episodic_return": "training episode return"}
+
+
+def display_name(method: str) -> str:
+    """The method's name for a figure: TACO or DrQ-v2 for the two scripts, with the settings that tell runs apart."""
+    exp_name, _, settings = method.partition(" (")
+    return DISPLAY_NAMES.get(exp_name, exp_name) + (f" ({settings}" if settings else "")
+
+
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
+def figure_style(ax):
+    """Axis labels in words, frames as 100k / 1M."""
+    import matplotlib.ticker
+
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda x, _: format_frames(int(x)) if x else "0"))
+    ax.set_xlabel("environment frames")
+    ax.grid(alpha=0.3)
+
+
+def save_figure(fig, path):
+    """PNG at print resolution, and a PDF beside it."""
+    fig.savefig(path, dpi=300, bbox_inches="tight")
+    fig.savefig(os.path.splitext(path)[0] + ".pdf", bbox_inches="tight")
+
+
+def covering(seeds: dict, max_frame: int) -> dict:
+    """The published curves {seed: (frames, returns)} up to the first published frame at or past max_frame, so that
+    they span the frames the runs cover."""
+    frames = np.array(sorted({int(f) for fs, _ in seeds.values() for f in fs}))
+    beyond = frames[frames >= max_frame]
+    last = beyond[0] if len(beyond) else frames[-1]
+    return {seed: (fs[fs <= last], vs[fs <= last]) for seed, (fs, vs) in seeds.items() if fs[0] <= last}
+
+
+def reference_band(seeds: dict, max_frame: int):
+    """(frames, mean, lowest, highest) over the published seeds, over the frames the runs cover."""
+    seeds = covering(seeds, max_frame)
+    frames = np.array(sorted({int(f) for fs, _ in seeds.values() for f in fs}))
+    values = [np.array([v[fs == frame][0] for fs, v in seeds.values() if frame in fs]) for frame in frames]
+    means = np.array([v.mean() for v in values])
+    lowest = np.array([v.min() for v in values])
+    highest = np.array([v.max() for v in values])
+    return frames, means, lowest, highest
+
+
 def plot_tasks(runs, references, args, rng, path):
     import matplotlib
 
@@ -314,31 +363,60 @@ def plot_tasks(runs, references, args, rng, path):
     tasks = sorted({task for _, task in runs})
     columns = min(3, len(tasks))
     rows = -(-len(tasks) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.6 * rows), squeeze=False)
-    colours = {m: f"C{i}" for i, m in enumerate([*methods, REFERENCE_METHOD])}
+    fig, axes = plt.subplots(rows, columns, figsize=(4.5 * columns, 3.3 * rows), squeeze=False)
+    colours = {m: f"C{i}" for i, m in enumerate(methods)}
+    handles = {}
     for ax, task in zip(axes.flat, tasks):
-        series = [(m, runs[(m, task)]) for m in methods if (m, task) in runs]
-        if references.get(task):
-            max_frame = max(int(f[-1]) for _, seeds in series for f, _ in seeds.values())
-            clipped = {s: (f[f <= max_frame], v[f <= max_frame]) for s, (f, v) in references[task].items()}
-            series.append((REFERENCE_METHOD, {s: fv for s, fv in clipped.items() if len(fv[0])}))
-        for method, seeds in series:
+        max_frame = max(int(f[-1]) for m in methods if (m, task) in runs for f, _ in runs[(m, task)].values())
+        for method in methods:
+            if (method, task) not in runs:
+                continue
+            seeds = runs[(method, task)]
             frames, mean, low, high = curve(seeds, rng, args.bootstrap_reps)
-            style = "--" if method == REFERENCE_METHOD else "-"
-            ax.plot(frames, mean, style, color=colours[method], label=f"{method} ({len(seeds)} seeds)")
+            (line,) = ax.plot(frames, mean, color=colours[method])
             ax.fill_between(frames, low, high, color=colours[method], alpha=0.2)
-        ax.set_title(task)
-        ax.set_xlabel("frames")
-        ax.set_ylabel(args.tag)
-        ax.legend(fontsize=7)
+            handles.setdefault(display_name(method), line)
+        if references.get(task):
+            frames, mean, low, high = reference_band(references[task], max_frame)
+            (line,) = ax.plot(frames, mean, "--", color="0.3")
+            ax.fill_between(frames, low, high, color="0.5", alpha=0.15)
+            handles.setdefault(f"{REFERENCE_METHOD}: mean and range of its seeds", line)
+            published = sorted({int(f) for fs, _ in references[task].values() for f in fs if f > 0})
+            if published and published[0] > max_frame:
+                note = f"published evaluations: 0, then {format_frames(published[0])}"
+                ax.text(0.02, 0.95, note, transform=ax.transAxes, fontsize=8, va="top", color="0.3")
+        ax.set_xlim(0, max_frame)
+        counts = ", ".join(
+            f"{display_name(m)}: {plural(len(runs[(m, task)]), 'seed')}" for m in methods if (m, task) in runs
+        )
+        ax.set_title(f"{task}\n({counts})", fontsize=10)
+        figure_style(ax)
+        ax.set_ylabel(Y_LABELS.get(args.tag, args.tag))
     for ax in list(axes.flat)[len(tasks) :]:
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.legend(
+        handles.values(), handles.keys(), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(handles), 3)
+    )
+    save_figure(fig, path)
     plt.close(fig)
 
 
-def plot_aggregate(runs, args, rng, path):
+def aggregate_curve(runs_of_task, tasks, statistic, args, rng):
+    """(frames, estimate, low, high) of `statistic` over tasks of normalised returns, at every frame all tasks
+    reached, from {task: {seed: (frames, values)}}."""
+    runs = {("m", task): seeds for task, seeds in runs_of_task.items()}
+    frames = sorted({int(f) for seeds in runs_of_task.values() for fs, _ in seeds.values() for f in fs})
+    points = []
+    for frame in frames:
+        groups = aggregate_groups(runs, "m", tasks, frame, args.score_scale)
+        if groups is not None:
+            low, high = bootstrap_ci(groups, statistic, max(args.bootstrap_reps // 4, 100), rng)
+            points.append((frame, statistic(np.concatenate(groups)), low, high))
+    return tuple(map(np.array, zip(*points))) if points else None
+
+
+def plot_aggregate(runs, references, args, rng, path):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -346,26 +424,36 @@ def plot_aggregate(runs, args, rng, path):
 
     methods = sorted({method for method, _ in runs})
     tasks = sorted({task for _, task in runs})
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for i, method in enumerate(methods):
-        frames = sorted({int(f) for task in tasks for fs, _ in runs.get((method, task), {}).values() for f in fs})
-        for ax, (name, statistic) in zip(axes, [("IQM", iqm), ("mean", np.mean)]):
-            points = []
-            for frame in frames:
-                groups = aggregate_groups(runs, method, tasks, frame, args.score_scale)
-                if groups is not None:
-                    low, high = bootstrap_ci(groups, statistic, max(args.bootstrap_reps // 4, 100), rng)
-                    points.append((frame, statistic(np.concatenate(groups)), low, high))
-            if points:
-                f, estimate, low, high = map(np.array, zip(*points))
-                ax.plot(f, estimate, color=f"C{i}", label=method)
-                ax.fill_between(f, low, high, color=f"C{i}", alpha=0.2)
-            ax.set_title(f"{name} over {len(tasks)} tasks")
-            ax.set_xlabel("frames")
-            ax.set_ylabel(f"return / {args.score_scale:g}")
-    axes[0].legend(fontsize=8)
+    max_frame = max(int(f[-1]) for seeds in runs.values() for f, _ in seeds.values())
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.3))
+    handles = {}
+    for ax, (name, statistic) in zip(axes, [("IQM", iqm), ("mean", np.mean)]):
+        for i, method in enumerate(methods):
+            points = aggregate_curve(
+                {t: runs[(method, t)] for t in tasks if (method, t) in runs}, tasks, statistic, args, rng
+            )
+            if points is not None:
+                frames, estimate, low, high = points
+                (line,) = ax.plot(frames, estimate, color=f"C{i}")
+                ax.fill_between(frames, low, high, color=f"C{i}", alpha=0.2)
+                handles.setdefault(display_name(method), line)
+        if references and all(references.get(task) for task in tasks):
+            covered = {task: covering(references[task], max_frame) for task in tasks}
+            points = aggregate_curve(covered, tasks, statistic, args, rng)
+            if points is not None:
+                frames, estimate, low, high = points
+                (line,) = ax.plot(frames, estimate, "--", color="0.3")
+                ax.fill_between(frames, low, high, color="0.5", alpha=0.15)
+                handles.setdefault(REFERENCE_METHOD, line)
+        ax.set_xlim(0, max_frame)
+        ax.set_title(f"{name} over {plural(len(tasks), 'task')}", fontsize=10)
+        figure_style(ax)
+        ax.set_ylabel(f"{Y_LABELS.get(args.tag, args.tag)} / {args.score_scale:g}")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.legend(
+        handles.values(), handles.keys(), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(handles), 3)
+    )
+    save_figure(fig, path)
     plt.close(fig)
 
 
@@ -394,7 +482,7 @@ def main(args: Args):
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(table)
     plot_tasks(runs, references, args, rng, os.path.join(args.out, "tasks.png"))
-    plot_aggregate(runs, args, rng, os.path.join(args.out, "aggregate.png"))
+    plot_aggregate(runs, references, args, rng, os.path.join(args.out, "aggregate.png"))
     print(table)
     print(f"plot.py: wrote {args.out}/tasks.png, {args.out}/aggregate.png and {args.out}/results.md")
 

@@ -109,6 +109,29 @@ def test_plot_table_numbers_equal_a_hand_computation(synthetic_runs, tmp_path, c
         assert image.shape[0] > 200 and image.shape[1] > 200 and image.std() > 0.01, f"{name} is blank"
 
 
+def test_figures_name_methods_and_draw_the_published_curve_over_the_runs_frames(synthetic_runs, tmp_path):
+    assert plot.display_name("taco_continuous_action") == "TACO"
+    assert plot.display_name("drqv2_continuous_action (nstep=1)") == "DrQ-v2 (nstep=1)"
+    assert plot.display_name("my_ablation") == "my_ablation"
+    assert (plot.plural(1, "seed"), plot.plural(2, "task")) == ("1 seed", "2 tasks")
+    published = {1: (np.array([0, 20_000, 40_000]), np.array([1.0, 2.0, 3.0]))}
+    published[2] = (np.array([0, 20_000, 40_000]), np.array([3.0, 4.0, 5.0]))
+    frames, mean, lowest, highest = plot.reference_band(published, max_frame=8_000)  # runs shorter than 20k
+    assert frames.tolist() == [0, 20_000], "up to the first published frame past the runs: a line, not a dot at 0"
+    assert (mean.tolist(), lowest.tolist(), highest.tolist()) == ([2.0, 3.0], [1.0, 2.0], [3.0, 4.0])
+    out = tmp_path / "plots"
+    plot.main(plot.Args(runs_dir=str(synthetic_runs), out=str(out), bootstrap_reps=50))
+    for name in ["tasks", "aggregate"]:
+        assert (out / f"{name}.pdf").read_bytes().startswith(b"%PDF"), "a PDF beside each PNG"
+        assert plt_width(out / f"{name}.png") >= 2000, "print resolution"
+
+
+def plt_width(path):
+    import matplotlib.image
+
+    return matplotlib.image.imread(path).shape[1]
+
+
 def test_plot_of_another_tag_and_of_nothing(synthetic_runs, tmp_path):
     args = plot.Args(runs_dir=str(synthetic_runs), out=str(tmp_path / "p"), tag="charts/episodic_return")
     args.budgets = [100_000]

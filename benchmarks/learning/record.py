@@ -110,28 +110,26 @@ def figure(args: Args):
     if not runs:
         raise SystemExit(f"record.py: no CSV in {args.out}")
     tasks = sorted({key[1] for key in runs})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 3.6), squeeze=False)
     colours = defaultdict(lambda: f"C{len(colours)}")
     for ax, task in zip(axes.flat, tasks):
         reference = read_reference(os.path.join(ROOT, "reference", "drqv2_curves"), task)
         last = max(int(frames[-1]) for key, (frames, _) in runs.items() if key[1] == task)
         if reference:
-            grid = sorted({int(f) for frames, _ in reference.values() for f in frames if f <= max(last, 20_000)})
-            at = np.array([[v[list(f).index(g)] for f, v in reference.values() if g in f] for g in grid], dtype=object)
-            mean = [np.mean(a) for a in at]
-            ax.fill_between(grid, [np.min(a) for a in at], [np.max(a) for a in at], color="0.85", label="_")
-            ax.plot(grid, mean, "--", color="0.4", label=f"DrQ-v2 published (mean, range of {len(reference)} seeds)")
+            grid, mean, lowest, highest = plot.reference_band(reference, last)
+            ax.fill_between(grid, lowest, highest, color="0.85")
+            ax.plot(grid, mean, "--", color="0.4", label=f"DrQ-v2 published (mean and range of {len(reference)} seeds)")
         for (script, env_id, device, flags, seed), (frames, values) in runs.items():
             if env_id == task:
-                label = f"{script.split('_')[0]} seed {seed}, {device}" + (f" ({flags})" if flags else "")
+                label = f"{plot.display_name(script)}, seed {seed}, {device}" + (f" ({flags})" if flags else "")
                 ax.plot(frames, values, "-o", ms=3, color=colours[(script, device, flags)], label=label)
-        ax.set_title(task)
-        ax.set_xlabel("frames")
+        ax.set_xlim(0, last)
+        ax.set_title(task, fontsize=10)
+        plot.figure_style(ax)
         ax.set_ylabel("evaluation return")
-        ax.legend(fontsize=6)
-    fig.tight_layout()
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2)
     path = os.path.join(args.out, "learning.png")
-    fig.savefig(path, dpi=100)
+    plot.save_figure(fig, path)
     print(f"record.py: wrote {path}")
     print(table(runs, args.frames))
 
