@@ -740,6 +740,9 @@ class Agent:
         self.taco_opt = torch.optim.Adam([*encoder_params, *self.taco_head.parameters()], **adam)
         self.stddev = parse_schedule(args.stddev_schedule)
         if args.compile:
+            # a reused anchor keeps the encoder's graph for the critic (retain_graph), which compiled backward passes
+            # refuse while they donate their buffers; without donation they compute the same, in a little more memory
+            torch._functorch.config.donated_buffer = not args.taco_anchor_from_critic
             for network in self.state_dict(optimizers=False):
                 getattr(self, network).compile()  # keeps the state_dict keys
         self.cuda_graph = CudaGraph(self) if args.cudagraphs else None

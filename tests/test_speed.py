@@ -5,7 +5,6 @@ import copy
 import glob
 
 import numpy as np
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -146,13 +145,11 @@ def test_taco_anchor_from_critic_uses_the_critic_encoding():
     assert metrics["charts/taco_accuracy"] == accuracy
 
 
-@pytest.mark.parametrize(
-    "flags",
-    [["--amp", "bf16"], ["--compile"], ["--taco-anchor-from-critic"]],
-    ids=["amp-bf16", "compile", "taco-anchor-from-critic"],
-)
-def test_speed_flags_run_end_to_end(flags, tmp_path):
+def test_speed_flags_run_end_to_end(tmp_path):
+    """The CPU speed options through the command line, together in one run (each is compared with the eager fp32
+    update in process above)."""
     name = "taco_continuous_action"
+    flags = ["--amp", "bf16", "--compile", "--taco-anchor-from-critic"]
     result = run_script(name, [*TINY_RUN, "--total-timesteps", "120", "--eval-every", "120", *flags], cwd=tmp_path)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))

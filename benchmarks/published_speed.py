@@ -1,0 +1,140 @@
+# Seconds per update of the published DrQ-v2 and TACO agents and of this project's, timed side by side in one process
+# on one machine, from copies of the published repositories that you point to (nothing of them is kept here):
+#   git clone https://github.com/facebookresearch/drqv2 /tmp/drqv2
+#   git clone https://github.com/FrankZheng2022/TACO /tmp/taco
+#   python benchmarks/published_speed.py --drqv2-repo /tmp/drqv2 --taco-repo /tmp/taco
+# Every update gets the same random batch of cartpole_balance's shapes (9x84x84 uint8 observations, 1-d actions) at
+# the published batch sizes (DrQ-v2 256, TACO 1024) and the published settings; the published agents' `update` draws
+# it from an iterator, as from their replay loader. Prints a Markdown table of medians and the ratios, and appends it,
+# with the commit, the command and the machine, to benchmarks/RESULTS.md.
+import importlib
+import importlib.util
+import os
+import sys
+import time
+import types
+from dataclasses import dataclass
+
+import torch
+import tyro
+from speed import commit, load_script, machine, random_batch, timed
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@dataclass
+class Args:
+    drqv2_repo: str
+    """a clone of facebookresearch/drqv2"""
+    taco_repo: str
+    """a clone of FrankZheng2022/TACO"""
+    repeats: int = 5
+    """timed updates per agent, after one warm-up"""
+    results: str = os.path.join(ROOT, "benchmarks", "RESULTS.md")
+    """Markdown file the results are appended to; empty to only print them"""
+
+
+def import_from(repo: str, module_name: str):
+    """`module_name` of a published repository, with its own `utils`. Their imports of hydra and omegaconf are only
+    for configuration: empty stand-ins take their place if they are not installed."""
+    for missing in ["hydra", "omegaconf"]:
+        if importlib.util.find_spec(missing) is None:
+            stand_in = types.ModuleType(missing)
+            stand_in.OmegaConf = None
+            sys.modules[missing] = stand_in
+    sys.modules.pop("utils", None)  # each repository has its own
+    sys.path.insert(0, repo)
+    try:
+        return importlib.import_module(module_name)
+    finally:
+        sys.path.remove(repo)
+
+
+def published_drqv2(repo: str, device):
+    agent = import_from(repo, "drqv2").DrQV2Agent(
+        obs_shape=(9, 84, 84),
+        action_shape=(1,),
+        device=device,
+        lr=1e-4,
+        feature_dim=50,
+        hidden_dim=1024,
+        critic_target_tau=0.01,
+        num_expl_steps=2000,
+        update_every_steps=2,
+        stddev_schedule="linear(1.0,0.1,100000)",
+        stddev_clip=0.3,
+        use_tb=True,  # the published config's default
+    )
+    batch = random_batch(load_script("drqv2_continuous_action"), 256, 1, device)
+    published = tuple(batch[key] for key in ["obs", "action", "reward", "discount", "next_obs"])
+    return lambda: agent.update(iter([published]), step=100_000)
+
+
+def published_taco(repo: str, device):
+    agent = import_from(repo, "agents.taco").TACOAgent(
+        obs_shape=(9, 84, 84),
+        action_shape=(1,),
+        device=device,
+        lr=1e-4,
+        encoder_lr=1e-4,
+        feature_dim=50,
+        hidden_dim=1024,
+        critic_target_tau=0.01,
+        num_expl_steps=2000,
+        update_every_steps=2,
+        stddev_schedule="linear(1.0,0.1,100000)",
+        stddev_clip=0.3,
+        use_tb=False,  # the published config's default
+        reward=True,
+        multistep=3,
+        latent_a_dim="none",
+        curl=True,
+    )
+    batch = random_batch(load_script("taco_continuous_action"), 1024, 1, device)
+    keys = ["obs", "action", "action_seq", "reward", "discount", "next_obs", "future_obs"]
+    published = tuple(batch[key] for key in keys)
+    return lambda: agent.update(iter([published]), step=100_000)
+
+
+def ours(name: str, batch_size: int, device):
+    module = load_script(name)
+    args = module.resolve_args(tyro.cli(module.Args, args=["--env-id", "cartpole_balance"]))
+    agent = module.Agent((9, 84, 84), 1, args, device)
+    batch = random_batch(module, batch_size, 1, device)
+    return lambda: agent.update(batch, 100_000)
+
+
+def main(args: Args):
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    measured = commit()
+    pairs = [
+        ("DrQ-v2", 256, published_drqv2(args.drqv2_repo, device), ours("drqv2_continuous_action", 256, device)),
+        ("TACO", 1024, published_taco(args.taco_repo, device), ours("taco_continuous_action", 1024, device)),
+    ]
+    rows = [
+        "| agent | batch | published s / update | ours s / update | published / ours |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, batch_size, published, mine in pairs:
+        published_seconds, _ = timed(published, args.repeats, device)
+        our_seconds, _ = timed(mine, args.repeats, device)
+        rows.append(
+            f"| {name} | {batch_size} | {published_seconds:.3f} | {our_seconds:.3f} | "
+            f"{published_seconds / our_seconds:.2f}x |"
+        )
+        print(rows[-1], flush=True)
+    header = f"## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {measured}, {device.type}: published "
+    header += "updates side by side\n\n"
+    header += f"- command: `python {' '.join(sys.argv)}`\n- machine: {machine(device)}\n"
+    header += f"- updates: median of {args.repeats} after one warm-up, one random batch of cartpole_balance's shapes, "
+    header += "the published settings; the published agents' own code, from the clones named in the command\n\n"
+    table = "\n".join(rows) + "\n"
+    print("\n" + header + table)
+    if args.results:
+        with open(args.results, "a") as f:
+            f.write(header + table + "\n")
+        print(f"appended to {args.results}")
+
+
+if __name__ == "__main__":
+    main(tyro.cli(Args))
