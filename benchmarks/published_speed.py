@@ -38,7 +38,7 @@ def import_from(repo: str, module_name: str):
     """`module_name` of a published repository, with its own `utils`. Their imports of hydra and omegaconf are only
     for configuration: empty stand-ins take their place if they are not installed."""
     for missing in ["hydra", "omegaconf"]:
-        if importlib.util.find_spec(missing) is None:
+        if missing not in sys.modules and importlib.util.find_spec(missing) is None:
             stand_in = types.ModuleType(missing)
             stand_in.OmegaConf = None
             sys.modules[missing] = stand_in
