@@ -4,7 +4,6 @@ import contextlib
 import errno
 import glob
 import os
-import random
 import re
 import shutil
 import signal
@@ -74,16 +73,29 @@ def uninterrupted(request, tmp_path_factory):
     return get
 
 
+def wait_for_step(process, run_dir, step, timeout=300):
+    """Waits until the run's checkpoint is of agent step `step` or later; returns the step it found."""
+    deadline = time.time() + timeout
+    while True:
+        with contextlib.suppress(FileNotFoundError, RuntimeError):  # between checkpoints: replaced atomically
+            found = load(f"{run_dir}/checkpoint.pt")["global_step"]
+            if found >= step:
+                return found
+        assert process.poll() is None, process.stdout.read()
+        assert time.time() < deadline, f"no checkpoint of step {step}"
+        time.sleep(0.05)
+
+
 def test_sigkill_then_resume_gives_the_uninterrupted_run(script, uninterrupted, tmp_path):
     name = script.__name__
     process = start_script(name, RUN, tmp_path)
     run_dir = wait_for_checkpoint(process, tmp_path)
-    delay = random.uniform(0.0, 4.0)
-    time.sleep(delay)
+    # killed right after the checkpoint of frame 120: updates started at frame 80, and the run is mid-episode
+    found = wait_for_step(process, run_dir, step=60)
     process.send_signal(signal.SIGKILL)
     process.wait()
     at_kill = load(f"{run_dir}/checkpoint.pt")
-    assert 0 < at_kill["global_step"] < 160, f"killed {delay:.1f} s after the first checkpoint, not mid-run"
+    assert found == at_kill["global_step"] == 60, f"the kill came after the checkpoint of step {found}, not 60"
 
     resumed = run_script(name, [*RUN, "--resume", "auto"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
@@ -158,7 +170,7 @@ def snapshot(folder):
 
 
 @pytest.mark.parametrize("damage", ["truncate 10", "truncate 50", "truncate 99", "flip middle", "flip end"])
-def test_damaged_checkpoint_is_refused_and_the_run_left_as_it_was(finished_run, tmp_path, damage):
+def test_damaged_checkpoint_is_refused_and_the_run_left_as_it_was(finished_run, tmp_path, damage, monkeypatch):
     from conftest import load_script
 
     drqv2 = load_script("drqv2_continuous_action")
@@ -174,7 +186,7 @@ def test_damaged_checkpoint_is_refused_and_the_run_left_as_it_was(finished_run, 
         data[position] ^= 0xFF
     path.write_bytes(bytes(data))
     before = snapshot(tmp_path)
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
     args = parse(drqv2, [*TINY_RUN, "--resume", str(run_dir)])
     with pytest.raises(drqv2.RunError, match="checkpoint .* (unreadable or corrupt|is corrupt)"):
         drqv2.main(args)
@@ -251,12 +263,12 @@ def parse(module, argv):
 
 
 @pytest.mark.parametrize("case", list(bad_input_cases()))
-def test_bad_input_fails_fast_naming_the_problem(case, tmp_path):
+def test_bad_input_fails_fast_naming_the_problem(case, tmp_path, monkeypatch):
     from conftest import load_script
 
     drqv2 = load_script("drqv2_continuous_action")
     extra, message = bad_input_cases()[case]
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(drqv2.RunError, match=re.escape(message)):
         drqv2.main(parse(drqv2, [*TINY_RUN, *extra]))
     assert not (tmp_path / "runs").exists()
@@ -271,12 +283,12 @@ def test_bad_input_from_the_command_line_and_a_renderer_that_cannot_start(tmp_pa
     assert not (tmp_path / "runs").exists()
 
 
-def test_resume_with_other_settings_names_the_differences(finished_run):
+def test_resume_with_other_settings_names_the_differences(finished_run, monkeypatch):
     from conftest import load_script
 
     drqv2 = load_script("drqv2_continuous_action")
     cwd, run_dir = finished_run
-    os.chdir(cwd)
+    monkeypatch.chdir(cwd)
     argv = [*TINY_RUN, "--total-timesteps", "80"]
     args = parse(drqv2, argv)
     with pytest.raises(drqv2.RunError, match=r"--hidden-dim is 32 in the checkpoint but 64 now; --tau is 0.01"):
@@ -396,15 +408,21 @@ def test_resume_auto_takes_the_newest_run_and_names_it(tmp_path):
     second = run_script("drqv2_continuous_action", short, tmp_path)
     assert second.returncode == 0, second.stderr[-2000:]
     newest = max(glob.glob(str(tmp_path / "runs" / "*")))
-    resumed = run_script("drqv2_continuous_action", [*short, "--total-timesteps", "160", "--resume", "auto"], tmp_path)
+    last_eval = re.search(r"frame 80: eval return (\S+)", second.stdout).group(1)
+    # no evaluation until frame 160, so the progress line at frame 120 shows the one of frame 80, from the checkpoint
+    longer = [*short, "--total-timesteps", "160", "--eval-every", "1000", "--resume", "auto"]
+    resumed = run_script("drqv2_continuous_action", longer, tmp_path)
     assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-2000:]
     name = f"runs/{os.path.basename(newest)}"
     assert f"--resume auto: resuming {name}, the newest of 2 runs of this task and seed" in resumed.stdout
     progress = [line for line in resumed.stdout.splitlines() if line.startswith("frame 120/")]
-    assert progress and "last eval nan" not in progress[0], "the last evaluation comes back with the checkpoint"
+    assert progress and f"| last eval {last_eval} |" in progress[0], (
+        "the last evaluation comes back with the checkpoint"
+    )
 
     checkpoint_file = run_script("drqv2_continuous_action", [*short, "--resume", f"{name}/checkpoint.pt"], tmp_path)
-    assert checkpoint_file.returncode == 0 and "already ran 80 frames" not in checkpoint_file.stdout
+    assert checkpoint_file.returncode == 0, checkpoint_file.stderr[-2000:]
+    assert "already ran 160 frames: nothing to do" in checkpoint_file.stdout, "the checkpoint named was read"
 
 
 def test_a_checkpoint_holds_the_stored_transitions_not_the_replay_capacity(script):
