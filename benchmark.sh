@@ -107,6 +107,13 @@ for script in $SCRIPTS; do
   [ -f "$ROOT/$script" ] || die "no agent script '$script' in $ROOT"
 done
 [ -n "$ENV_IDS" ] || die "--env-ids is empty"
+# One run directory and one log per (script, task, seed): a name listed twice would give two runs the same ones.
+for list in "--scripts:$SCRIPTS" "--env-ids:$ENV_IDS"; do
+  repeated=$(tr -s ' ' '\n' <<< "${list#*:}" | sed '/^$/d' | sort | uniq -d | paste -sd ' ')
+  [ -z "$repeated" ] || die "${list%%:*} names $repeated more than once"
+done
+last_seed=$((10#$FIRST_SEED + NUM_SEEDS - 1))
+[ ${#FIRST_SEED} -le 10 ] && [ "$last_seed" -lt 4294967296 ] || die "seeds must be below 2**32 (numpy's seeds): --first-seed $FIRST_SEED with --num-seeds $NUM_SEEDS"
 # What every run gets after its task and seed: the budget, then the arguments after --, which may override it.
 RUN_ARGS=("${EXTRA_ARGS[@]}")
 [ "$FRAMES" = preset ] || RUN_ARGS=(--total-timesteps "$FRAMES" "${EXTRA_ARGS[@]}")

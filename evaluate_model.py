@@ -9,6 +9,8 @@
 import importlib.util
 import json
 import os
+import pickle
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -83,6 +85,13 @@ def load_policy(module, path: str, device):
     try:
         # weights only: loading runs no code; memory-mapped: a checkpoint's replay is not read
         saved = torch.load(path, map_location=device, weights_only=True, mmap=True)
+    except pickle.UnpicklingError as error:  # torch refuses objects other than tensors and plain containers
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        what = f" ({found.group(1)})" if found else ""
+        raise RunError(
+            f"{path} holds Python objects{what} that weights-only loading refuses: loading them can execute arbitrary "
+            "code; torch.load(path, weights_only=False) does it, only for a file from a source you trust"
+        ) from error
     except Exception as error:  # a damaged or foreign file fails in many ways inside torch.load
         raise RunError(f"{path} is not a readable model file ({first_line(error)})") from error
     if isinstance(saved, dict) and {"agent", "args", "global_step"} <= set(saved):  # a checkpoint: its policy part
@@ -110,6 +119,10 @@ def main(args: Args):
     module = agent_script
     if args.num_episodes < 1:
         raise RunError(f"--num-episodes must be positive, got {args.num_episodes}")
+    if args.max_episode_frames is not None and args.max_episode_frames < 1:
+        raise RunError(f"--max-episode-frames must be positive, got {args.max_episode_frames}")
+    if not 0 <= args.seed < 2**32:
+        raise RunError(f"--seed must be in [0, 2**32), as numpy's seeds, got {args.seed}")
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     policy, saved = load_policy(module, args.model_path, device)
     trained = saved["args"]
@@ -126,6 +139,8 @@ def main(args: Args):
     folder = os.path.dirname(os.path.abspath(args.model_path))
     name = f"eval_{env_id}_seed{args.seed}"
     video_path = os.path.join(folder, f"{name}.mp4") if args.capture_video else None
+    output = args.output or os.path.join(folder, f"{name}.json")
+    module.make_folder(os.path.dirname(os.path.abspath(output)))  # before the evaluation, not after it
     print(f"evaluating {args.model_path} ({trained['exp_name']}, trained on {trained['env_id']}) on {env_id}: ", end="")
     print(f"{args.num_episodes} episodes, seed {args.seed}", flush=True)
     returns = [float(r) for r in module.evaluate(policy, env, args.num_episodes, video_path)]
@@ -142,7 +157,6 @@ def main(args: Args):
         "std": float(np.std(returns)),
         "returns": returns,
     }
-    output = args.output or os.path.join(folder, f"{name}.json")
     with open(output, "w") as f:
         json.dump(result, f, indent=2)
     print(f"return {result['mean']:.1f} ± {result['std']:.1f} (mean ± std over {len(returns)} episodes); {output}")

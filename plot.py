@@ -463,7 +463,23 @@ def budgets_of(runs) -> list[int]:
     return sorted({int(reached) // 10, int(reached) // 2, int(reached)} - {0}) or [0]
 
 
+def check_args(args: Args):
+    """One line and a non-zero exit for settings that cannot work, before anything is read."""
+    problems = []
+    if args.reference is not None and not os.path.isdir(args.reference):
+        problems.append(f"--reference {args.reference}: no such folder (None: no published curves)")
+    if args.bootstrap_reps < 1:
+        problems.append(f"--bootstrap-reps must be at least 1, got {args.bootstrap_reps}")
+    if not (np.isfinite(args.score_scale) and args.score_scale > 0):
+        problems.append(f"--score-scale must be positive, got {args.score_scale}")
+    if args.budgets is not None and min(args.budgets, default=0) < 1:
+        problems.append(f"--budgets must be positive frames, got {args.budgets}")
+    if problems:
+        raise SystemExit(f"plot.py: {'; '.join(problems)}")
+
+
 def main(args: Args):
+    check_args(args)
     runs, report = find_runs(args.runs_dir, args.tag)
     directories = sum(line.startswith(("  read ", "  skipped ")) for line in report)  # the other lines are notes
     print(f"plot.py: {directories} run director{'y' if directories == 1 else 'ies'} under {args.runs_dir}")

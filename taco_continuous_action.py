@@ -8,12 +8,15 @@
 import contextlib
 import copy
 import dataclasses
+import errno
+import fcntl
 import glob
 import math
 import os
 import random
 import re
 import signal
+import socket
 import sys
 import time
 import zipfile
@@ -39,7 +42,7 @@ PRESET = tyro.conf.arg(help_behavior_hint="")  # a field the task's preset fills
 @dataclass
 class Args:
     exp_name: str = os.path.basename(__file__)[: -len(".py")]
-    """the name of this experiment (part of the run name)"""
+    """the name of this experiment (part of the run name): letters, digits, `.`, `_` and `-`"""
     seed: int = 1
     """seed of the experiment (python, numpy, torch and the environment)"""
     torch_deterministic: bool = True
@@ -190,7 +193,7 @@ def parse_schedule(spec: str):
 def check_common_args(args, positive: list[str]) -> int:
     """Fails fast, before any environment is built, on settings that cannot work; returns an episode's agent steps."""
     time_limit = 250 if args.env_id == "reach_duplo" else 1000  # the task's, in frames
-    episode_steps = min(args.max_episode_frames or time_limit, time_limit) // args.action_repeat
+    episode_steps = math.ceil(min(args.max_episode_frames or time_limit, time_limit) / args.action_repeat)
     value = vars(args)
     positive = positive + ["frame_stack", "action_repeat", "total_timesteps", "eval_every", "num_eval_episodes"]
     positive += [
@@ -210,9 +213,14 @@ def check_common_args(args, positive: list[str]) -> int:
     rules.append(("stddev_clip", math.isfinite(args.stddev_clip) and args.stddev_clip >= 0, "must be finite and >= 0"))
     at_least_one_step = args.max_episode_frames is None or args.max_episode_frames >= args.action_repeat
     rules.append(("max_episode_frames", at_least_one_step, "must be at least --action-repeat"))
+    rules.append(("total_timesteps", args.total_timesteps >= args.action_repeat, "must be at least --action-repeat"))
+    rules.append(("seed", 0 <= args.seed < 2**32, "must be in [0, 2**32), as numpy's seeds"))
+    name_ok = re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.exp_name)  # it names a directory and a model file
+    rules.append(("exp_name", name_ok, "must start with a letter or digit and hold only those, '.', '_' and '-'"))
+    rules.append(("resume", args.resume != "", "must name a run directory, its checkpoint.pt, or auto"))
     for name, ok, requirement in rules:
         if not ok:
-            raise RunError(f"--{name.replace('_', '-')} {requirement}, got {value[name]}")
+            raise RunError(f"--{name.replace('_', '-')} {requirement}, got {value[name]!r}")
     stored = min(args.buffer_size, args.learning_starts // args.action_repeat)
     if args.batch_size > stored:
         raise RunError(
@@ -232,6 +240,11 @@ def validate_args(args: Args):
     episode_steps = check_common_args(args, positive=["multistep", "latent_action_dim"])
     if max(args.nstep, args.multistep) >= episode_steps:
         raise RunError(f"--nstep and --multistep must be shorter than an episode ({episode_steps} agent steps)")
+    if args.compile and args.taco_anchor_from_critic:  # tests/test_speed.py compares them with the eager update
+        raise RunError(
+            "--compile with --taco-anchor-from-critic gives the encoder wrong gradients from the critic loss (the "
+            "compiled backward of the reused anchor's graph); use one of the two"
+        )
 
 
 UPDATE_MEMORY = 3.7e9  # bytes of a default CPU run besides the replay (3.43 GB measured: benchmarks/update_memory.py)
@@ -242,6 +255,10 @@ UPDATE_MEMORY = 3.7e9  # bytes of a default CPU run besides the replay (3.43 GB 
 
 
 # --- shared: environment ---
+class NonFiniteAction(FloatingPointError):
+    """An action with a NaN or an infinity in it (a policy gone non-finite), which MuJoCo cannot step with."""
+
+
 class DMCPixelEnv:
     def __init__(self, env_id, seed, action_repeat=2, frame_stack=3, max_episode_frames=None, size=84):
         try:  # dm_control picks the renderer at import; a bad MUJOCO_GL fails there or at the first render
@@ -297,6 +314,8 @@ class DMCPixelEnv:
 
     def step(self, action: np.ndarray):
         """Returns (stacked observation, summed reward, discount, episode over)."""
+        if not np.isfinite(action).all():
+            raise NonFiniteAction(f"action ({action})")
         scaled = self._action_low + self._action_scale * (np.asarray(action) - np.array(-1.0))
         action = scaled.astype(np.float32, copy=False).astype(self._action_dtype)
         reward = 0.0
@@ -740,9 +759,6 @@ class Agent:
         self.taco_opt = torch.optim.Adam([*encoder_params, *self.taco_head.parameters()], **adam)
         self.stddev = parse_schedule(args.stddev_schedule)
         if args.compile:
-            # a reused anchor keeps the encoder's graph for the critic (retain_graph), which compiled backward passes
-            # refuse while they donate their buffers; without donation they compute the same, in a little more memory
-            torch._functorch.config.donated_buffer = not args.taco_anchor_from_critic
             for network in self.state_dict(optimizers=False):
                 getattr(self, network).compile()  # keeps the state_dict keys
         self.cuda_graph = CudaGraph(self) if args.cudagraphs else None
@@ -939,18 +955,23 @@ def evaluate(agent, env, num_episodes: int, video_path: str | None = None) -> li
     return returns
 
 
+def non_finite(what: str, frame: int, checkpoint_frame: int) -> RunError:
+    kept = f"the last checkpoint, at frame {checkpoint_frame}, is kept"
+    return RunError(f"non-finite {what} at frame {frame}; stopping without checkpointing ({kept})")
+
+
 def read_metrics(metrics: dict, frame: int, checkpoint_frame: int) -> dict:
     """The latest update's metrics as numbers (reading them waits for the GPU: once an episode); stops on a
     non-finite one."""
     values = {tag: tensor.item() for tag, tensor in metrics.items()}
     for tag, value in values.items():
         if not math.isfinite(value):
-            kept = f"the last checkpoint, at frame {checkpoint_frame}, is kept"
-            raise RunError(f"non-finite {tag} ({value}) at frame {frame}; stopping without checkpointing ({kept})")
+            raise non_finite(f"{tag} ({value})", frame, checkpoint_frame)
     return values
 
 
 CHECKPOINT = "checkpoint.pt"
+LOCK = "run.lock"
 # Settings that may differ when a run is resumed; every other setting must equal the checkpoint's.
 RESUMABLE_CHANGES = {"total_timesteps", "eval_every", "num_eval_episodes", "checkpoint_every", "checkpoint_replay"}
 RESUMABLE_CHANGES |= {"resume", "cuda", "torch_deterministic", "track", "wandb_project_name", "wandb_entity"}
@@ -977,6 +998,39 @@ def save_checkpoint(path: str, payload: dict, kept: str = "the previous checkpoi
             os.remove(temporary)
 
 
+def make_folder(path: str):
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise RunError(f"cannot create {path} ({error.strerror or first_line(error)})") from error
+
+
+def lock_run_dir(run_dir: str, new_run: bool):
+    """Creates the run directory of a new run; then holds an exclusive lock on the run for this process's life, so
+    that a second process on the same run is refused, naming the holder. Returns the open lock file."""
+    if new_run and os.path.exists(run_dir):
+        raise RunError(f"{run_dir} exists already (a run of this task and seed started in the same second?)")
+    make_folder(run_dir)
+    try:
+        lock = open(os.path.join(run_dir, LOCK), "a+")  # noqa: SIM115 (held open while the run lasts)
+    except OSError as error:
+        raise RunError(f"cannot write in {run_dir} ({error.strerror or first_line(error)})") from error
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as error:
+        if error.errno not in (errno.EAGAIN, errno.EACCES):  # a file system without locks: say so, go on
+            print(f"warning: cannot lock {run_dir} ({error.strerror}): run one process on it at a time")
+            return lock
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise RunError(f"{run_dir} is in use by {holder}: one process per run directory") from None
+    lock.truncate(0)
+    lock.write(f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    lock.flush()
+    return lock
+
+
 def load_checkpoint(path: str, args=None) -> dict:
     """The checkpoint's payload (tensors memory-mapped) once every record of its zip file matches its CRC (torch.load
     checks none) and, given `args`, the settings that change what is computed match them."""
@@ -991,6 +1045,9 @@ def load_checkpoint(path: str, args=None) -> dict:
     if not isinstance(payload, dict):
         raise RunError(f"the checkpoint {path} is corrupt: it holds no run's checkpoint")
     saved = payload.get("args", {})
+    if args is not None and set(saved) != set(vars(args)):
+        other = ", ".join(sorted(set(saved) ^ set(vars(args))))
+        raise RunError(f"the checkpoint {path} is not of this script (settings in one of them only: {other})")
     differences = [
         f"--{name.replace('_', '-')} is {saved.get(name)!r} in the checkpoint but {value!r} now"
         for name, value in (vars(args).items() if args else [])
@@ -1055,14 +1112,16 @@ def restore(checkpoint: dict, agent, replay, envs):
 
 
 class StopRequest:
-    """SIGTERM, SIGINT and SIGUSR1 ask the run to checkpoint at the end of the current episode and exit; a second
-    signal exits at once (the previous checkpoint stays whole)."""
+    """SIGTERM, SIGINT, SIGUSR1 and SIGHUP ask the run to checkpoint at the end of the current episode and exit (at
+    the budget's end it finishes instead); a second signal exits at once (the previous checkpoint stays whole). A
+    signal ignored when the run starts (SIGHUP under nohup) stays ignored."""
 
     def __init__(self, checkpoints: bool):
         self.signal = None
         self.checkpoints = checkpoints
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-            signal.signal(signum, self._handle)
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
+            if signal.getsignal(signum) is not signal.SIG_IGN:
+                signal.signal(signum, self._handle)
 
     def _handle(self, signum, _):
         if self.signal is not None:
@@ -1087,7 +1146,7 @@ class StopRequest:
 
 def main(args: Args):
     args = resolve_args(args)  # everything that can be wrong (settings, checkpoint, renderer) is found before writing
-    run_dir = find_run_to_resume(args) if args.resume else None
+    run_dir = find_run_to_resume(args) if args.resume is not None else None
     checkpoint = load_checkpoint(os.path.join(run_dir, CHECKPOINT), args) if run_dir else None
     device = choose_device(args)
     random.seed(args.seed)
@@ -1118,11 +1177,17 @@ def main(args: Args):
         start_step, last_eval = restore(checkpoint, agent, rb, [env, eval_env])
         del checkpoint  # its tensors are memory-mapped from the file
     total_steps = args.total_timesteps // args.action_repeat  # in agent steps
+    total_frames = total_steps * args.action_repeat  # --total-timesteps rounded down to whole agent steps
     if start_step >= total_steps:
         print(f"{run_dir} already ran {start_step * args.action_repeat} frames: nothing to do")
         return
+    new_run = run_dir is None
     run_name = os.path.basename(run_dir or f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
     run_dir = run_dir or f"runs/{run_name}"
+    lock = lock_run_dir(run_dir, new_run)  # held until this process ends
+    video_dir = f"videos/{run_name}" if args.capture_video else None
+    if video_dir:
+        make_folder(video_dir)
     start_frame = start_step * args.action_repeat
     if args.track:  # a resumed run continues the same wandb run; save_code keeps this file, the whole algorithm
         import wandb
@@ -1138,22 +1203,23 @@ def main(args: Args):
             save_code=True,
         )
     # On resume, TensorBoard drops what the interrupted run logged after its checkpoint: each step appears once.
+    first_log = not glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))  # a new run, or its logs deleted
     writer = SummaryWriter(run_dir, purge_step=start_frame + 1 if start_frame else None)
-    if not start_frame:
+    if first_log:
         table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
     stop = StopRequest(checkpoints=args.checkpoint_every > 0)
     print(
         f"{'resuming' if start_step else 'run'} {run_name} on {device}: {args.env_id}, frame {start_frame} of "
-        f"{args.total_timesteps}; logs in {run_dir}; {replay_line}"
+        f"{total_frames}; logs in {run_dir}; {replay_line}"
     )
     # Resumed without its replay: collect `learning_starts` frames anew before updating.
     updates_start = args.learning_starts + (start_frame if start_step and rb.num_transitions == 0 else 0)
-    if updates_start >= args.total_timesteps:
+    if updates_start >= total_frames:
         print(f"warning: updates start at frame {updates_start}, not before the budget's end: this run will not learn")
     eval_every_steps = max(args.eval_every // args.action_repeat, 1)
-    video_dir = f"videos/{run_name}" if args.capture_video else None
     checkpoint_frame = start_frame
+    frame = start_frame
     metrics = {}
     waiting = False
     start_time = time.time()
@@ -1204,24 +1270,26 @@ def main(args: Args):
                 writer.add_scalar("charts/SPS", sps, frame)
                 for tag, value in read_metrics(metrics, frame, checkpoint_frame).items():
                     writer.add_scalar(tag, value, frame)
-                frames_left = args.total_timesteps - frame  # time left: the evaluations still to come included
+                metrics = {}  # logged
+                frames_left = total_frames - frame  # time left: the evaluations still to come included
                 timed = frame - episode_frames >= updates_start and not waiting  # a whole episode of updates
                 left = frames_left / sps + frames_left // args.eval_every * eval_seconds if timed else math.nan
                 shown_eval = "-" if math.isnan(last_eval) else f"{last_eval:.1f}"  # "-": no evaluation yet
                 print(
-                    f"frame {frame}/{args.total_timesteps} ({100 * frame / args.total_timesteps:.1f}%) | return "
+                    f"frame {frame}/{total_frames} ({100 * frame / total_frames:.1f}%) | return "
                     f"{episode_return:.1f} | SPS {sps:.0f} | last eval {shown_eval} | elapsed "
                     f"{duration(time.time() - start_time)} | left {duration(left)}"
                 )
                 due = (
                     args.checkpoint_every and frame // args.checkpoint_every > checkpoint_frame // args.checkpoint_every
                 )
-                if due and global_step + 1 < total_steps or stop.signal and args.checkpoint_every:  # the last: below
+                last = global_step + 1 == total_steps  # the run finishes (a signal now too): its checkpoint below
+                if (due or stop.signal and args.checkpoint_every) and not last:
                     write_checkpoint(
                         run_dir, args, global_step + 1, agent, rb, [env, eval_env], last_eval, checkpoint_frame
                     )
                     checkpoint_frame = frame
-                if stop.signal:
+                if stop.signal and not last:
                     stop.exit(frame, run_dir)
                 obs = env.reset()
                 rb.start_episode(env.frame)
@@ -1229,8 +1297,10 @@ def main(args: Args):
                 episode_steps = 0
                 episode_start_time = time.time()
 
+        for tag, value in read_metrics(metrics, total_frames, checkpoint_frame).items():  # a last episode cut short
+            writer.add_scalar(tag, value, total_frames)
         elapsed = time.time() - start_time
-        frames = args.total_timesteps - start_frame
+        frames = total_frames - start_frame
         kept = "no checkpoint (checkpoints are off)"
         if args.checkpoint_every:  # the final checkpoint leaves out the replay, by far its largest part
             write_checkpoint(run_dir, args, total_steps, agent, None, [env, eval_env], last_eval, checkpoint_frame)
@@ -1245,8 +1315,11 @@ def main(args: Args):
             saved = {"args": vars(args), "obs_shape": list(env.observation_shape), "action_dim": env.action_dim}
             torch.save({**saved, **agent.state_dict(optimizers=False)}, model_path)
             print(f"model saved to {model_path}")
+    except NonFiniteAction as error:  # the policy's output, before dm_control fails on it
+        raise non_finite(str(error), frame, checkpoint_frame) from None
     finally:
         writer.close()
+        lock.close()
         if args.track:
             wandb.finish()
 

@@ -1,6 +1,7 @@
 """The sweep (benchmark.sh, here and on a real one-node Slurm cluster) and the plotting step (plot.py)."""
 
 import csv
+import fcntl
 import os
 import re
 import shutil
@@ -262,14 +263,17 @@ def test_a_local_sweep_run_again_continues_interrupted_runs_and_skips_finished_o
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        start_new_session=True,  # its own process group, as a terminal's foreground job
     )
     deadline = time.time() + 300
     while not list((out / "runs").glob("*/checkpoint.pt")):
         assert process.poll() is None and time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.2)
-    process.send_signal(signal.SIGINT)  # Ctrl-C: every run checkpoints and stops
+    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: SIGINT to the foreground group; every run checkpoints and stops
     assert process.wait(timeout=300) == 130, process.stdout.read()
     (run_dir,) = list((out / "runs").iterdir())
+    with open(run_dir / "run.lock") as lock:  # no process holds the run any more
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     assert 280 not in [step for step, _ in read_scalars(run_dir).get("eval/episodic_return", [])], "stopped early"
 
     again = run_benchmark(command, tmp_path)
@@ -299,6 +303,27 @@ def test_bad_benchmark_options_fail_fast(tmp_path):
     assert result.returncode == 2 and "--workers must be a whole number, got 'two'" in result.stderr
     result = run_benchmark(["--scripts", "nope.py"], tmp_path)
     assert result.returncode == 2 and "no agent script 'nope.py'" in result.stderr
+    result = run_benchmark(["--dry-run", "--env-ids", "cartpole_balance cheetah_run cartpole_balance"], tmp_path)
+    assert result.returncode == 2 and "--env-ids names cartpole_balance more than once" in result.stderr
+    result = run_benchmark(["--dry-run", "--first-seed", str(2**32 - 2), "--num-seeds", "3"], tmp_path)
+    assert result.returncode == 2 and "seeds must be below 2**32" in result.stderr
+
+
+@pytest.mark.parametrize(
+    "option,message",
+    [
+        (["--reference", "no/such/folder"], "--reference no/such/folder: no such folder"),
+        (["--bootstrap-reps", "0"], "--bootstrap-reps must be at least 1, got 0"),
+        (["--score-scale", "0"], "--score-scale must be positive, got 0.0"),
+    ],
+)
+def test_bad_plot_options_are_one_line_before_reading(synthetic_runs, tmp_path, option, message):
+    import tyro
+
+    args = tyro.cli(plot.Args, args=["--runs-dir", str(synthetic_runs), "--out", str(tmp_path / "plots"), *option])
+    with pytest.raises(SystemExit, match=re.escape(f"plot.py: {message}")):
+        plot.main(args)
+    assert not (tmp_path / "plots").exists()
 
 
 def test_slurm_dry_run_prints_a_readable_array_job(tmp_path):
@@ -447,8 +472,10 @@ def test_slurm_elements_get_exactly_the_arguments_given_none_or_quoted(slurm_clu
         assert words == [script, "--env-id", "cartpole_balance", "--seed", "1", "--resume", "auto", *expected_tail]
 
 
-def test_slurm_requeue_resumes_from_the_checkpoint(slurm_cluster, tmp_path):
-    """A requeued element (as after preemption) checkpoints on SIGTERM, starts again and resumes its run."""
+def test_slurm_time_limit_signal_checkpoints_requeues_and_resumes(slurm_cluster, tmp_path):
+    """The time-limit path: SIGUSR1 to the element's batch script (what `--signal=B:USR1@120` sends) is passed to the
+    run, which checkpoints at its episode's end; the script requeues the element, which starts again and resumes the
+    run. (A preempted element gets SIGTERM instead and is requeued by Slurm; the run handles both alike.)"""
     out = tmp_path / "sweep"
     sweep = ["--slurm", "--no-plot", "--scripts", "drqv2_continuous_action.py", "--env-ids", "cartpole_balance"]
     resources = ["--num-seeds", "1", "--gpus", "0", "--cpus", "1", "--mem", "500M", "--time", "00:10:00"]
@@ -460,7 +487,7 @@ def test_slurm_requeue_resumes_from_the_checkpoint(slurm_cluster, tmp_path):
     while not list((out / "runs").glob("*/checkpoint.pt")):
         assert time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.5)
-    subprocess.run(["scontrol", "requeue", f"{job_id}_0"], env=slurm_cluster, check=True)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", f"{job_id}_0"], env=slurm_cluster, check=True)
     log_file = out / "logs" / f"{job_id}_0.log"
     start_now = ["scontrol", "update", f"JobId={job_id}_0", "StartTime=now"]
     while "(restart 1)" not in log_file.read_text() or "exit code" not in log_file.read_text().split("(restart 1)")[1]:
@@ -469,6 +496,7 @@ def test_slurm_requeue_resumes_from_the_checkpoint(slurm_cluster, tmp_path):
         subprocess.run(start_now, env=slurm_cluster, capture_output=True, check=False)
         time.sleep(1)
     log = log_file.read_text()
+    assert "time limit near: requeueing" in log and "stopped by SIGUSR1 with a checkpoint at frame" in log, log
     assert "(restart 1)" in log and "resuming cartpole_balance__drqv2_continuous_action__1__" in log, log[-3000:]
     assert "finished with exit code 0" in log
     (run_dir,) = list((out / "runs").iterdir())

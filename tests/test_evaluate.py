@@ -28,7 +28,7 @@ def evaluate(*args):
 
 
 def test_evaluates_a_saved_model_and_writes_its_returns(saved_model, tmp_path):
-    output = tmp_path / "result.json"
+    output = tmp_path / "not yet made" / "result.json"  # the folder is made before the evaluation
     result = evaluate(
         saved_model, "--num-episodes", 3, "--max-episode-frames", 40, "--output", output, "--capture-video"
     )
@@ -67,10 +67,26 @@ def test_another_task_with_the_same_action_size_is_allowed(saved_model, tmp_path
         assert json.load(f)["trained_env_id"] == "cartpole_balance"
 
 
-@pytest.mark.parametrize("problem", ["garbage", "not_a_model", "missing", "other_actions", "unknown_task"])
+class Unsafe:
+    """A Python object in a file: weights-only loading refuses it (unpickling it could run any code)."""
+
+
+PROBLEMS = ["garbage", "not_a_model", "missing", "other_actions", "unknown_task", "objects", "frames", "seed"]
+
+
+@pytest.mark.parametrize("problem", PROBLEMS)
 def test_bad_input_gets_one_line(saved_model, tmp_path, problem):
     path, extra = tmp_path / "model.cleanrl_model", []
-    if problem == "garbage":
+    if problem == "objects":
+        torch.save({"encoder": Unsafe()}, path)
+        expected = "holds Python objects (test_evaluate.Unsafe) that weights-only loading refuses: loading them can"
+    elif problem == "frames":
+        path, extra = saved_model, ["--max-episode-frames", "-5"]
+        expected = "--max-episode-frames must be positive, got -5"
+    elif problem == "seed":
+        path, extra = saved_model, ["--seed", str(2**32)]
+        expected = "--seed must be in [0, 2**32), as numpy's seeds, got 4294967296"
+    elif problem == "garbage":
         path.write_bytes(b"not a torch file at all")
         expected = "is not a readable model file"
     elif problem == "not_a_model":

@@ -112,10 +112,24 @@ def test_update_moves_every_network_and_the_target_by_polyak(script):
 
 
 def test_actor_loss_sends_no_gradient_to_the_encoder(script):
+    """In the agent's own update: when the actor steps, the encoder's gradients are still those the critic loss left
+    (an actor loss through the encoder would add to them)."""
+    torch.manual_seed(0)
     agent = script.Agent((9, 84, 84), 1, tiny_args(script), torch.device("cpu"))
-    features = agent.encoder(torch.rand(4, 9, 84, 84) * 255)
-    agent.update_actor(features.detach(), 0.2)
-    assert all(p.grad is None for p in agent.encoder.parameters())
+    seen = {}
+    for name, optimizer in [("critic", agent.encoder_opt), ("actor", agent.actor_opt)]:
+        step = optimizer.step
+
+        def recording_step(*args, _name=name, _step=step, **kwargs):
+            grads = [None if p.grad is None else p.grad.clone() for p in agent.encoder.parameters()]
+            seen.setdefault(_name, grads)  # the first call: the encoder steps again in TACO's step
+            return _step(*args, **kwargs)
+
+        optimizer.step = recording_step
+    agent.update(tiny_batch(script), step=5000)
+    assert all(grad is not None and grad.abs().sum() > 0 for grad in seen["critic"]), "the critic loss trains it"
+    for after_critic, at_actor_step in zip(seen["critic"], seen["actor"]):
+        assert torch.equal(after_critic, at_actor_step)
 
 
 def test_act_explores_uniformly_then_follows_the_schedule(script):

@@ -23,8 +23,8 @@ machinery = load_script("drqv2_continuous_action")  # the checkpoint functions, 
 RUN = [*TINY_RUN, "--total-timesteps", "320", "--eval-every", "160", "--checkpoint-every", "40", "--save-model"]
 
 
-def start_script(name, args, cwd):
-    env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl")}
+def start_script(name, args, cwd, env=None):
+    env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"), **(env or {})}
     command = [sys.executable, str(ROOT / f"{name}.py"), *args]
     return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -139,18 +139,64 @@ def test_checkpoint_replay_round_trip(script):
     assert 9 not in {int(x) for x in a["obs"][:, -3, 0, 0]}
 
 
-def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_a_stop_signal_writes_a_checkpoint_and_exits_cleanly(tmp_path, signum):
     process = start_script("drqv2_continuous_action", RUN, tmp_path)
     run_dir = wait_for_checkpoint(process, tmp_path)
-    process.send_signal(signal.SIGTERM)
+    process.send_signal(signum)
     output, _ = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGTERM, output
+    assert process.returncode == 128 + signum, output
     assert "Traceback" not in output
     checkpoint = load(f"{run_dir}/checkpoint.pt")
     frame = checkpoint["global_step"] * 2
     resume_hint = f"resume with --resume runs/{os.path.basename(run_dir)}"
-    assert f"stopped by SIGTERM with a checkpoint at frame {frame}; {resume_hint}" in output
+    assert f"stopped by {signal.Signals(signum).name} with a checkpoint at frame {frame}; {resume_hint}" in output
     assert not glob.glob(f"{run_dir}/*.tmp")
+
+
+def test_a_second_signal_exits_at_once_leaving_the_checkpoint_whole(tmp_path):
+    """SIGINT (Ctrl-C) asks for a checkpoint at the episode's end; a second signal before then exits at once."""
+    process = start_script("drqv2_continuous_action", RUN, tmp_path, env={"PYTHONUNBUFFERED": "1"})
+    run_dir = wait_for_checkpoint(process, tmp_path)
+    before = load(f"{run_dir}/checkpoint.pt")["global_step"]
+    process.send_signal(signal.SIGINT)
+    for line in process.stdout:  # the first signal is taken: the run says what it will do
+        if line.startswith("SIGINT: finishing this episode, then checkpointing and exiting"):
+            break
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, output
+    assert "stopped by" not in output and "Traceback" not in output
+    assert machinery.load_checkpoint(f"{run_dir}/checkpoint.pt")["global_step"] in (before, before + 20)
+
+
+def test_a_signal_ignored_at_start_stays_ignored(monkeypatch):
+    """Under nohup SIGHUP is ignored: the run keeps ignoring it (closing the terminal does not stop it)."""
+    installed = {}
+    monkeypatch.setattr(signal, "getsignal", lambda signum: signal.SIG_IGN if signum == signal.SIGHUP else None)
+    monkeypatch.setattr(signal, "signal", lambda signum, handler: installed.update({signum: handler}))
+    machinery.StopRequest(checkpoints=True)
+    assert set(installed) == {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}
+
+
+@pytest.mark.parametrize("frames", [120, 100], ids=["budget at an episode end", "budget mid-episode"])
+def test_a_signal_near_the_end_lets_the_run_finish_with_its_final_evaluation(tmp_path, frames):
+    """SIGTERM in the last episode or the final evaluation (the Slurm time-limit path): the run finishes, evaluation
+    and final checkpoint included, rather than leaving a checkpoint that resumes to nothing."""
+    args = [*TINY_RUN, "--total-timesteps", str(frames), "--learning-starts", "240", "--num-eval-episodes", "6"]
+    process = start_script("drqv2_continuous_action", args, tmp_path, env={"PYTHONUNBUFFERED": "1"})
+    for line in process.stdout:
+        if line.startswith("frame 80/"):  # the last episode end before the budget's
+            break
+    time.sleep(0.5)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=120)
+    assert process.returncode == 0, output
+    assert re.search(rf"frame {frames}: eval return \S+\n", output) and "done: " in output, output
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    assert [step for step, _ in read_scalars(run_dir)["eval/episodic_return"]] == [0, frames]
+    final = load(f"{run_dir}/checkpoint.pt")
+    assert final["global_step"] * 2 == frames and final["replay"] is None, "the final checkpoint, not a stop's"
 
 
 @pytest.fixture(scope="module")
@@ -242,11 +288,32 @@ def bad_input_cases():
         "malformed schedule": (["--stddev-schedule", "linear(1.0,0.1)"], "--stddev-schedule must be"),
         "no run to resume": (["--resume", "runs/nothing"], "--resume runs/nothing: no such run directory"),
         "gamma above 1": (["--gamma", "1.5"], "--gamma must be in (0, 1], got 1.5"),
+        "no discount": (["--gamma", "0"], "--gamma must be in (0, 1], got 0.0"),
+        "no Polyak step": (["--tau", "0"], "--tau must be in (0, 1], got 0.0"),
+        "negative Polyak rate": (["--tau", "-0.01"], "--tau must be in (0, 1], got -0.01"),
         "tau above 1": (["--tau", "2"], "--tau must be in (0, 1], got 2.0"),
         "negative clip": (["--stddev-clip", "-0.3"], "--stddev-clip must be finite and >= 0, got -0.3"),
         "schedule that fails later": (["--stddev-schedule", "linear(1.2.3,0.1,100)"], "--stddev-schedule must be"),
         "negative std": (["--stddev-schedule", "linear(1.0,-0.1,100)"], "--stddev-schedule must be a number >= 0"),
         "replay smaller than an episode": (["--buffer-size", "10"], "--buffer-size 10 is smaller than one episode"),
+        "an odd episode's last step": (
+            ["--max-episode-frames", "101", "--buffer-size", "50", "--learning-starts", "40"],
+            "--buffer-size 50 is smaller than one episode (51 transitions)",
+        ),
+        "seed beyond numpy's": (
+            ["--seed", str(2**32)],
+            "--seed must be in [0, 2**32), as numpy's seeds, got 4294967296",
+        ),
+        "negative seed": (["--seed", "-1"], "--seed must be in [0, 2**32)"),
+        "exp name with a slash": (["--exp-name", "a/b"], "--exp-name must start with a letter or digit"),
+        "exp name leaving runs/": (["--exp-name", "/../../../outside"], "--exp-name must start with a letter or digit"),
+        "empty exp name": (["--exp-name", ""], "--exp-name must start with a letter or digit and hold only"),
+        "exp name breaking the table": (["--exp-name", "a|b"], "got 'a|b'"),
+        "empty resume": (["--resume", ""], "--resume must name a run directory, its checkpoint.pt, or auto, got ''"),
+        "budget under one agent step": (
+            ["--total-timesteps", "1"],
+            "--total-timesteps must be at least --action-repeat",
+        ),
         "networks that cannot be allocated": (["--hidden-dim", "10000000000"], "the networks do not fit in memory"),
         "replay larger than the memory": (
             ["--buffer-size", "100000000", "--total-timesteps", "200000000"],
@@ -262,16 +329,116 @@ def parse(module, argv):
     return tyro.cli(module.Args, args=argv)
 
 
+CUDA_WARNING = "warning: no CUDA device is available; running on the CPU"
+
+
 @pytest.mark.parametrize("case", list(bad_input_cases()))
-def test_bad_input_fails_fast_naming_the_problem(case, tmp_path, monkeypatch):
+def test_bad_input_fails_fast_naming_the_problem(case, tmp_path, monkeypatch, capsys):
+    """One line (the script prints `error: ` and it), nothing else said but the CPU warning, nothing written."""
     from conftest import load_script
 
     drqv2 = load_script("drqv2_continuous_action")
     extra, message = bad_input_cases()[case]
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(drqv2.RunError, match=re.escape(message)):
+    with pytest.raises(drqv2.RunError, match=re.escape(message)) as refused:
         drqv2.main(parse(drqv2, [*TINY_RUN, *extra]))
+    assert "\n" not in str(refused.value)
+    output = capsys.readouterr()
+    assert output.err == "" and set(output.out.splitlines()) <= {CUDA_WARNING}, output
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_taco_horizon_longer_than_an_episode_is_refused(tmp_path, monkeypatch):
+    taco = load_script("taco_continuous_action")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(taco.RunError, match=re.escape("--nstep and --multistep must be shorter than an episode (20")):
+        taco.main(parse(taco, [*TINY_RUN, "--multistep", "20"]))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_write_error_stops_a_run_naming_the_checkpoint_kept(tmp_path, monkeypatch):
+    """The disk fills at the second checkpoint (frame 80): one line naming the checkpoint of frame 40, kept whole."""
+    drqv2 = load_script("drqv2_continuous_action")
+    monkeypatch.chdir(tmp_path)
+    save = torch.save
+    calls = []
+
+    def fills_the_disk_the_second_time(payload, f):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        save(payload, f)
+
+    monkeypatch.setattr(drqv2.torch, "save", fills_the_disk_the_second_time)
+    expected = (
+        r"could not write runs/\S+/checkpoint.pt \(.*No space left on device\); the checkpoint of frame 40 is kept"
+    )
+    with pytest.raises(drqv2.RunError, match=expected):
+        drqv2.main(parse(drqv2, [*TINY_RUN, "--checkpoint-every", "40"]))
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    assert drqv2.load_checkpoint(f"{run_dir}/checkpoint.pt")["global_step"] == 20
+    assert not glob.glob(f"{run_dir}/*.tmp")
+
+
+def test_a_resumed_run_continues_the_same_wandb_run(finished_run, tmp_path, monkeypatch):
+    import types
+
+    drqv2 = load_script("drqv2_continuous_action")
+    run_dir = tmp_path / "runs" / os.path.basename(finished_run[1])
+    shutil.copytree(finished_run[1], run_dir)
+    calls = []
+    fake = types.SimpleNamespace(run=None, init=lambda **kwargs: calls.append(kwargs), finish=lambda: None)
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    monkeypatch.chdir(tmp_path)
+    drqv2.main(parse(drqv2, [*TINY_RUN, "--total-timesteps", "120", "--track", "--resume", str(run_dir)]))
+    (init,) = calls
+    assert init["id"] == run_dir.name and init["resume"] == "allow" and init["save_code"], init
+
+
+@pytest.mark.parametrize("blocked", ["runs", "videos"])
+def test_a_folder_that_cannot_be_written_is_one_line_before_training(tmp_path, monkeypatch, blocked):
+    drqv2 = load_script("drqv2_continuous_action")
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / blocked).write_text("a file where a folder should be")
+    with pytest.raises(drqv2.RunError, match=f"cannot create {blocked}/cartpole_balance__"):
+        drqv2.main(parse(drqv2, [*TINY_RUN, "--capture-video"]))
+    assert not glob.glob(str(tmp_path / "runs" / "*" / "events.*")), "refused before any training"
+
+
+def test_one_process_per_run_directory(finished_run, tmp_path, monkeypatch):
+    """A second process on a run (here: a resume while this process holds it) is refused, naming the holder; a new
+    run whose directory exists already (same task, seed and second) is refused too."""
+    drqv2 = load_script("drqv2_continuous_action")
+    cwd, run_dir = finished_run
+    monkeypatch.chdir(cwd)
+    holder = drqv2.lock_run_dir(run_dir, new_run=False)
+    try:
+        with pytest.raises(drqv2.RunError, match=f"is in use by process {os.getpid()} on .*: one process per run"):
+            drqv2.main(parse(drqv2, [*TINY_RUN, "--total-timesteps", "120", "--resume", run_dir]))
+    finally:
+        holder.close()
+    taken = cwd / "runs" / "cartpole_balance__drqv2_continuous_action__7__1000"
+    taken.mkdir()
+    monkeypatch.setattr(drqv2.time, "time", lambda: 1000.0)
+    with pytest.raises(drqv2.RunError, match="exists already"):
+        drqv2.main(parse(drqv2, [*TINY_RUN, "--seed", "7"]))
+    assert list(taken.iterdir()) == []
+
+
+def test_a_checkpoint_of_the_other_script_is_refused(tmp_path, monkeypatch):
+    import tyro
+
+    taco = load_script("taco_continuous_action")
+    drqv2 = load_script("drqv2_continuous_action")
+    args = taco.resolve_args(tyro.cli(taco.Args, args=[*TINY_RUN, "--exp-name", "shared_name"]))
+    env = taco.DMCPixelEnv("cartpole_balance", seed=1, max_episode_frames=40)
+    agent = taco.Agent(env.observation_shape, env.action_dim, args, torch.device("cpu"))
+    run_dir = tmp_path / "runs" / "cartpole_balance__shared_name__1__1000"
+    run_dir.mkdir(parents=True)
+    taco.write_checkpoint(str(run_dir), args, 20, agent, None, [env], 1.0, 0)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(drqv2.RunError, match="is not of this script .*: curl, latent_action_dim, multistep"):
+        drqv2.main(parse(drqv2, [*TINY_RUN, "--exp-name", "shared_name", "--resume", "auto"]))
 
 
 def test_bad_input_from_the_command_line_and_a_renderer_that_cannot_start(tmp_path):
@@ -297,18 +464,33 @@ def test_resume_with_other_settings_names_the_differences(finished_run, monkeypa
     assert done.returncode == 0 and "already ran 80 frames: nothing to do" in done.stdout
 
 
-def test_non_finite_loss_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
-    result = run_script("drqv2_continuous_action", [*RUN, "--learning-rate", "1e30"], cwd=tmp_path)
-    assert result.returncode != 0
-    assert re.search(
-        r"error: non-finite losses/\w+ \(\S+\) at frame 120; stopping without checkpointing", result.stderr
-    )
+def test_a_non_finite_policy_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
+    """With a learning rate of 1e30 the first update (frame 80) makes the policy NaN: the next action stops the run
+    with one line, before dm_control fails on it with a PhysicsError traceback."""
+    args = [*RUN, "--learning-rate", "1e30", "--num-expl-steps", "10"]  # the policy acts from agent step 10 on
+    result = run_script("drqv2_continuous_action", args, cwd=tmp_path)
+    assert result.returncode != 0 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    kept = "stopping without checkpointing (the last checkpoint, at frame 80, is kept)"
+    assert f"error: non-finite action ([nan]) at frame 82; {kept}" in result.stderr
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
-    from conftest import load_script
+    checkpoint = machinery.load_checkpoint(f"{run_dir}/checkpoint.pt")  # whole: every record matches its CRC
+    assert checkpoint["global_step"] == 40, "the frame-80 checkpoint, from before the first update, is kept"
 
-    drqv2 = load_script("drqv2_continuous_action")
-    kept = drqv2.load_checkpoint(f"{run_dir}/checkpoint.pt")  # whole: every record matches its CRC
-    assert kept["global_step"] == 40, "the frame-80 checkpoint, from before the first update, is kept"
+
+def test_a_non_finite_loss_or_weight_stops_the_run(tmp_path):
+    metrics = {"losses/critic_loss": torch.tensor(1.0), "losses/actor_loss": torch.tensor(float("inf"))}
+    with pytest.raises(machinery.RunError, match=r"non-finite losses/actor_loss \(inf\) at frame 120; stopping .* 80"):
+        machinery.read_metrics(metrics, 120, 80)
+    import tyro
+
+    args = machinery.resolve_args(tyro.cli(machinery.Args, args=TINY_RUN))
+    env = machinery.DMCPixelEnv("cartpole_balance", seed=1, max_episode_frames=40)
+    agent = machinery.Agent(env.observation_shape, env.action_dim, args, torch.device("cpu"))
+    with torch.no_grad():
+        agent.actor.policy[0].weight[0, 0] = float("nan")
+    with pytest.raises(machinery.RunError, match="non-finite parameters in the actor at frame 40; stopping"):
+        machinery.write_checkpoint(str(tmp_path), args, 20, agent, None, [env], 1.0, 0)
+    assert not os.listdir(tmp_path)
 
 
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -466,11 +648,18 @@ def test_a_finished_run_keeps_its_checkpoint_without_the_replay_and_can_continue
     (done,) = [line for line in first.stdout.splitlines() if line.startswith("done: ")]
     name = f"runs/{os.path.basename(run_dir)}/checkpoint.pt"
     assert done.endswith(f"kept {name} ({size / 1e6:.0f} MB: networks, optimizers and progress, no replay)"), done
+    for events in glob.glob(f"{run_dir}/events.*"):  # the logs lost: the resumed run writes its settings again
+        os.remove(events)
+    with open(f"{run_dir}/checkpoint.pt.tmp", "wb") as stale:  # left by a kill during a write
+        stale.write(b"half a checkpoint")
     longer = run_script("drqv2_continuous_action", [*short, "--total-timesteps", "240", "--resume", run_dir], tmp_path)
     assert longer.returncode == 0, longer.stdout[-2000:] + longer.stderr[-2000:]
     losses = read_scalars(run_dir)["losses/critic_loss"]
     steps = [step for step, _ in losses]
-    assert steps == [120, 240], "after frame 120, updates start at 120 + 80 once the replay is refilled"
+    assert steps == [240], "after frame 120, updates start at 120 + 80 once the replay is refilled"
+    assert not os.path.exists(f"{run_dir}/checkpoint.pt.tmp"), "the next checkpoint's write replaced it"
+    plot = load_script("plot")
+    assert plot.read_run(run_dir, "eval/episodic_return")[0]["exp_name"] == "drqv2_continuous_action"
 
 
 def test_a_run_that_will_make_no_update_says_so_at_start(tmp_path):
@@ -479,3 +668,14 @@ def test_a_run_that_will_make_no_update_says_so_at_start(tmp_path):
     warning = "warning: updates start at frame 80, not before the budget's end: this run will not learn"
     lines = result.stdout.splitlines()
     assert warning in lines and lines.index(warning) < 3, result.stdout[:1000]
+
+
+def test_a_budget_cut_mid_episode_logs_the_last_losses_and_counts_whole_agent_steps(tmp_path):
+    """--total-timesteps 101 with action repeat 2 trains 100 frames; the last episode (80-120) is cut at 100, and the
+    losses of its updates are logged there."""
+    result = run_script("drqv2_continuous_action", [*TINY_RUN, "--total-timesteps", "101"], tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert re.search(r"^done: 100 frames in ", result.stdout, re.MULTILINE), result.stdout[-1000:]
+    assert (CUDA_WARNING in result.stdout.splitlines()) == (not torch.cuda.is_available()), "--cuda, the default"
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    assert [step for step, _ in read_scalars(run_dir)["losses/critic_loss"]] == [100]

@@ -2,13 +2,12 @@
 convolutions, out-of-place ReLUs, augmentation by padding and cropping float images) to float tolerance."""
 
 import copy
-import glob
 
-import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY_RUN, read_scalars, run_script, tiny_batch
+from conftest import TINY_RUN, run_script, tiny_batch
 
 
 def plain_encoder_forward(self, obs):
@@ -97,6 +96,13 @@ def with_sgd(agent, lr):
     return agent
 
 
+# How far the change an update makes to a network's weights may be from fp32's under bf16, relative to its size.
+# Measured on this test's weights and batch: 0.06-0.12 (0.34 for TACO's actor, whose gradient crosses more bf16
+# layers); with one autocast region caching bf16 weights across the optimizer steps (the old bug), the actor's
+# change is 1.0-1.06 off: the bf16 update then follows other weights.
+BF16_STEP_TOLERANCE = 0.5
+
+
 def test_bf16_update_matches_the_fp32_update_after_each_optimizer_step(script):
     """--amp bf16 computes the fp32 update within bf16 rounding, the parts that come after an optimizer step included:
     the actor is scored by the critic after the critic's step, TACO's step encodes with the encoder after it. (With
@@ -107,6 +113,7 @@ def test_bf16_update_matches_the_fp32_update_after_each_optimizer_step(script):
     fp32 = with_sgd(script.Agent((9, 84, 84), 6, args, torch.device("cpu")), lr=0.01)
     bf16 = copy.deepcopy(fp32)
     bf16.args = script.dataclasses.replace(args, amp="bf16")
+    initial = copy.deepcopy(fp32.state_dict(optimizers=False))
     batch = tiny_batch(script, batch_size=16, action_dim=6)
     torch.manual_seed(1)
     expected = fp32.update(batch, step=3000)
@@ -116,11 +123,12 @@ def test_bf16_update_matches_the_fp32_update_after_each_optimizer_step(script):
         if tag != "charts/taco_accuracy":  # an argmax: one row of 16 may flip
             torch.testing.assert_close(value.float(), expected[tag], rtol=0.15, atol=1e-3, msg=tag)
     assert all(value.dtype == torch.float32 for value in ours.values()), "metrics are logged in fp32"
-    for name, network in vars(fp32).items():
+    for name, network in vars(fp32).items():  # what the update changed, in bf16 against fp32
         if isinstance(network, torch.nn.Module):
-            a = torch.cat([p.detach().flatten() for p in network.parameters()])
-            b = torch.cat([p.detach().flatten() for p in getattr(bf16, name).parameters()])
-            assert (a - b).norm() <= 1e-2 * a.norm(), f"{name} after the update"
+            before = torch.cat([p.flatten() for p in initial[name].values()])
+            a = torch.cat([p.detach().flatten() for p in network.parameters()]) - before
+            b = torch.cat([p.detach().flatten() for p in getattr(bf16, name).parameters()]) - before
+            assert a.norm() > 0 and (a - b).norm() <= BF16_STEP_TOLERANCE * a.norm(), f"{name}: its change"
 
 
 def test_taco_anchor_from_critic_uses_the_critic_encoding():
@@ -145,17 +153,15 @@ def test_taco_anchor_from_critic_uses_the_critic_encoding():
     assert metrics["charts/taco_accuracy"] == accuracy
 
 
-def test_speed_flags_run_end_to_end(tmp_path):
-    """The CPU speed options through the command line, together in one run (each is compared with the eager fp32
-    update in process above)."""
-    name = "taco_continuous_action"
-    flags = ["--amp", "bf16", "--compile", "--taco-anchor-from-critic"]
-    result = run_script(name, [*TINY_RUN, "--total-timesteps", "120", "--eval-every", "120", *flags], cwd=tmp_path)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
-    scalars = read_scalars(run_dir)
-    for tag in ["losses/critic_loss", "losses/actor_loss", "losses/taco_loss", "losses/curl_loss"]:
-        assert all(np.isfinite(value) for _, value in scalars[tag]), tag
+def test_compile_with_the_taco_anchor_from_the_critic_is_refused():
+    """Compiled, with the anchor's graph kept for the critic (retain_graph), the critic loss's gradients into the
+    encoder came out wrong (its convolutions' first moments 60-99% off the eager update's, measured 2026-12-03 with
+    this test's settings); until that is understood the two flags are not run together."""
+    from conftest import load_script
+
+    taco = load_script("taco_continuous_action")
+    with pytest.raises(taco.RunError, match="--compile with --taco-anchor-from-critic gives the encoder wrong"):
+        taco.resolve_args(taco.Args(env_id="cheetah_run", compile=True, taco_anchor_from_critic=True))
 
 
 def test_cudagraphs_needs_cuda(tmp_path):
