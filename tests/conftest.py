@@ -1,5 +1,6 @@
 """Shared helpers: load the agent scripts as modules, run them as programs, read their TensorBoard logs."""
 
+import glob
 import os
 import subprocess
 import sys
@@ -41,6 +42,24 @@ def run_script(name, args, cwd, env=None, timeout=600):
         text=True,
         timeout=timeout,
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """tiny_run(name): the script's TINY_RUN with --track, --capture-video and --save-model, run once for the whole
+    session and shared by the tests that only read what it wrote: (the completed process, its run directory)."""
+    done = {}
+
+    def get(name):
+        if name not in done:
+            cwd = tmp_path_factory.mktemp(f"tiny_{name}")
+            result = run_script(name, [*TINY_RUN, "--track", "--capture-video", "--save-model"], cwd=cwd)
+            assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+            (run_dir,) = glob.glob(str(cwd / "runs" / "*"))
+            done[name] = (result, run_dir)
+        return done[name]
+
+    return get
 
 
 def read_scalars(run_dir):

@@ -1,11 +1,12 @@
 """The script as a user runs it: a tiny run that writes every artefact the README promises."""
 
 import glob
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from conftest import TINY_RUN, load_script, read_scalars, run_script
+from conftest import load_script, read_scalars
 
 DRQV2_TAGS = {
     "charts/episodic_return",
@@ -20,13 +21,12 @@ DRQV2_TAGS = {
 TACO_TAGS = {"losses/taco_loss", "losses/curl_loss", "losses/reward_loss", "charts/taco_accuracy"}
 
 
-def test_tiny_run_writes_logs_video_model_and_wandb(script, tmp_path):
+def test_tiny_run_writes_logs_video_model_and_wandb(script, tiny_run):
     name = script.__name__
-    result = run_script(name, [*TINY_RUN, "--track", "--capture-video", "--save-model"], cwd=tmp_path)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    result, run_dir = tiny_run(name)  # TINY_RUN with --track --capture-video --save-model
     assert "SPS" in result.stdout and "left" in result.stdout, "a progress line is printed"
-
-    (run_dir,) = glob.glob(str(tmp_path / "runs" / f"cartpole_balance__{name}__1__*"))
+    tmp_path = Path(run_dir).parents[1]  # where it ran
+    assert glob.glob(str(tmp_path / "runs" / f"cartpole_balance__{name}__1__*")) == [run_dir]
     scalars = read_scalars(run_dir)
     expected = DRQV2_TAGS | (TACO_TAGS if hasattr(script, "TacoHead") else set())
     assert expected <= set(scalars), f"missing tags: {expected - set(scalars)}"

@@ -9,16 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY_RUN, run_script
+from conftest import ROOT
 
 
 @pytest.fixture(scope="module")
-def saved_model(tmp_path_factory):
-    """A model saved by a tiny TACO run on cartpole_balance (1-dimensional actions)."""
-    cwd = tmp_path_factory.mktemp("saved")
-    result = run_script("taco_continuous_action", [*TINY_RUN, "--total-timesteps", "120", "--save-model"], cwd=cwd)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (path,) = glob.glob(str(cwd / "runs" / "*" / "*.cleanrl_model"))
+def saved_model(tiny_run):
+    """The model saved by the session's tiny TACO run on cartpole_balance (1-dimensional actions)."""
+    _, run_dir = tiny_run("taco_continuous_action")
+    (path,) = glob.glob(f"{run_dir}/*.cleanrl_model")
     return path
 
 

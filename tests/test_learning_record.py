@@ -5,15 +5,13 @@ import glob
 import subprocess
 import sys
 
-from conftest import ROOT, TINY_RUN, read_scalars, run_script
+from conftest import ROOT, read_scalars
 
 RECORD = ROOT / "benchmarks" / "learning" / "record.py"
 
 
-def test_records_a_run_with_its_provenance_and_draws_the_figure(tmp_path):
-    result = run_script("drqv2_continuous_action", [*TINY_RUN, "--seed", "4"], cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
-    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+def test_records_a_run_with_its_provenance_and_draws_the_figure(tiny_run, tmp_path):
+    _, run_dir = tiny_run("drqv2_continuous_action")
     out = tmp_path / "learning"
     out.mkdir()
     command = [sys.executable, str(RECORD), run_dir, "--commit", "abc1234", "--device", "NVIDIA H200", "--cpus", "16"]
@@ -31,7 +29,7 @@ def test_records_a_run_with_its_provenance_and_draws_the_figure(tmp_path):
         "drqv2_continuous_action",
         "abc1234",
         "cartpole_balance",
-        "4",
+        "1",
     )
     assert (first["device"], first["cpus"]) == ("NVIDIA H200", "16")
     seconds = [int(r["wall_seconds"]) for r in rows]
@@ -48,7 +46,7 @@ def test_records_a_run_with_its_provenance_and_draws_the_figure(tmp_path):
     )
     assert drawn.returncode == 0, drawn.stderr[-3000:]
     assert (out / "learning.png").stat().st_size > 10_000
-    assert "| cartpole_balance | drqv2_continuous_action, seed 4, NVIDIA H200, `--" in drawn.stdout
+    assert "| cartpole_balance | drqv2_continuous_action, seed 1, NVIDIA H200, `--" in drawn.stdout
     assert "| cartpole_balance | DrQ-v2 published, mean ± std (seeds) |" in drawn.stdout
 
     # actor_saturation.py on the same run: the frame of its checkpoint, and shares and spreads that are well formed

@@ -200,11 +200,18 @@ def test_a_signal_near_the_end_lets_the_run_finish_with_its_final_evaluation(tmp
 
 
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory):
+def finished_run_and_output(tmp_path_factory):
+    """A finished 80-frame run (no update: updates would start at frame 80), its folder and what it printed."""
     cwd = tmp_path_factory.mktemp("finished")
     result = run_script("drqv2_continuous_action", [*TINY_RUN, "--total-timesteps", "80"], cwd=cwd)
     assert result.returncode == 0, result.stderr[-2000:]
-    return cwd, glob.glob(str(cwd / "runs" / "*"))[0]
+    return cwd, glob.glob(str(cwd / "runs" / "*"))[0], result.stdout
+
+
+@pytest.fixture
+def finished_run(finished_run_and_output):
+    cwd, run_dir, _ = finished_run_and_output
+    return cwd, run_dir
 
 
 def snapshot(folder):
@@ -573,8 +580,8 @@ def test_a_stop_during_an_evaluation_lets_it_finish_then_checkpoints(tmp_path):
     assert [step for step, _ in read_scalars(run_dir)["eval/episodic_return"]] == [0, 160, 320]
 
 
-def test_time_left_is_shown_once_updates_are_timed(tmp_path):
-    result = run_script("drqv2_continuous_action", TINY_RUN, tmp_path)  # updates from frame 80, episodes of 40
+def test_time_left_is_shown_once_updates_are_timed(tiny_run):
+    result, _ = tiny_run("drqv2_continuous_action")  # updates from frame 80, episodes of 40
     progress = [line for line in result.stdout.splitlines() if line.startswith("frame ") and "| left" in line]
     assert len(progress) == 6, "an episode of 40 frames ends every 40 of the 240 frames"
     assert [line.split("| left ")[1] for line in progress[:2]] == ["-", "-"], "before updates: no estimate"
@@ -662,12 +669,11 @@ def test_a_finished_run_keeps_its_checkpoint_without_the_replay_and_can_continue
     assert plot.read_run(run_dir, "eval/episodic_return")[0]["exp_name"] == "drqv2_continuous_action"
 
 
-def test_a_run_that_will_make_no_update_says_so_at_start(tmp_path):
-    result = run_script("drqv2_continuous_action", [*TINY_RUN, "--total-timesteps", "80"], tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
+def test_a_run_that_will_make_no_update_says_so_at_start(finished_run_and_output):
+    _, _, output = finished_run_and_output
     warning = "warning: updates start at frame 80, not before the budget's end: this run will not learn"
-    lines = result.stdout.splitlines()
-    assert warning in lines and lines.index(warning) < 3, result.stdout[:1000]
+    lines = output.splitlines()
+    assert warning in lines and lines.index(warning) < 3, output[:1000]
 
 
 def test_a_budget_cut_mid_episode_logs_the_last_losses_and_counts_whole_agent_steps(tmp_path):
