@@ -735,6 +735,14 @@ def duration(seconds: float) -> str:
     return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m" if math.isfinite(seconds) else "-"
 
 
+def progress_line(frame, total_frames, episode_return, sps, last_eval, elapsed, left) -> str:
+    shown_eval = "-" if math.isnan(last_eval) else f"{last_eval:.1f}"  # "-": no evaluation yet
+    return (
+        f"frame {frame}/{total_frames} ({100 * frame / total_frames:.1f}%) | return {episode_return:.1f} | SPS "
+        f"{sps:.0f} | last eval {shown_eval} | elapsed {duration(elapsed)} | left {duration(left)}"
+    )
+
+
 def choose_device(args) -> torch.device:
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if args.cuda and device.type == "cpu":
@@ -781,6 +789,31 @@ def choose_replay_device(args, device: torch.device, env, replay_memory, update_
         replay_device,
         f"replay: up to {transitions} transitions, {replay_bytes / 1e9:.2f} GB in {replay_device.type} memory",
     )
+
+
+def open_logs(args, run_name: str, run_dir: str, start_frame: int) -> SummaryWriter:
+    """The run's TensorBoard writer, and its wandb run with --track (a resumed run continues the same one; save_code
+    keeps this file, the whole algorithm). On resume, TensorBoard drops what the interrupted run logged after its
+    checkpoint: each step appears once. A run with no logs yet (new, or its logs lost) gets the settings table."""
+    if args.track:
+        import wandb
+
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            config=vars(args),
+            name=run_name,
+            id=run_name,
+            resume="allow",
+            sync_tensorboard=True,
+            save_code=True,
+        )
+    first_log = not glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))
+    writer = SummaryWriter(run_dir, purge_step=start_frame + 1 if start_frame else None)
+    if first_log:
+        table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+    return writer
 
 
 def evaluate(agent, env, num_episodes: int, video_path: str | None = None) -> list:
@@ -1041,25 +1074,7 @@ def main(args: Args):
     if video_dir:
         make_folder(video_dir)
     start_frame = start_step * args.action_repeat
-    if args.track:  # a resumed run continues the same wandb run; save_code keeps this file, the whole algorithm
-        import wandb
-
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            config=vars(args),
-            name=run_name,
-            id=run_name,
-            resume="allow",
-            sync_tensorboard=True,
-            save_code=True,
-        )
-    # On resume, TensorBoard drops what the interrupted run logged after its checkpoint: each step appears once.
-    first_log = not glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))  # a new run, or its logs deleted
-    writer = SummaryWriter(run_dir, purge_step=start_frame + 1 if start_frame else None)
-    if first_log:
-        table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+    writer = open_logs(args, run_name, run_dir, start_frame)
     stop = StopRequest(checkpoints=args.checkpoint_every > 0)
     print(
         f"{'resuming' if start_step else 'run'} {run_name} on {device}: {args.env_id}, frame {start_frame} of "
@@ -1126,12 +1141,8 @@ def main(args: Args):
                 frames_left = total_frames - frame  # time left: the evaluations still to come included
                 timed = frame - episode_frames >= updates_start and not waiting  # a whole episode of updates
                 left = frames_left / sps + frames_left // args.eval_every * eval_seconds if timed else math.nan
-                shown_eval = "-" if math.isnan(last_eval) else f"{last_eval:.1f}"  # "-": no evaluation yet
-                print(
-                    f"frame {frame}/{total_frames} ({100 * frame / total_frames:.1f}%) | return "
-                    f"{episode_return:.1f} | SPS {sps:.0f} | last eval {shown_eval} | elapsed "
-                    f"{duration(time.time() - start_time)} | left {duration(left)}"
-                )
+                elapsed = time.time() - start_time
+                print(progress_line(frame, total_frames, episode_return, sps, last_eval, elapsed, left))
                 due = (
                     args.checkpoint_every and frame // args.checkpoint_every > checkpoint_frame // args.checkpoint_every
                 )
@@ -1173,7 +1184,7 @@ def main(args: Args):
         writer.close()
         lock.close()
         if args.track:
-            wandb.finish()
+            sys.modules["wandb"].finish()
 
 
 if __name__ == "__main__":
