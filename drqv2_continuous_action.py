@@ -90,7 +90,8 @@ class Args:
 
     # Checkpoints (see docs/long-runs.md)
     checkpoint_every: int = 100_000
-    """write runs/{run_name}/checkpoint.pt every this many frames, at the end and on SIGTERM/SIGINT/SIGUSR1; 0: off"""
+    """write runs/{run_name}/checkpoint.pt every this many frames, at the end, and on a stop signal (SIGTERM, SIGINT,
+    SIGUSR1, SIGHUP); 0: off"""
     checkpoint_replay: bool = True
     """if toggled, checkpoints hold the replay (21.4 kB a transition); else a resumed run refills it first"""
     resume: str | None = None
@@ -1010,14 +1011,16 @@ class StopRequest:
                 signal.signal(signum, self._handle)
 
     def _handle(self, signum, _):
+        name = signal.Signals(signum).name
         if self.signal is not None:
+            print(f"{name} again: exiting now; the last checkpoint stays as it was", flush=True)
             raise SystemExit(128 + signum)
         self.signal = signum
         then = "checkpointing and exiting" if self.checkpoints else "exiting (checkpoints are off: nothing to resume)"
-        print(f"{signal.Signals(signum).name}: finishing this episode, then {then}", flush=True)
+        print(f"{name}: finishing this episode (or evaluation), then {then}", flush=True)
 
     def exit(self, frame: int, run_dir: str):
-        resume = f"with a checkpoint at frame {frame}; resume with --resume {run_dir}"
+        resume = f"with a checkpoint at frame {frame}; resume with the same settings and --resume {run_dir}"
         nothing = f"at frame {frame}; checkpoints are off, so there is nothing to resume"
         print(f"stopped by {signal.Signals(self.signal).name} {resume if self.checkpoints else nothing}")
         raise SystemExit(128 + self.signal)
@@ -1077,7 +1080,7 @@ def main(args: Args):
     writer = open_logs(args, run_name, run_dir, start_frame)
     stop = StopRequest(checkpoints=args.checkpoint_every > 0)
     print(
-        f"{'resuming' if start_step else 'run'} {run_name} on {device}: {args.env_id}, frame {start_frame} of "
+        f"{'run' if new_run else 'resuming'} {run_name} on {device}: {args.env_id}, frame {start_frame} of "
         f"{total_frames}; logs in {run_dir}; {replay_line}"
     )
     # Resumed without its replay: collect `learning_starts` frames anew before updating.
@@ -1092,11 +1095,15 @@ def main(args: Args):
     start_time = time.time()
     eval_seconds = 0.0
     try:
-        if not start_step:  # a new run evaluates frame 0 first
+        if math.isnan(last_eval):  # a new run evaluates frame 0 first
             returns = evaluate(agent, eval_env, args.num_eval_episodes, video_dir and f"{video_dir}/eval_0.mp4")
             last_eval = float(np.mean(returns))
             writer.add_scalar("eval/episodic_return", last_eval, 0)
             print(f"frame 0: eval return {last_eval:.1f}")
+            if stop.signal:  # it came during that evaluation: stop now, not after a training episode
+                if args.checkpoint_every:
+                    write_checkpoint(run_dir, args, 0, agent, rb, [env, eval_env], last_eval, checkpoint_frame)
+                stop.exit(0, run_dir)
         obs = env.reset()
         rb.start_episode(env.frame)
         episode_return = 0.0

@@ -142,7 +142,7 @@ def main(args: Args):
     output = args.output or os.path.join(folder, f"{name}.json")
     module.make_folder(os.path.dirname(os.path.abspath(output)))  # before the evaluation, not after it
     print(f"evaluating {args.model_path} ({trained['exp_name']}, trained on {trained['env_id']}) on {env_id}: ", end="")
-    print(f"{args.num_episodes} episodes, seed {args.seed}", flush=True)
+    print(f"{args.num_episodes} episode{'s' if args.num_episodes > 1 else ''}, seed {args.seed}", flush=True)
     returns = [float(r) for r in module.evaluate(policy, env, args.num_episodes, video_path)]
     result = {
         "model": os.path.abspath(args.model_path),
@@ -159,7 +159,8 @@ def main(args: Args):
     }
     with open(output, "w") as f:
         json.dump(result, f, indent=2)
-    print(f"return {result['mean']:.1f} ± {result['std']:.1f} (mean ± std over {len(returns)} episodes); {output}")
+    episodes = f"{len(returns)} episode{'s' if len(returns) > 1 else ''}"
+    print(f"return {result['mean']:.1f} ± {result['std']:.1f} (mean ± std over {episodes}); {output}")
     if video_path:
         print(f"video: {video_path}")
     return result

@@ -467,7 +467,7 @@ def check_args(args: Args):
     """One line and a non-zero exit for settings that cannot work, before anything is read."""
     problems = []
     if args.reference is not None and not os.path.isdir(args.reference):
-        problems.append(f"--reference {args.reference}: no such folder (None: no published curves)")
+        problems.append(f"--reference {args.reference}: no such folder (--reference None: no published curves)")
     if args.bootstrap_reps < 1:
         problems.append(f"--bootstrap-reps must be at least 1, got {args.bootstrap_reps}")
     if not (np.isfinite(args.score_scale) and args.score_scale > 0):

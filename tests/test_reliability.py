@@ -149,7 +149,7 @@ def test_a_stop_signal_writes_a_checkpoint_and_exits_cleanly(tmp_path, signum):
     assert "Traceback" not in output
     checkpoint = load(f"{run_dir}/checkpoint.pt")
     frame = checkpoint["global_step"] * 2
-    resume_hint = f"resume with --resume runs/{os.path.basename(run_dir)}"
+    resume_hint = f"resume with the same settings and --resume runs/{os.path.basename(run_dir)}"
     assert f"stopped by {signal.Signals(signum).name} with a checkpoint at frame {frame}; {resume_hint}" in output
     assert not glob.glob(f"{run_dir}/*.tmp")
 
@@ -161,11 +161,12 @@ def test_a_second_signal_exits_at_once_leaving_the_checkpoint_whole(tmp_path):
     before = load(f"{run_dir}/checkpoint.pt")["global_step"]
     process.send_signal(signal.SIGINT)
     for line in process.stdout:  # the first signal is taken: the run says what it will do
-        if line.startswith("SIGINT: finishing this episode, then checkpointing and exiting"):
+        if line.startswith("SIGINT: finishing this episode (or evaluation), then checkpointing and exiting"):
             break
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=120)
     assert process.returncode == 128 + signal.SIGTERM, output
+    assert "SIGTERM again: exiting now; the last checkpoint stays as it was" in output, output
     assert "stopped by" not in output and "Traceback" not in output
     assert machinery.load_checkpoint(f"{run_dir}/checkpoint.pt")["global_step"] in (before, before + 20)
 
@@ -556,9 +557,10 @@ def test_a_signal_with_checkpoints_off_says_there_is_nothing_to_resume(tmp_path)
     assert "checkpoints are off, so there is nothing to resume" in output and "--resume" not in output
 
 
-def test_a_stop_during_an_evaluation_lets_it_finish_then_checkpoints(tmp_path):
-    """SIGUSR1 during the frame-0 evaluation (20 episodes): the evaluation is kept, the run checkpoints at the end of
-    its first training episode, and the resumed run does not evaluate frame 0 again."""
+def test_a_stop_during_an_evaluation_lets_it_finish_then_checkpoints(tmp_path, uninterrupted):
+    """SIGUSR1 during the frame-0 evaluation (20 episodes): the evaluation is kept, the run checkpoints right after it
+    (not after a training episode more: on a CPU a default evaluation takes minutes), and the resumed run does not
+    evaluate frame 0 again and trains as the uninterrupted run does (its evaluations take no random draws)."""
     args = [*RUN, "--num-eval-episodes", "20"]
     process = start_script("drqv2_continuous_action", args, tmp_path)
     deadline = time.time() + 120
@@ -570,14 +572,18 @@ def test_a_stop_during_an_evaluation_lets_it_finish_then_checkpoints(tmp_path):
     output, _ = process.communicate(timeout=300)
     assert process.returncode == 128 + signal.SIGUSR1, output
     assert output.index("SIGUSR1: finishing this episode") < output.index("frame 0: eval return")
+    assert "stopped by SIGUSR1 with a checkpoint at frame 0" in output
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
     checkpoint = load(f"{run_dir}/checkpoint.pt")
-    assert checkpoint["global_step"] == 20 and np.isfinite(checkpoint["last_eval"])
+    assert checkpoint["global_step"] == 0 and np.isfinite(checkpoint["last_eval"])
     assert [step for step, _ in read_scalars(run_dir)["eval/episodic_return"]] == [0]
 
-    resumed = run_script("drqv2_continuous_action", [*RUN, "--resume", run_dir], tmp_path)
+    resumed = run_script("drqv2_continuous_action", [*args, "--resume", run_dir], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "frame 0: eval return" not in resumed.stdout
     assert [step for step, _ in read_scalars(run_dir)["eval/episodic_return"]] == [0, 160, 320]
+    final = load(f"{run_dir}/checkpoint.pt")["agent"]
+    assert_same_tensors(final, load(f"{uninterrupted('drqv2_continuous_action')}/checkpoint.pt")["agent"], "agent")
 
 
 def test_time_left_is_shown_once_updates_are_timed(tiny_run):
