@@ -1,16 +1,24 @@
-"""Shared helpers: load the agent scripts as modules, run them as programs, read their TensorBoard logs."""
+"""Shared helpers: load the agent scripts as modules, run them as programs, read their TensorBoard logs, make batches
+from a script's own replay."""
 
 import glob
+import importlib
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))  # the tests share the benchmark's script loader and random batches
-from speed import load_script, random_batch
+sys.path.insert(0, str(ROOT))  # the agent scripts and plot.py, importable as modules (their main() does not run)
+
+
+def load_script(name):
+    """An agent script (or plot.py) of the repository as a module, imported once."""
+    return importlib.import_module(name)
+
 
 SCRIPTS = ["drqv2_continuous_action", "taco_continuous_action"]
 AVAILABLE_SCRIPTS = [name for name in SCRIPTS if (ROOT / f"{name}.py").exists()]
@@ -72,5 +80,18 @@ def read_scalars(run_dir):
 
 
 def tiny_batch(script, batch_size=8, action_dim=1):
-    """A random replay batch of the script's keys, as CPU tensors."""
-    return random_batch(script, batch_size, action_dim)
+    """A batch of the script's keys (TACO's included, K = 3), as CPU tensors, sampled from its own replay holding two
+    episodes of 20 random transitions (random frames, actions and rewards)."""
+    rng = np.random.default_rng(0)
+    taco = {"multistep": 3} if hasattr(script, "TacoHead") else {}
+    replay = script.ReplayBuffer(100, (3, 84, 84), action_dim, frame_stack=3, nstep=3, gamma=0.99, **taco)
+
+    def frame():
+        return rng.integers(0, 256, (3, 84, 84), dtype=np.uint8)
+
+    for _ in range(2):
+        replay.start_episode(frame())
+        for _ in range(20):
+            replay.add(rng.uniform(-1, 1, action_dim).astype(np.float32), rng.uniform(0, 1), 1.0, frame())
+        replay.end_episode()
+    return replay.sample(batch_size)

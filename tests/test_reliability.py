@@ -578,7 +578,7 @@ def test_a_stop_during_an_evaluation_lets_it_finish_then_checkpoints(tmp_path, u
     assert checkpoint["global_step"] == 0 and np.isfinite(checkpoint["last_eval"])
     assert [step for step, _ in read_scalars(run_dir)["eval/episodic_return"]] == [0]
 
-    resumed = run_script("drqv2_continuous_action", [*args, "--resume", run_dir], tmp_path)
+    resumed = run_script("drqv2_continuous_action", [*RUN, "--resume", run_dir], tmp_path)  # 1 episode an evaluation
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "frame 0: eval return" not in resumed.stdout
     assert [step for step, _ in read_scalars(run_dir)["eval/episodic_return"]] == [0, 160, 320]
