@@ -4,6 +4,7 @@ from a script's own replay."""
 import glob
 import importlib
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -35,6 +36,13 @@ TINY_RUN = [
 def script(request):
     """Each agent script in turn, as an imported module."""
     return load_script(request.param)
+
+
+def default_signals():
+    """preexec_fn for a process the test signals: SIGINT and SIGHUP as a terminal gives them, even when pytest itself
+    was started with them ignored (`nohup`, or `&` in a script), a disposition its children would inherit. It only calls sigaction, which is safe between fork and exec."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 
 def run_script(name, args, cwd, env=None, timeout=600):

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY_RUN, load_script, read_scalars
+from conftest import ROOT, TINY_RUN, default_signals, load_script, read_scalars
 
 plot = load_script("plot")
 REFERENCE = ROOT / "reference" / "drqv2_curves"
@@ -264,6 +264,7 @@ def test_a_local_sweep_run_again_continues_interrupted_runs_and_skips_finished_o
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,  # its own process group, as a terminal's foreground job
+        preexec_fn=default_signals,  # noqa: PLW1509 (it only calls sigaction); bash cannot trap a signal ignored at start
     )
     deadline = time.time() + 300
     while not list((out / "runs").glob("*/checkpoint.pt")):

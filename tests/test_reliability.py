@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, TINY_RUN, load_script, read_scalars, run_script
+from conftest import ROOT, TINY_RUN, default_signals, load_script, read_scalars, run_script
 
 machinery = load_script("drqv2_continuous_action")  # the checkpoint functions, the same in both scripts
 
@@ -26,7 +26,8 @@ RUN = [*TINY_RUN, "--total-timesteps", "320", "--eval-every", "160", "--checkpoi
 def start_script(name, args, cwd, env=None):
     env = {**os.environ, "MUJOCO_GL": os.environ.get("MUJOCO_GL", "egl"), **(env or {})}
     command = [sys.executable, str(ROOT / f"{name}.py"), *args]
-    return subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True}
+    return subprocess.Popen(command, cwd=cwd, env=env, preexec_fn=default_signals, **output)  # noqa: PLW1509
 
 
 def wait_for_checkpoint(process, cwd, timeout=300):
