@@ -195,7 +195,7 @@ def test_local_sweep_runs_at_most_workers_at_once_and_plots(tmp_path):
             "--",
             *TINY_RUN[2:],
             "--total-timesteps",
-            "120",
+            "40",  # one episode, evaluated at frames 0 and 40: enough for the plots
         ],
         tmp_path,
     )
@@ -212,7 +212,8 @@ def test_local_sweep_names_the_failed_run_after_the_others_finish(tmp_path):
     scripts = "drqv2_continuous_action.py taco_continuous_action.py"
     sweep = ["--scripts", scripts, "--env-ids", "cartpole_balance", "--num-seeds", "1", "--workers", "2"]
     # --multistep is TACO's: the DrQ-v2 run fails on it, the TACO run finishes
-    result = run_benchmark([*sweep, "--out", str(out), "--", *TINY_RUN[2:], "--multistep", "2"], tmp_path)
+    tiny = [*TINY_RUN[2:], "--total-timesteps", "40", "--multistep", "2"]
+    result = run_benchmark([*sweep, "--out", str(out), "--", *tiny], tmp_path)
     assert result.returncode != 0
     assert "1 of 2 runs failed: drqv2_continuous_action__cartpole_balance__1" in result.stderr
     assert "--multistep" in (out / "logs" / "drqv2_continuous_action__cartpole_balance__1.log").read_text()
@@ -254,7 +255,7 @@ def test_a_sweep_that_does_not_fit_on_the_disk_is_refused_unless_told(tmp_path):
 def test_a_local_sweep_run_again_continues_interrupted_runs_and_skips_finished_ones(tmp_path):
     out = tmp_path / "sweep"
     sweep = ["--scripts", "drqv2_continuous_action.py", "--env-ids", "cartpole_balance", "--num-seeds", "1"]
-    command = [*sweep, "--no-plot", "--out", str(out), "--", *TINY_RUN[2:], "--total-timesteps", "280"]
+    command = [*sweep, "--no-plot", "--out", str(out), "--", *TINY_RUN[2:], "--total-timesteps", "160"]
     command += ["--checkpoint-every", "40"]
     process = subprocess.Popen(
         ["bash", str(ROOT / "benchmark.sh"), *command],
@@ -275,7 +276,7 @@ def test_a_local_sweep_run_again_continues_interrupted_runs_and_skips_finished_o
     (run_dir,) = list((out / "runs").iterdir())
     with open(run_dir / "run.lock") as lock:  # no process holds the run any more
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    assert 280 not in [step for step, _ in read_scalars(run_dir).get("eval/episodic_return", [])], "stopped early"
+    assert 160 not in [step for step, _ in read_scalars(run_dir).get("eval/episodic_return", [])], "stopped early"
 
     again = run_benchmark(command, tmp_path)
     assert again.returncode == 0, again.stdout + again.stderr
@@ -284,7 +285,7 @@ def test_a_local_sweep_run_again_continues_interrupted_runs_and_skips_finished_o
     log = (out / "logs" / "drqv2_continuous_action__cartpole_balance__1.log").read_text()
     assert "stopped by SIGTERM" in log and f"resuming {run_dir.name}" in log, "the log keeps both attempts"
     steps = [step for step, _ in read_scalars(run_dir)["charts/episodic_return"]]
-    assert steps == list(range(40, 281, 40)), "every episode logged once across the two attempts"
+    assert steps == list(range(40, 161, 40)), "every episode logged once across the two attempts"
 
     third = run_benchmark(command, tmp_path)
     assert third.returncode == 0, third.stdout + third.stderr
@@ -414,7 +415,7 @@ def test_slurm_array_job_runs_the_sweep_and_the_plots(slurm_cluster, tmp_path):
     out = tmp_path / "my sweep"  # a space in the path: the job script and sbatch's options must quote it
     sweep = ["--slurm", "--scripts", "drqv2_continuous_action.py", "--env-ids", "cartpole_balance cartpole_swingup"]
     resources = ["--num-seeds", "2", "--gpus", "0", "--cpus", "1", "--mem", "500M", "--time", "00:10:00"]
-    run = [*TINY_RUN[2:], "--total-timesteps", "120"]
+    run = [*TINY_RUN[2:], "--total-timesteps", "40"]  # one episode, evaluated at frames 0 and 40
     result = run_benchmark([*sweep, *resources, "--out", str(out), "--", *run], tmp_path, env=slurm_cluster)
     assert result.returncode == 0, result.stdout + result.stderr
     job_id = re.search(r"submitted array job (\d+)", result.stdout).group(1)
@@ -480,7 +481,7 @@ def test_slurm_time_limit_signal_checkpoints_requeues_and_resumes(slurm_cluster,
     out = tmp_path / "sweep"
     sweep = ["--slurm", "--no-plot", "--scripts", "drqv2_continuous_action.py", "--env-ids", "cartpole_balance"]
     resources = ["--num-seeds", "1", "--gpus", "0", "--cpus", "1", "--mem", "500M", "--time", "00:10:00"]
-    run = [*TINY_RUN[2:], "--total-timesteps", "400", "--checkpoint-every", "40"]
+    run = [*TINY_RUN[2:], "--total-timesteps", "400", "--checkpoint-every", "40", "--eval-every", "400"]
     result = run_benchmark([*sweep, *resources, "--out", str(out), "--", *run], tmp_path, env=slurm_cluster)
     assert result.returncode == 0, result.stdout + result.stderr
     job_id = re.search(r"submitted array job (\d+)", result.stdout).group(1)
