@@ -957,7 +957,7 @@ def find_run_to_resume(args) -> str | None:
         return os.path.normpath(args.resume)
     found = glob.glob(f"runs/{args.env_id}__{args.exp_name}__{args.seed}__*/{CHECKPOINT}")
     if not found:
-        print("--resume auto: no checkpoint of this env_id, exp_name and seed under runs/; starting a new run")
+        print(f"--resume auto: no run of {args.env_id}, seed {args.seed} ({args.exp_name}) under runs/; starting one")
         return None
     chosen = os.path.dirname(max(found, key=os.path.getmtime))
     print(f"--resume auto: resuming {chosen}, the newest of {len(found)} runs of this task and seed")

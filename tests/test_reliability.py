@@ -598,8 +598,11 @@ def test_time_left_is_shown_once_updates_are_timed(tiny_run):
 
 def test_resume_auto_takes_the_newest_run_and_names_it(tmp_path):
     short = [*TINY_RUN, "--total-timesteps", "80", "--checkpoint-every", "40"]
-    first = run_script("drqv2_continuous_action", short, tmp_path)
+    first = run_script("drqv2_continuous_action", [*short, "--resume", "auto"], tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
+    # a user who left out --env-id sees which task starts
+    message = "--resume auto: no run of cartpole_balance, seed 1 (drqv2_continuous_action) under runs/; starting one"
+    assert message in first.stdout
     time.sleep(1.1)  # run names hold the second they started
     second = run_script("drqv2_continuous_action", short, tmp_path)
     assert second.returncode == 0, second.stderr[-2000:]
