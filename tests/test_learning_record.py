@@ -12,8 +12,7 @@ RECORD = ROOT / "benchmarks" / "learning" / "record.py"
 
 def test_records_a_run_with_its_provenance_and_draws_the_figure(tiny_run, tmp_path):
     _, run_dir = tiny_run("drqv2_continuous_action")
-    out = tmp_path / "learning"
-    out.mkdir()
+    out = tmp_path / "new" / "learning"  # made by record.py
     command = [sys.executable, str(RECORD), run_dir, "--commit", "abc1234", "--device", "NVIDIA H200", "--cpus", "16"]
     recorded = subprocess.run([*command, "--out", str(out)], capture_output=True, text=True, check=False)
     assert recorded.returncode == 0, recorded.stderr[-3000:]

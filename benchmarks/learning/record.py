@@ -68,6 +68,7 @@ def record(args: Args):
         ).stdout.strip()
     )
     device = args.device or f"CPU {platform.processor() or platform.machine()}"
+    os.makedirs(args.out, exist_ok=True)
     for run_dir in args.run_dirs:
         hyperparameters, frames, values = read_run(run_dir, "eval/episodic_return")
         if not {"exp_name", "env_id", "seed"} <= set(hyperparameters) or len(frames) == 0:
