@@ -12,6 +12,7 @@ import os
 import pickle
 import re
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -20,22 +21,25 @@ import tyro
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SAVED_KEYS = {"encoder", "actor", "args", "obs_shape", "action_dim"}
 
+# a field whose docstring says its default: --help shows that one, not "None"
+DOCUMENTED_DEFAULT = tyro.conf.arg(help_behavior_hint="")
+
 
 @dataclass
 class Args:
     model_path: tyro.conf.Positional[str]
     """the `.cleanrl_model` file that `--save-model` wrote, or a run's `checkpoint.pt`"""
-    env_id: str | None = None
+    env_id: Annotated[str | None, DOCUMENTED_DEFAULT] = None
     """task to evaluate on (default: the one the model was trained on); it must have the same action size"""
     num_episodes: int = 10
     """evaluation episodes"""
     seed: int = 100
     """seed of the evaluation environment (a training run's own evaluations use its --seed)"""
-    max_episode_frames: int | None = None
+    max_episode_frames: Annotated[int | None, DOCUMENTED_DEFAULT] = None
     """cut episodes after this many frames (default: the task's time limit); for quick checks only"""
     capture_video: bool = False
     """if toggled, films the first episode to `eval_{env_id}_seed{seed}.mp4` next to the model"""
-    output: str | None = None
+    output: Annotated[str | None, DOCUMENTED_DEFAULT] = None
     """JSON file for the results (default: `eval_{env_id}_seed{seed}.json` next to the model)"""
     cuda: bool = True
     """if toggled, runs the networks on the GPU when there is one"""

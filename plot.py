@@ -13,6 +13,7 @@ import os
 import struct
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Annotated
 
 import numpy as np
 import tyro
@@ -26,6 +27,9 @@ SAME_LEARNING |= {"torch_deterministic", "compile", "cudagraphs", "replay_device
 # (X, Y): results.md gives P(X > Y) when the sweep has runs of both
 IMPROVEMENT = ("taco_continuous_action", "drqv2_continuous_action")
 
+# a field whose docstring says its default: --help shows that one, not "None"
+DOCUMENTED_DEFAULT = tyro.conf.arg(help_behavior_hint="")
+
 
 @dataclass
 class Args:
@@ -35,7 +39,7 @@ class Args:
     """folder for tasks.png, aggregate.png and results.md"""
     tag: str = "eval/episodic_return"
     """the scalar to plot and tabulate"""
-    budgets: list[int] | None = None
+    budgets: Annotated[list[int] | None, DOCUMENTED_DEFAULT] = None
     """frame budgets of the table's columns (default: from the runs read: the largest frame that all runs of some task
     reached, and a tenth and a half of it, as the paper's 100k / 500k / 1M)"""
     reference: str | None = DEFAULT_REFERENCE

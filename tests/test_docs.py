@@ -1,7 +1,9 @@
-"""The markdown files: every relative link leads to a file of the repository, and every #anchor to a heading there."""
+"""The markdown files: every relative link leads to a file of the repository, and every #anchor to a heading there;
+the tools' --help."""
 
 import re
 import subprocess
+import sys
 
 from conftest import ROOT
 
@@ -38,3 +40,14 @@ def test_every_relative_link_of_every_markdown_file_works():
 
 def test_the_readme_is_read_in_two_minutes():
     assert len((ROOT / "README.md").read_text().split()) < 1500
+
+
+def test_the_tools_help_shows_one_default_per_flag():
+    """A field whose docstring gives its default (the task's time limit, this checkout's HEAD) shows no "None" too."""
+    for tool in ["evaluate_model.py", "plot.py", "benchmarks/learning/record.py"]:
+        helped = subprocess.run(
+            [sys.executable, str(ROOT / tool), "--help"], capture_output=True, text=True, check=False
+        )
+        assert helped.returncode == 0 and "(default: " in helped.stdout, helped.stderr[-2000:]
+        flat = " ".join(helped.stdout.replace("│", " ").split())
+        assert ") (default: None)" not in flat, f"{tool}: two defaults for one flag"

@@ -14,6 +14,7 @@ import subprocess
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
+from typing import Annotated
 
 import numpy as np
 import tyro
@@ -28,16 +29,19 @@ read_reference, read_run = plot.read_reference, plot.read_run
 
 COLUMNS = ["script", "commit", "env_id", "seed", "frame", "eval_return", "wall_seconds", "device", "cpus", "flags"]
 
+# a field whose docstring says its default: --help shows that one, not "None"
+DOCUMENTED_DEFAULT = tyro.conf.arg(help_behavior_hint="")
+
 
 @dataclass
 class Args:
     run_dirs: tyro.conf.Positional[list[str]] = field(default_factory=list)
     """run directories (runs/<run_name>) to record"""
-    commit: str | None = None
+    commit: Annotated[str | None, DOCUMENTED_DEFAULT] = None
     """commit the runs ran (default: this checkout's HEAD)"""
-    device: str | None = None
+    device: Annotated[str | None, DOCUMENTED_DEFAULT] = None
     """the device the runs trained on, e.g. "NVIDIA H200" (default: "CPU <this machine's processor>")"""
-    cpus: int | None = None
+    cpus: Annotated[int | None, DOCUMENTED_DEFAULT] = None
     """CPUs the runs had (default: this machine's)"""
     figure: bool = False
     """draw learning.png and print the table from every CSV here instead of recording"""
