@@ -4,6 +4,7 @@ import csv
 import glob
 import subprocess
 import sys
+from pathlib import Path
 
 from conftest import ROOT, read_scalars
 
@@ -37,6 +38,8 @@ def test_records_a_run_with_its_provenance_and_draws_the_figure(tiny_run, tmp_pa
     assert "--batch-size 8" in first["flags"] and "--max-episode-frames 40" in first["flags"]
     assert not any(flag.startswith(("seed", "env-id", "learning-rate")) for flag in flags), "only non-defaults"
 
+    # the same settings at another commit: a second run, not one that replaces the first
+    (out / "again.csv").write_text(Path(path).read_text().replace("abc1234", "def5678"))
     drawn = subprocess.run(
         [sys.executable, str(RECORD), "--figure", "--out", str(out), "--frames", "120", "240"],
         capture_output=True,
@@ -45,7 +48,10 @@ def test_records_a_run_with_its_provenance_and_draws_the_figure(tiny_run, tmp_pa
     )
     assert drawn.returncode == 0, drawn.stderr[-3000:]
     assert (out / "learning.png").stat().st_size > 10_000
-    assert "| cartpole_balance | drqv2_continuous_action, seed 1, NVIDIA H200, `--" in drawn.stdout
+    for commit in ["abc1234", "def5678"]:
+        assert (
+            f"| cartpole_balance | drqv2_continuous_action, seed 1, commit {commit}, NVIDIA H200, `--" in drawn.stdout
+        )
     assert "| cartpole_balance | DrQ-v2 published, mean ± std (seeds) |" in drawn.stdout
 
     # actor_saturation.py on the same run: the frame of its checkpoint, and shares and spreads that are well formed

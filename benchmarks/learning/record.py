@@ -95,12 +95,14 @@ def record(args: Args):
 
 
 def read_records(folder):
-    """{(script, env_id, device, flags, seed): (frames, returns)} from every CSV in the folder."""
+    """{(script, env_id, device, flags, seed, commit): (frames, returns)} from every CSV in the folder: two runs of
+    the same settings at different commits are two runs."""
     runs = {}
     for path in sorted(glob.glob(os.path.join(folder, "*.csv"))):
         with open(path) as f:
             rows = list(csv.DictReader(f))
-        key = (rows[0]["script"], rows[0]["env_id"], rows[0]["device"], rows[0]["flags"], rows[0]["seed"])
+        first = rows[0]
+        key = (first["script"], first["env_id"], first["device"], first["flags"], first["seed"], first["commit"])
         runs[key] = (np.array([int(r["frame"]) for r in rows]), np.array([float(r["eval_return"]) for r in rows]))
     return runs
 
@@ -124,9 +126,11 @@ def figure(args: Args):
             grid, mean, lowest, highest = plot.reference_band(reference, last)
             ax.fill_between(grid, lowest, highest, color="0.85")
             ax.plot(grid, mean, "--", color="0.4", label=f"DrQ-v2 published (mean and range of {len(reference)} seeds)")
-        for (script, env_id, device, flags, seed), (frames, values) in runs.items():
+        for (script, env_id, device, flags, seed, commit), (frames, values) in runs.items():
             if env_id == task:
-                label = f"{plot.display_name(script)}, seed {seed}, {device}" + (f" ({flags})" if flags else "")
+                label = f"{plot.display_name(script)}, seed {seed}, {commit}, {device}" + (
+                    f" ({flags})" if flags else ""
+                )
                 ax.plot(frames, values, "-o", ms=3, color=colours[(script, device, flags)], label=label)
         ax.set_xlim(0, last)
         ax.set_title(task, fontsize=10)
@@ -143,10 +147,10 @@ def table(runs, frames) -> str:
     """Markdown: each recorded run's return at fixed frames, and the published mean ± std at the same frames."""
     lines = ["| task | run | " + " | ".join(f"{f // 1000}k" for f in frames) + " |", "|" + " --- |" * (2 + len(frames))]
     for task in sorted({key[1] for key in runs}):
-        for (script, env_id, device, flags, seed), (run_frames, values) in sorted(runs.items()):
+        for (script, env_id, device, flags, seed, commit), (run_frames, values) in sorted(runs.items()):
             if env_id == task:
                 cells = [f"{values[list(run_frames).index(f)]:.0f}" if f in run_frames else "" for f in frames]
-                name = f"{script}, seed {seed}, {device}" + (f", `{flags}`" if flags else "")
+                name = f"{script}, seed {seed}, commit {commit}, {device}" + (f", `{flags}`" if flags else "")
                 lines.append(f"| {task} | {name} | " + " | ".join(cells) + " |")
         reference = read_reference(os.path.join(ROOT, "reference", "drqv2_curves"), task)
         cells = []
