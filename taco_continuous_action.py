@@ -92,7 +92,8 @@ class Args:
 
     # Checkpoints (see docs/long-runs.md)
     checkpoint_every: int = 100_000
-    """write runs/{run_name}/checkpoint.pt every this many frames, at the end and on SIGTERM/SIGINT/SIGUSR1; 0: off"""
+    """write runs/{run_name}/checkpoint.pt every this many frames, at the end, and on a stop signal (SIGTERM, SIGINT,
+    SIGUSR1, SIGHUP); 0: off"""
     checkpoint_replay: bool = True
     """if toggled, checkpoints hold the replay (21.4 kB a transition); else a resumed run refills it first"""
     resume: str | None = None

@@ -29,8 +29,7 @@ read_reference, read_run = plot.read_reference, plot.read_run
 
 COLUMNS = ["script", "commit", "env_id", "seed", "frame", "eval_return", "wall_seconds", "device", "cpus", "flags"]
 
-# a field whose docstring says its default: --help shows that one, not "None"
-DOCUMENTED_DEFAULT = tyro.conf.arg(help_behavior_hint="")
+DOCUMENTED_DEFAULT = plot.DOCUMENTED_DEFAULT  # a field whose docstring says its default: --help shows only that one
 
 
 @dataclass
