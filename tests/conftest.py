@@ -40,7 +40,8 @@ def script(request):
 
 def default_signals():
     """preexec_fn for a process the test signals: SIGINT and SIGHUP as a terminal gives them, even when pytest itself
-    was started with them ignored (`nohup`, or `&` in a script), a disposition its children would inherit. It only calls sigaction, which is safe between fork and exec."""
+    was started with them ignored (`nohup`, or `&` in a script), a disposition its children would inherit. It only
+    calls sigaction, which is safe between fork and exec."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
