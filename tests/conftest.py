@@ -1,8 +1,10 @@
 """Shared helpers: load the agent scripts as modules, run them as programs, read their TensorBoard logs, make batches
 from a script's own replay."""
 
+import contextlib
 import glob
 import importlib
+import io
 import os
 import signal
 import subprocess
@@ -11,9 +13,29 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # the agent scripts and plot.py, importable as modules (their main() does not run)
+
+# pytest.ini runs the suite on one pytest-xdist worker per core. Each worker, and every run it starts, takes its share of
+# the cores: with all of them each, torch's OpenMP threads spin waiting for one another and the suite takes twice as long.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    cores_per_worker = (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores_per_worker)))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+# Tests that share a fixture made once per module or session (a run, a cluster) run on one worker, which makes it once.
+# Not test_reliability's `uninterrupted`: its in-process run costs less than keeping its three long tests on one worker.
+SHARED_FIXTURES = ["tiny_run", "finished_run_and_output", "synthetic_runs", "slurm_cluster"]
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
+def pytest_collection_modifyitems(items):
+    for item in items:
+        shared = [name for name in SHARED_FIXTURES if name in item.fixturenames]
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(shared[0]))
 
 
 def load_script(name):
@@ -59,6 +81,28 @@ def run_script(name, args, cwd, env=None, timeout=600):
         text=True,
         timeout=timeout,
     )
+
+
+def run_in_process(name, args, cwd):
+    """Runs an agent script's main() in this process, on its command line `args` in `cwd`, as run_script runs the
+    program but without starting Python, torch and dm_control again (6 of a tiny run's 11 s); returns what it printed.
+    The program's one-line error is a RunError here. The handlers of the stop signals are restored after the run."""
+    import tyro
+
+    script = load_script(name)
+    stop_signals = [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP]
+    handlers = {signum: signal.getsignal(signum) for signum in stop_signals}
+    printed = io.StringIO()
+    try:
+        with contextlib.chdir(cwd), contextlib.redirect_stdout(printed):
+            script.main(tyro.cli(script.Args, args=args))
+    except BaseException:
+        print(printed.getvalue())  # shown with the failing test
+        raise
+    finally:
+        for signum, handler in handlers.items():
+            signal.signal(signum, handler)
+    return printed.getvalue()
 
 
 @pytest.fixture(scope="session")
