@@ -558,10 +558,10 @@ def test_a_signal_with_checkpoints_off_says_there_is_nothing_to_resume(tmp_path)
 
 
 def test_a_stop_during_an_evaluation_lets_it_finish_then_checkpoints(tmp_path, uninterrupted):
-    """SIGUSR1 during the frame-0 evaluation (20 episodes): the evaluation is kept, the run checkpoints right after it
+    """SIGUSR1 during the frame-0 evaluation (10 episodes): the evaluation is kept, the run checkpoints right after it
     (not after a training episode more: on a CPU a default evaluation takes minutes), and the resumed run does not
     evaluate frame 0 again and trains as the uninterrupted run does (its evaluations take no random draws)."""
-    args = [*RUN, "--num-eval-episodes", "20"]
+    args = [*RUN, "--num-eval-episodes", "10"]
     process = start_script("drqv2_continuous_action", args, tmp_path)
     deadline = time.time() + 120
     while not glob.glob(str(tmp_path / "runs" / "*" / "events.*")):
