@@ -26,7 +26,8 @@ if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 # Tests that share a fixture made once per module or session (a run, a cluster) run on one worker, which makes it once.
-# Not test_reliability's `uninterrupted`: its in-process run costs less than keeping its three long tests on one worker.
+# test_reliability's `uninterrupted` (a reference run per script, 5 s in-process) is left out: grouped, its three tests
+# of 35-45 s each would all wait for one worker. A test that uses two of these fixtures is grouped by the first.
 SHARED_FIXTURES = ["tiny_run", "finished_run_and_output", "synthetic_runs", "slurm_cluster"]
 
 
@@ -93,13 +94,16 @@ def run_in_process(name, args, cwd):
     stop_signals = [signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP]
     handlers = {signum: signal.getsignal(signum) for signum in stop_signals}
     printed = io.StringIO()
+    before = os.getcwd()
+    os.chdir(cwd)  # and back below (contextlib.chdir would need Python 3.11)
     try:
-        with contextlib.chdir(cwd), contextlib.redirect_stdout(printed):
+        with contextlib.redirect_stdout(printed):
             script.main(tyro.cli(script.Args, args=args))
     except BaseException:
         print(printed.getvalue())  # shown with the failing test
         raise
     finally:
+        os.chdir(before)
         for signum, handler in handlers.items():
             signal.signal(signum, handler)
     return printed.getvalue()
