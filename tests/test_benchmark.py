@@ -400,7 +400,7 @@ PartitionName=debug Nodes=testnode Default=YES MaxTime=INFINITE State=UP
         deadline = time.time() + 60
         while "idle" not in subprocess.check_output(["sinfo", "-h", "-o", "%T"], env=env, text=True):
             assert time.time() < deadline, "the test cluster did not come up: " + (base / "slurmctld.log").read_text()
-            time.sleep(1)
+            time.sleep(0.3)
         yield env
     finally:
         for daemon in ["slurmd", "slurmctld", "munged"]:
@@ -423,7 +423,7 @@ def test_slurm_array_job_runs_the_sweep_and_the_plots(slurm_cluster, tmp_path):
     deadline = time.time() + 480
     while subprocess.check_output(["squeue", "-h"], env=slurm_cluster, text=True).strip():
         assert time.time() < deadline, "the array job did not finish in time"
-        time.sleep(2)
+        time.sleep(0.5)
     logs = sorted((out / "logs").glob(f"{job_id}_*.log"))
     assert len(logs) == 2 and all("finished with exit code 0" in log.read_text() for log in logs)
     assert sorted(run.name.split("__")[0] for run in (out / "runs").iterdir()) == [
@@ -472,7 +472,7 @@ def test_slurm_elements_get_exactly_the_arguments_given_none_or_quoted(slurm_clu
         deadline = time.time() + 120
         while subprocess.check_output(["squeue", "-h"], env=slurm_cluster, text=True).strip():
             assert time.time() < deadline, "the array job did not finish in time"
-            time.sleep(1)
+            time.sleep(0.3)
         assert "finished with exit code 0" in next((out / "logs").glob("*_0.log")).read_text()
         words = (record_dir / "0").read_text().split("\0")[:-1]
         assert words == [script, "--env-id", "cartpole_balance", "--seed", "1", "--resume", "auto", *expected_tail]
@@ -500,7 +500,7 @@ def test_slurm_time_limit_signal_checkpoints_requeues_and_resumes(slurm_cluster,
         assert time.time() < deadline + 300, "the requeued element did not run to its end: " + log_file.read_text()
         # Slurm holds a requeued job back for a while; make it eligible at once (refused until it is pending)
         subprocess.run(start_now, env=slurm_cluster, capture_output=True, check=False)
-        time.sleep(1)
+        time.sleep(0.5)
     log = log_file.read_text()
     assert "time limit near: requeueing" in log and "stopped by SIGUSR1 with a checkpoint at frame" in log, log
     assert "(restart 1)" in log and "resuming cartpole_balance__drqv2_continuous_action__1__" in log, log[-3000:]
