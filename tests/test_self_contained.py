@@ -1,7 +1,10 @@
 """Each agent script is one self-contained file: it runs copied alone, and the code both hold is the same."""
 
+import os
 import re
 import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -46,13 +49,7 @@ def test_a_drifted_block_is_caught():
 def test_a_script_copied_alone_into_an_empty_folder_runs(name, tmp_path):
     shutil.copy(ROOT / f"{name}.py", tmp_path)
     script = tmp_path / f"{name}.py"
-    import subprocess
-    import sys
-
-    env_vars = {"MUJOCO_GL": "egl", "PYTHONPATH": ""}
-    import os
-
-    env = {**os.environ, **env_vars}
+    env = {**os.environ, "MUJOCO_GL": "egl", "PYTHONPATH": ""}  # nothing of the repository on the path
     helped = subprocess.run(
         [sys.executable, str(script), "--help"], check=False, cwd=tmp_path, env=env, capture_output=True, text=True
     )
