@@ -1,6 +1,7 @@
 # DrQ-v2 (Yarats et al., 2021, arXiv 2107.09645): data-augmented actor-critic for continuous control from pixels.
-# One self-contained file: copy it anywhere and run it. Sections in reading order: settings, environment, replay,
-# networks, agent (losses and update), run machinery (checks, checkpoints, signals), training loop. Blocks marked
+# One self-contained file: copy it anywhere and run it. It reads in the algorithm's order: settings, environment,
+# replay, networks, agent (losses and update), training loop (main). Below main, under one banner, the run machinery
+# (argument checks, CUDA graphs, memory, logs, checkpoints, signals): none of it changes what is learned. Blocks marked
 # `# --- shared: ... ---` are the same, byte for byte, in taco_continuous_action.py (a test keeps them so).
 # docs/drqv2.md explains each numbered detail.
 import contextlib
@@ -32,7 +33,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Settings: the command line (every field is a flag, `--help` lists them), the published per-task presets, the checks
+# Settings: the command line (every field is a flag, `--help` lists them) and the published per-task presets
 
 PRESET = tyro.conf.arg(help_behavior_hint="")  # a field the task's preset fills: its docstring gives the defaults
 
@@ -176,59 +177,7 @@ def parse_schedule(spec: str):
     return lambda step: init + (final - init) * min(step / duration, 1.0)
 
 
-def check_common_args(args, positive: list[str]) -> int:
-    """Fails fast, before any environment is built, on settings that cannot work; returns an episode's agent steps."""
-    time_limit = 250 if args.env_id == "reach_duplo" else 1000  # the task's, in frames
-    episode_steps = math.ceil(min(args.max_episode_frames or time_limit, time_limit) / args.action_repeat)
-    value = vars(args)
-    positive = positive + ["frame_stack", "action_repeat", "total_timesteps", "eval_every", "num_eval_episodes"]
-    positive += [
-        "buffer_size",
-        "batch_size",
-        "nstep",
-        "learning_rate",
-        "feature_dim",
-        "hidden_dim",
-        "update_every_steps",
-    ]
-    rules = [(name, value[name] is None or value[name] > 0, "must be positive") for name in positive]
-    for name in ("learning_starts", "num_expl_steps", "checkpoint_every"):
-        rules.append((name, value[name] >= 0, "must be non-negative"))
-    rules += [(name, 0 < value[name] <= 1, "must be in (0, 1]") for name in ("gamma", "tau")]
-    rules.append(("learning_rate", math.isfinite(args.learning_rate), "must be finite"))
-    rules.append(("stddev_clip", math.isfinite(args.stddev_clip) and args.stddev_clip >= 0, "must be finite and >= 0"))
-    at_least_one_step = args.max_episode_frames is None or args.max_episode_frames >= args.action_repeat
-    rules.append(("max_episode_frames", at_least_one_step, "must be at least --action-repeat"))
-    rules.append(("total_timesteps", args.total_timesteps >= args.action_repeat, "must be at least --action-repeat"))
-    rules.append(("seed", 0 <= args.seed < 2**32, "must be in [0, 2**32), as numpy's seeds"))
-    name_ok = re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.exp_name)  # it names a directory and a model file
-    rules.append(("exp_name", name_ok, "must start with a letter or digit and hold only those, '.', '_' and '-'"))
-    rules.append(("resume", args.resume != "", "must name a run directory, its checkpoint.pt, or auto"))
-    for name, ok, requirement in rules:
-        if not ok:
-            raise RunError(f"--{name.replace('_', '-')} {requirement}, got {value[name]!r}")
-    stored = min(args.buffer_size, args.learning_starts // args.action_repeat)
-    if args.batch_size > stored:
-        raise RunError(
-            f"--batch-size {args.batch_size} is larger than the {stored} transitions the replay holds when updates "
-            f"start (--learning-starts {args.learning_starts} frames, --buffer-size {args.buffer_size})"
-        )
-    if args.buffer_size < episode_steps:
-        raise RunError(f"--buffer-size {args.buffer_size} is smaller than one episode ({episode_steps} transitions)")
-    parse_schedule(args.stddev_schedule)
-    return episode_steps
-
-
 # --- end shared ---
-
-
-def validate_args(args: Args):
-    episode_steps = check_common_args(args, positive=[])
-    if args.nstep >= episode_steps:
-        raise RunError(f"--nstep must be shorter than an episode ({episode_steps} agent steps)")
-
-
-UPDATE_MEMORY = 1.5e9  # bytes of a default CPU run besides the replay (1.40 GB measured: benchmarks/update_memory.py)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -274,6 +223,7 @@ class DMCPixelEnv:
         self._max_episode_frames = max_episode_frames
         self._frames = deque(maxlen=frame_stack)
         self.frame = None  # the latest render, (3, size, size) uint8: what the replay stores
+        self.episode_frames = 0  # frames of the running episode so far
 
     @property
     def random_state(self) -> np.random.RandomState:
@@ -290,7 +240,7 @@ class DMCPixelEnv:
         return np.concatenate(self._frames, axis=0)
 
     def reset(self) -> np.ndarray:
-        self._episode_frames = 0
+        self.episode_frames = 0
         return self._observe(self._env.reset(), copies=self._frames.maxlen)  # the first render fills every slot
 
     def step(self, action: np.ndarray):
@@ -305,8 +255,8 @@ class DMCPixelEnv:
             time_step = self._env.step(action)
             reward += (time_step.reward or 0.0) * discount
             discount *= time_step.discount
-            self._episode_frames += 1
-            done = time_step.last() or self._episode_frames == self._max_episode_frames
+            self.episode_frames += 1
+            done = time_step.last() or self.episode_frames == self._max_episode_frames
             if done:
                 break
         return self._observe(time_step), reward, discount, done
@@ -580,60 +530,6 @@ def soft_update(target: nn.Module, source: nn.Module, tau: float):
 # Agent (details 9-10): the networks and their optimizers, acting, and the update with its losses
 
 
-# --- shared: CUDA graphs ---
-class CudaGraph:
-    """--cudagraphs: the whole update (forwards, backwards, optimizer steps, target update) recorded once as a CUDA
-    graph, then replayed: one launch instead of hundreds. Each replay reads the batch and std copied into the graph's
-    input tensors and overwrites the metrics it returned last time; random draws come from the CUDA generator."""
-
-    def __init__(self, agent):
-        self.agent = agent
-        self.graph = None
-
-    def __call__(self, batch: dict, std: float) -> dict:
-        if self.graph is None:
-            self.batch = {key: value.clone() for key, value in batch.items()}
-            self.std = torch.full((), std, device=self.agent.device)
-            self.capture()
-        for key, value in batch.items():
-            self.batch[key].copy_(value, non_blocking=True)
-        self.std.fill_(std)
-        self.graph.replay()
-        return self.metrics
-
-    def capture(self):
-        # A warm-up update on a side stream sets up what a graph cannot (library handles, Adam's state); then the
-        # weights, the optimizer states and the random generator are put back, in place, as they were before it.
-        saved = copy.deepcopy(self.agent.state_dict())
-        rng = torch.cuda.get_rng_state()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            self.agent.compute_update(self.batch, self.std)
-        torch.cuda.current_stream().wait_stream(side)
-        with torch.no_grad():
-            for name, part in vars(self.agent).items():
-                if isinstance(part, nn.Module):
-                    part.load_state_dict(saved[name])
-                elif isinstance(part, torch.optim.Optimizer):
-                    parameters = [p for group in part.param_groups for p in group["params"]]
-                    for index, parameter in enumerate(parameters):
-                        before = saved[name]["state"].get(index, {})  # empty: no state before the warm-up
-                        for key, tensor in part.state[parameter].items():
-                            if key in before:
-                                tensor.copy_(before[key])
-                            else:
-                                tensor.zero_()
-                    part.zero_grad(set_to_none=True)
-        torch.cuda.set_rng_state(rng)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):  # other threads: TensorBoard's writer
-            self.metrics = self.agent.compute_update(self.batch, self.std)
-
-
-# --- end shared ---
-
-
 class Agent:
     def __init__(self, obs_shape, action_dim, args: Args, device):
         self.args = args
@@ -649,9 +545,9 @@ class Agent:
         self.critic_opt = torch.optim.Adam(self.critic.parameters(), **adam)
         self.stddev = parse_schedule(args.stddev_schedule)
         if args.compile:
-            for network in self.state_dict(optimizers=False):
-                getattr(self, network).compile()  # keeps the state_dict keys
-        self.cuda_graph = CudaGraph(self) if args.cudagraphs else None
+            for network in [part for part in vars(self).values() if isinstance(part, nn.Module)]:
+                network.compile()  # keeps the state_dict keys
+        self.cuda_graph = CudaGraph(self) if args.cudagraphs else None  # --cudagraphs (below main)
 
     def autocast(self):
         """bf16 autocast under --amp bf16. Each region ends before an optimizer step and keeps no cache of bf16
@@ -708,19 +604,214 @@ class Agent:
         self.actor_opt.step()
         return {"losses/actor_loss": actor_loss.detach()}
 
-    def state_dict(self, optimizers=True) -> dict:
-        """The state dicts of the networks (and optimizers), by attribute name."""
-        kinds = (nn.Module, torch.optim.Optimizer) if optimizers else nn.Module
-        return {name: part.state_dict() for name, part in vars(self).items() if isinstance(part, kinds)}
+    def state_dict(self) -> dict:
+        """What the agent has learned, by attribute name: each network's and optimizer's state and every tensor held
+        (an nn.Parameter too). Checkpoints keep it all; a new one added here is kept without more code."""
+        state = {}
+        for name, part in vars(self).items():
+            if isinstance(part, (nn.Module, torch.optim.Optimizer)):
+                state[name] = part.state_dict()
+            elif isinstance(part, torch.Tensor):
+                state[name] = part.detach()
+            elif isinstance(part, (list, tuple, dict)):  # what is in them would be missed: refuse it
+                items = part.values() if isinstance(part, dict) else part
+                if any(isinstance(item, (nn.Module, torch.Tensor)) for item in items):
+                    raise TypeError(f"Agent.{name}: hold networks and tensors in nn.ModuleList or nn.ParameterList")
+        return state
 
     def load_state_dict(self, state: dict):
         for name, part_state in state.items():
-            getattr(self, name).load_state_dict(part_state)
+            part = getattr(self, name)
+            if isinstance(part, torch.Tensor):
+                with torch.no_grad():
+                    part.copy_(part_state)  # in place: optimizers and a CUDA graph hold this very tensor
+            else:
+                part.load_state_dict(part_state)
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Run machinery (detail 12): the checks made before anything is written, evaluation, checkpoints that continue a run
-# exactly, and stop signals. Nothing here changes what an update computes.
+# Training loop (detail 11): act, update when due, step the environment; evaluate, log and checkpoint on schedule
+
+
+def main(args: Args):
+    run = Run(args)  # the settings (a resumed run's come from its checkpoint), device and memory checked; no file yet
+    args = run.args
+    if run.finished:
+        return
+    random.seed(args.seed)
+    np.random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    env = DMCPixelEnv(args.env_id, args.seed, args.action_repeat, args.frame_stack, args.max_episode_frames)
+    eval_env = DMCPixelEnv(args.env_id, args.seed, args.action_repeat, args.frame_stack, args.max_episode_frames)
+    agent = Agent(env.observation_shape, env.action_dim, args, run.device)
+    rb = ReplayBuffer(
+        args.buffer_size,
+        env.frame_shape,
+        env.action_dim,
+        args.frame_stack,
+        args.nstep,
+        args.gamma,
+        args.seed,
+        device=run.replay_device,
+    )
+    eval_every_steps = max(args.eval_every // args.action_repeat, 1)
+    # start() puts a resumed run back as its checkpoint left it, takes the run directory, opens the logs and catches
+    # stop signals; leaving the block, the run writes its final checkpoint (and --save-model's file)
+    with run.start(agent, rb, [env, eval_env]) as writer:
+        if run.new:  # frame 0 is evaluated first
+            run.last_eval = float(np.mean(evaluate(agent, eval_env, args.num_eval_episodes, run.video_path(0))))
+            writer.add_scalar("eval/episodic_return", run.last_eval, 0)
+            print(f"frame 0: eval return {run.last_eval:.1f}")
+            run.checkpoint_when_due(0, {})  # a stop signal during that evaluation: checkpoint and exit now
+        obs = env.reset()
+        rb.start_episode(env.frame)
+        episode_return = 0.0
+        episode_start = time.time()
+        metrics = {}
+        for global_step in range(run.start_step, run.total_steps):
+            action = agent.act(obs, global_step, eval_mode=False)
+            due = global_step * args.action_repeat >= run.updates_start and global_step % args.update_every_steps == 0
+            if due and rb.can_sample():  # (it cannot until a complete episode is stored)
+                batch = {key: value.to(run.device) for key, value in rb.sample(args.batch_size).items()}
+                metrics = agent.update(batch, global_step)
+
+            obs, reward, discount, done = env.step(action)
+            rb.add(action, reward, discount, env.frame)
+            episode_return += reward
+            frame = (global_step + 1) * args.action_repeat
+            if (global_step + 1) % eval_every_steps == 0 or global_step + 1 == run.total_steps:
+                eval_start = time.time()
+                run.last_eval = float(np.mean(evaluate(agent, eval_env, args.num_eval_episodes, run.video_path(frame))))
+                writer.add_scalar("eval/episodic_return", run.last_eval, frame)
+                print(f"frame {frame}: eval return {run.last_eval:.1f}")
+                episode_start += time.time() - eval_start  # SPS measures training, not evaluation
+            if done:
+                rb.end_episode()
+                sps = env.episode_frames / (time.time() - episode_start)
+                writer.add_scalar("charts/episodic_return", episode_return, frame)
+                writer.add_scalar("charts/episodic_length", env.episode_frames, frame)
+                writer.add_scalar("charts/SPS", sps, frame)
+                for tag, value in metrics.items():  # the last update's losses
+                    writer.add_scalar(tag, value, frame)
+                print(run.progress(frame, episode_return, sps))
+                run.checkpoint_when_due(global_step + 1, metrics)  # or asked to stop by a signal: then it exits
+                metrics = {}
+                obs = env.reset()
+                rb.start_episode(env.frame)
+                episode_return = 0.0
+                episode_start = time.time()
+        for tag, value in metrics.items():  # the losses of a last episode cut short by the budget
+            writer.add_scalar(tag, value, run.total_frames)
+
+
+# ======================================================================================================================
+# Run machinery. Everything below serves the run, not the algorithm: argument checks, CUDA graphs, device and memory
+# choice, logs, checkpoints and resume, the run directory's lock, stop signals, the progress line. None of it changes
+# what an update computes.
+# ======================================================================================================================
+
+
+# --- shared: checks ---
+def check_common_args(args, positive: list[str]) -> int:
+    """Fails fast, before any environment is built, on settings that cannot work; returns an episode's agent steps."""
+    time_limit = 250 if args.env_id == "reach_duplo" else 1000  # the task's, in frames
+    episode_steps = math.ceil(min(args.max_episode_frames or time_limit, time_limit) / args.action_repeat)
+    value = vars(args)
+    positive = positive + ["frame_stack", "action_repeat", "total_timesteps", "eval_every", "num_eval_episodes"]
+    positive += ["buffer_size", "batch_size", "nstep", "learning_rate", "feature_dim", "hidden_dim"]
+    positive += ["update_every_steps"]
+    rules = [(name, value[name] is None or value[name] > 0, "must be positive") for name in positive]
+    for name in ("learning_starts", "num_expl_steps", "checkpoint_every"):
+        rules.append((name, value[name] >= 0, "must be non-negative"))
+    rules += [(name, 0 < value[name] <= 1, "must be in (0, 1]") for name in ("gamma", "tau")]
+    rules.append(("learning_rate", math.isfinite(args.learning_rate), "must be finite"))
+    rules.append(("stddev_clip", math.isfinite(args.stddev_clip) and args.stddev_clip >= 0, "must be finite and >= 0"))
+    at_least_one_step = args.max_episode_frames is None or args.max_episode_frames >= args.action_repeat
+    rules.append(("max_episode_frames", at_least_one_step, "must be at least --action-repeat"))
+    rules.append(("total_timesteps", args.total_timesteps >= args.action_repeat, "must be at least --action-repeat"))
+    rules.append(("seed", 0 <= args.seed < 2**32, "must be in [0, 2**32), as numpy's seeds"))
+    name_ok = re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.exp_name)  # it names a directory and a model file
+    rules.append(("exp_name", name_ok, "must start with a letter or digit and hold only those, '.', '_' and '-'"))
+    for name, ok, requirement in rules:
+        if not ok:
+            raise RunError(f"--{name.replace('_', '-')} {requirement}, got {value[name]!r}")
+    stored = min(args.buffer_size, args.learning_starts // args.action_repeat)
+    if args.batch_size > stored:
+        raise RunError(
+            f"--batch-size {args.batch_size} is larger than the {stored} transitions the replay holds when updates "
+            f"start (--learning-starts {args.learning_starts} frames, --buffer-size {args.buffer_size})"
+        )
+    if args.buffer_size < episode_steps:
+        raise RunError(f"--buffer-size {args.buffer_size} is smaller than one episode ({episode_steps} transitions)")
+    parse_schedule(args.stddev_schedule)
+    return episode_steps
+
+
+# --- end shared ---
+
+
+def validate_args(args: Args):
+    episode_steps = check_common_args(args, positive=[])
+    if args.nstep >= episode_steps:
+        raise RunError(f"--nstep must be shorter than an episode ({episode_steps} agent steps)")
+
+
+UPDATE_MEMORY = 1.5e9  # bytes of a default CPU run besides the replay (1.40 GB measured: benchmarks/update_memory.py)
+
+
+# --- shared: CUDA graphs ---
+class CudaGraph:
+    """--cudagraphs: the whole update (forwards, backwards, optimizer steps, target update) recorded once as a CUDA
+    graph, then replayed: one launch instead of hundreds. Each replay reads the batch and std copied into the graph's
+    input tensors and overwrites the metrics it returned last time; random draws come from the CUDA generator."""
+
+    def __init__(self, agent):
+        self.agent = agent
+        self.graph = None
+
+    def __call__(self, batch: dict, std: float) -> dict:
+        if self.graph is None:
+            self.batch = {key: value.clone() for key, value in batch.items()}
+            self.std = torch.full((), std, device=self.agent.device)
+            self.capture()
+        for key, value in batch.items():
+            self.batch[key].copy_(value, non_blocking=True)
+        self.std.fill_(std)
+        self.graph.replay()
+        return self.metrics
+
+    def capture(self):
+        # A warm-up update on a side stream sets up what a graph cannot (library handles, Adam's state); then all the
+        # agent's state (weights, tensors, optimizer states) and the random generator are put back, in place, as
+        # they were before it.
+        saved = copy.deepcopy(self.agent.state_dict())
+        rng = torch.cuda.get_rng_state()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.agent.compute_update(self.batch, self.std)
+        torch.cuda.current_stream().wait_stream(side)
+        with torch.no_grad():
+            for name, part in vars(self.agent).items():
+                if isinstance(part, torch.optim.Optimizer):  # its state tensors stay: the graph will use these
+                    parameters = [p for group in part.param_groups for p in group["params"]]
+                    for index, parameter in enumerate(parameters):
+                        before = saved[name]["state"].get(index, {})  # empty: no state before the warm-up
+                        for key, tensor in part.state[parameter].items():
+                            if key in before:
+                                tensor.copy_(before[key])
+                            else:
+                                tensor.zero_()
+                    part.zero_grad(set_to_none=True)
+                elif name in saved:
+                    self.agent.load_state_dict({name: saved[name]})
+        torch.cuda.set_rng_state(rng)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):  # other threads: TensorBoard's writer
+            self.metrics = self.agent.compute_update(self.batch, self.std)
+
+
+# --- end shared ---
 
 
 # --- shared: run machinery ---
@@ -734,14 +825,6 @@ def first_line(error: Exception) -> str:
 
 def duration(seconds: float) -> str:
     return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m" if math.isfinite(seconds) else "-"
-
-
-def progress_line(frame, total_frames, episode_return, sps, last_eval, elapsed, left) -> str:
-    shown_eval = "-" if math.isnan(last_eval) else f"{last_eval:.1f}"  # "-": no evaluation yet
-    return (
-        f"frame {frame}/{total_frames} ({100 * frame / total_frames:.1f}%) | return {episode_return:.1f} | SPS "
-        f"{sps:.0f} | last eval {shown_eval} | elapsed {duration(elapsed)} | left {duration(left)}"
-    )
 
 
 def choose_device(args) -> torch.device:
@@ -760,61 +843,49 @@ def configure_torch(args):
     torch.backends.cuda.matmul.allow_tf32 = False
 
 
-def choose_replay_device(args, device: torch.device, env, replay_memory, update_memory: float):
-    """--replay-device, and the memory of the replay once full checked now (not when a run fails hours in), given the
-    bytes a replay of n transitions of `env` allocates, `replay_memory(n, frame_shape, action_dim)`, and the bytes the
-    updates take on the CPU. Returns the device and a line that says it."""
+def memory_info(key: str) -> float:
+    """A /proc/meminfo figure in bytes (MemAvailable, MemTotal, SwapTotal); infinite where it cannot tell."""
+    with contextlib.suppress(OSError, StopIteration, ValueError), open("/proc/meminfo") as meminfo:
+        return 1024 * int(next(line.split()[1] for line in meminfo if line.startswith(f"{key}:")))
+    return math.inf
+
+
+MAX_ACTION_DIM = 21  # the widest action of the tasks (humanoid): the memory checks come before any environment
+
+
+def check_memory(args, device: torch.device) -> torch.device:
+    """--replay-device, and the memory the run needs checked now, not when it fails hours in: the networks with their
+    gradients and Adam's moments, the transitions it will store, the updates' own. Returns the replay's device
+    (`auto`: the GPU if the whole replay fits in half its free memory)."""
     if args.replay_device == "cuda" and device.type == "cpu":
         raise RunError("--replay-device cuda needs a CUDA device")
-    full = replay_memory(args.buffer_size, env.frame_shape, env.action_dim)
-    fits = args.replay_device == "cuda" or device.type == "cuda" and full <= torch.cuda.mem_get_info(device)[0] / 2
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else memory_info("MemAvailable")
+    try:
+        with torch.device("meta"):  # sizes only: nothing is allocated
+            agent = Agent((3 * args.frame_stack, 84, 84), 1, args, torch.device("meta"))
+    except RuntimeError as error:  # sizes beyond what a tensor can hold
+        raise RunError(f"the networks do not fit in memory ({first_line(error)})") from error
+    networks = [part for part in vars(agent).values() if isinstance(part, nn.Module)]
+    network_bytes = 16 * sum(p.numel() for network in networks for p in network.parameters())  # at most
+    if network_bytes > free:
+        raise RunError(f"the networks do not fit in memory: {network_bytes / 1e9:.1f} GB, {free / 1e9:.1f} GB free")
+    full = ReplayBuffer.memory(args.buffer_size, (3, 84, 84), MAX_ACTION_DIM)
+    fits = args.replay_device == "cuda" or device.type == "cuda" and full <= free / 2
     replay_device = device if args.replay_device != "cpu" and fits else torch.device("cpu")
     transitions = min(args.buffer_size, args.total_timesteps // args.action_repeat)
-    replay_bytes = replay_memory(transitions, env.frame_shape, env.action_dim)
-    host_bytes = replay_bytes if replay_device.type == "cpu" else 0
-    if device.type == "cpu":
-        host_bytes += update_memory
-    available = math.inf  # where /proc/meminfo cannot tell
-    with contextlib.suppress(OSError, StopIteration, ValueError), open("/proc/meminfo") as meminfo:
-        available = 1024 * int(next(line.split()[1] for line in meminfo if line.startswith("MemAvailable:")))
+    replay_bytes = ReplayBuffer.memory(transitions, (3, 84, 84), MAX_ACTION_DIM)
+    host_bytes = (replay_bytes if replay_device.type == "cpu" else 0) + (UPDATE_MEMORY if device.type == "cpu" else 0)
+    available = memory_info("MemAvailable")
     if host_bytes > available:
         raise RunError(
             f"the replay's {transitions} transitions take {replay_bytes / 1e9:.1f} GB and the updates about "
-            f"{update_memory / 1e9:.1f} GB, but {available / 1e9:.1f} GB of memory are available: lower --buffer-size"
+            f"{UPDATE_MEMORY / 1e9:.1f} GB, but {available / 1e9:.1f} GB of memory are available: lower --buffer-size"
         )
-    if replay_device.type == "cuda" and replay_bytes > torch.cuda.mem_get_info(replay_device)[0]:
+    if replay_device.type == "cuda" and replay_bytes > free:
         raise RunError(
             f"the replay's {replay_bytes / 1e9:.1f} GB do not fit in the GPU's free memory: --replay-device cpu"
         )
-    return (
-        replay_device,
-        f"replay: up to {transitions} transitions, {replay_bytes / 1e9:.2f} GB in {replay_device.type} memory",
-    )
-
-
-def open_logs(args, run_name: str, run_dir: str, start_frame: int) -> SummaryWriter:
-    """The run's TensorBoard writer, and its wandb run with --track (a resumed run continues the same one; save_code
-    keeps this file, the whole algorithm). On resume, TensorBoard drops what the interrupted run logged after its
-    checkpoint: each step appears once. A run with no logs yet (new, or its logs lost) gets the settings table."""
-    if args.track:
-        import wandb
-
-        wandb.init(
-            project=args.wandb_project_name,
-            entity=args.wandb_entity,
-            config=vars(args),
-            name=run_name,
-            id=run_name,
-            resume="allow",
-            sync_tensorboard=True,
-            save_code=True,
-        )
-    first_log = not glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))
-    writer = SummaryWriter(run_dir, purge_step=start_frame + 1 if start_frame else None)
-    if first_log:
-        table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
-    return writer
+    return replay_device
 
 
 def evaluate(agent, env, num_episodes: int, video_path: str | None = None) -> list:
@@ -847,22 +918,15 @@ def non_finite(what: str, frame: int, checkpoint_frame: int) -> RunError:
     return RunError(f"non-finite {what} at frame {frame}; stopping without checkpointing ({kept})")
 
 
-def read_metrics(metrics: dict, frame: int, checkpoint_frame: int) -> dict:
-    """The latest update's metrics as numbers (reading them waits for the GPU: once an episode); stops on a
-    non-finite one."""
-    values = {tag: tensor.item() for tag, tensor in metrics.items()}
-    for tag, value in values.items():
-        if not math.isfinite(value):
-            raise non_finite(f"{tag} ({value})", frame, checkpoint_frame)
-    return values
-
-
 CHECKPOINT = "checkpoint.pt"
 LOCK = "run.lock"
-# Settings that may differ when a run is resumed; every other setting must equal the checkpoint's.
+# Resuming, a run's settings come from its checkpoint; a flag given on the command line (a value other than its
+# default) may change these, and one that changes what is computed is refused. THIS_PROCESS: how this process runs,
+# always this command line's.
 RESUMABLE_CHANGES = {"total_timesteps", "eval_every", "num_eval_episodes", "checkpoint_every", "checkpoint_replay"}
-RESUMABLE_CHANGES |= {"resume", "cuda", "torch_deterministic", "track", "wandb_project_name", "wandb_entity"}
-RESUMABLE_CHANGES |= {"capture_video", "save_model", "compile", "cudagraphs", "tf32", "replay_device"}
+RESUMABLE_CHANGES |= {"track", "wandb_project_name", "wandb_entity", "capture_video", "save_model"}
+THIS_PROCESS = {"resume", "cuda", "torch_deterministic", "compile", "cudagraphs", "tf32", "replay_device"}
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP)
 
 
 def save_checkpoint(path: str, payload: dict, kept: str = "the previous checkpoint is kept"):
@@ -893,8 +957,8 @@ def make_folder(path: str):
 
 
 def lock_run_dir(run_dir: str, new_run: bool):
-    """Creates the run directory of a new run; then holds an exclusive lock on the run for this process's life, so
-    that a second process on the same run is refused, naming the holder. Returns the open lock file."""
+    """Creates a new run's directory; then holds an exclusive lock on the run for this process's life: a second
+    process on it is refused, naming the holder. Returns the open lock file."""
     if new_run and os.path.exists(run_dir):
         raise RunError(f"{run_dir} exists already (a run of this task and seed started in the same second?)")
     make_folder(run_dir)
@@ -918,9 +982,9 @@ def lock_run_dir(run_dir: str, new_run: bool):
     return lock
 
 
-def load_checkpoint(path: str, args=None) -> dict:
+def load_checkpoint(path: str) -> dict:
     """The checkpoint's payload (tensors memory-mapped) once every record of its zip file matches its CRC (torch.load
-    checks none) and, given `args`, the settings that change what is computed match them."""
+    checks none)."""
     try:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
@@ -929,25 +993,16 @@ def load_checkpoint(path: str, args=None) -> dict:
         raise RunError(f"the checkpoint {path} is unreadable or corrupt ({first_line(error)})") from error
     if damaged is not None:
         raise RunError(f"the checkpoint {path} is corrupt: its record {damaged} does not match its CRC")
-    if not isinstance(payload, dict):
+    if not isinstance(payload, dict) or not isinstance(payload.get("args"), dict):
         raise RunError(f"the checkpoint {path} is corrupt: it holds no run's checkpoint")
-    saved = payload.get("args", {})
-    if args is not None and set(saved) != set(vars(args)):
-        other = ", ".join(sorted(set(saved) ^ set(vars(args))))
-        raise RunError(f"the checkpoint {path} is not of this script (settings in one of them only: {other})")
-    differences = [
-        f"--{name.replace('_', '-')} is {saved.get(name)!r} in the checkpoint but {value!r} now"
-        for name, value in (vars(args).items() if args else [])
-        if name not in RESUMABLE_CHANGES and saved.get(name) != value
-    ]
-    if differences:
-        raise RunError("cannot resume with settings other than the checkpoint's: " + "; ".join(differences))
     return payload
 
 
 def find_run_to_resume(args) -> str | None:
     """The run directory --resume names (or holds the checkpoint file it names); for `auto`, the newest run of the
     same env_id, exp_name and seed with a checkpoint, else None."""
+    if args.resume == "":
+        raise RunError("--resume must name a run directory, its checkpoint.pt, or auto, got ''")
     if args.resume != "auto":
         if os.path.isfile(args.resume) and os.path.basename(args.resume) == CHECKPOINT:
             return os.path.dirname(os.path.abspath(args.resume))
@@ -964,28 +1019,53 @@ def find_run_to_resume(args) -> str | None:
     return chosen
 
 
+def resumed_settings(args, saved: dict, path: str):
+    """The settings of the checkpoint at `path`, with those of `args` that were given (not at their default) and may
+    change on resume; one given that would change what is computed is refused, named."""
+    if set(saved) != set(vars(args)):
+        other = ", ".join(sorted(set(saved) ^ set(vars(args))))
+        raise RunError(f"the checkpoint {path} is not of this script (settings in one of them only: {other})")
+    defaults = vars(type(args)())
+    given = {name: value for name, value in vars(args).items() if value != defaults[name] or name in THIS_PROCESS}
+    differences = [
+        f"--{name.replace('_', '-')} is {saved[name]!r} in the checkpoint but {value!r} now"
+        for name, value in given.items()
+        if name not in RESUMABLE_CHANGES | THIS_PROCESS and value != saved[name]
+    ]
+    if differences:
+        raise RunError("cannot resume with settings other than the checkpoint's: " + "; ".join(differences))
+    return type(args)(**{**saved, **given})
+
+
 def write_checkpoint(run_dir, args, global_step, agent, replay, envs, last_eval, checkpoint_frame):
-    """Everything the run needs to continue exactly: weights, optimizer states, the replay (unless `replay` is None or
-    --no-checkpoint-replay), every random state."""
-    frame = global_step * args.action_repeat
-    for name, network in agent.state_dict(optimizers=False).items():
-        if not all(torch.isfinite(tensor).all() for tensor in network.values()):
+    """Everything the run needs to continue exactly: the agent's every network, optimizer and tensor, the replay
+    (unless `replay` is None or --no-checkpoint-replay), every random state."""
+    learned = agent.state_dict()
+    for name, state in learned.items():
+        tensors = state.values() if isinstance(getattr(agent, name), nn.Module) else [state]
+        if not isinstance(getattr(agent, name), torch.optim.Optimizer) and not all(t.isfinite().all() for t in tensors):
+            frame = global_step * args.action_repeat
             raise RunError(f"non-finite parameters in the {name} at frame {frame}; stopping without checkpointing")
-    random_states = [state.get_state() for state in [np.random, *(env.random_state for env in envs)]]
+    random_states = [owner.get_state() for owner in [np.random, *(env.random_state for env in envs)]]
     random_states = [[state[0], torch.from_numpy(state[1].copy()), *state[2:]] for state in random_states]
     rng = {"python": random.getstate(), "torch": torch.get_rng_state(), "numpy": random_states[0]}
     rng["envs"] = random_states[1:]
     rng["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    payload = {"args": vars(args), "global_step": global_step, "agent": agent.state_dict(), "rng": rng}
+    payload = {"args": vars(args), "global_step": global_step, "agent": learned, "rng": rng, "last_eval": last_eval}
     payload["replay"] = replay.state_dict() if args.checkpoint_replay and replay is not None else None
-    payload["last_eval"] = last_eval
     kept = f"the checkpoint of frame {checkpoint_frame} is kept" if checkpoint_frame else "none is kept"
     save_checkpoint(os.path.join(run_dir, CHECKPOINT), payload, kept)
 
 
 def restore(checkpoint: dict, agent, replay, envs):
-    """Puts the run back as its checkpoint left it. Returns the agent step it reached and its last evaluation."""
-    agent.load_state_dict(checkpoint["agent"])
+    """Puts the agent, the replay and every random state back as the checkpoint left them."""
+    if checkpoint["agent"].keys() != agent.state_dict().keys():
+        held = f"{', '.join(checkpoint['agent'])}; this agent holds {', '.join(agent.state_dict())}"
+        raise RunError(f"the checkpoint is of another agent: it holds {held}")
+    try:
+        agent.load_state_dict(checkpoint["agent"])
+    except RuntimeError as error:  # a network whose shape an edit changed
+        raise RunError(f"the checkpoint's weights do not fit this agent ({first_line(error)})") from error
     if checkpoint["replay"] is not None:
         replay.load_state_dict(checkpoint["replay"])
     rng = checkpoint["rng"]
@@ -995,203 +1075,181 @@ def restore(checkpoint: dict, agent, replay, envs):
         torch.cuda.set_rng_state_all(rng["cuda"])
     for state, owner in zip([rng["numpy"], *rng["envs"]], [np.random, *(env.random_state for env in envs)]):
         owner.set_state((state[0], state[1].numpy(), *state[2:]))
-    return checkpoint["global_step"], checkpoint["last_eval"]
 
 
-class StopRequest:
-    """SIGTERM, SIGINT, SIGUSR1 and SIGHUP ask the run to checkpoint at the end of the current episode and exit (at
-    the budget's end it finishes instead); a second signal exits at once (the previous checkpoint stays whole). A
-    signal ignored when the run starts (SIGHUP under nohup) stays ignored."""
+def catch_stop_signals(handler):
+    """The stop signals call `handler`; one ignored when the run starts (SIGHUP under nohup) stays ignored."""
+    for signum in STOP_SIGNALS:
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, handler)
 
-    def __init__(self, checkpoints: bool):
-        self.signal = None
-        self.checkpoints = checkpoints
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGHUP):
-            if signal.getsignal(signum) is not signal.SIG_IGN:
-                signal.signal(signum, self._handle)
 
-    def _handle(self, signum, _):
+class Run:
+    """A run's life around main()'s loop, in three calls. Run(args) settles the settings (a resumed run's come from
+    its checkpoint), the device and the memory before anything is written. start() puts a resumed run back, takes the
+    run directory, opens the logs and catches the stop signals (SIGTERM, SIGINT, SIGUSR1, SIGHUP); when its block
+    ends, the run writes its final checkpoint. checkpoint_when_due() at each episode's end: a stop signal makes the
+    run checkpoint there and exit, a second one exits at once (the last checkpoint stays whole)."""
+
+    def __init__(self, args):
+        self.run_dir = find_run_to_resume(args) if args.resume is not None else None
+        path = os.path.join(self.run_dir, CHECKPOINT) if self.run_dir else None
+        self.checkpoint = load_checkpoint(path) if path else None
+        self.args = resolve_args(resumed_settings(args, self.checkpoint["args"], path) if path else args)
+        self.new = path is None
+        self.start_step = 0 if self.new else self.checkpoint["global_step"]
+        self.start_frame = self.start_step * self.args.action_repeat
+        self.last_eval = math.nan if self.new else self.checkpoint["last_eval"]
+        self.total_steps = self.args.total_timesteps // self.args.action_repeat
+        self.total_frames = self.total_steps * self.args.action_repeat  # --total-timesteps in whole agent steps
+        self.finished = self.start_step >= self.total_steps
+        if self.finished:
+            print(f"{self.run_dir} already ran {self.start_frame} frames: nothing to do")
+            return
+        self.device = choose_device(self.args)
+        configure_torch(self.args)
+        self.replay_device = check_memory(self.args, self.device)
+
+    @contextlib.contextmanager
+    def start(self, agent, replay, envs):
+        args = self.args
+        self.agent = agent
+        self.replay = replay
+        self.envs = envs
+        if self.checkpoint:
+            restore(self.checkpoint, agent, replay, envs)
+            self.checkpoint = None  # its tensors are memory-mapped from the file
+        agent.state_dict()  # every part of the agent can be checkpointed: checked now, not at the first checkpoint
+        self.checkpoint_frame = self.start_frame
+        self.episode_start_frame = self.start_frame
+        # Resumed without its replay: collect `learning_starts` frames anew before updating.
+        self.updates_start = args.learning_starts + (self.start_frame if replay.num_transitions == 0 else 0)
+        name = os.path.basename(self.run_dir or f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
+        self.video_dir = f"videos/{name}" if args.capture_video else None
+        if self.video_dir:
+            make_folder(self.video_dir)
+        self.run_dir = self.run_dir or f"runs/{name}"
+        self.lock = lock_run_dir(self.run_dir, self.new)
+        if args.track:  # a resumed run continues its wandb run; save_code keeps this file, the whole algorithm
+            import wandb
+
+            where = {"project": args.wandb_project_name, "entity": args.wandb_entity, "name": name, "id": name}
+            wandb.init(**where, config=vars(args), resume="allow", sync_tensorboard=True, save_code=True)
+        first_log = not glob.glob(os.path.join(self.run_dir, "events.out.tfevents.*"))  # new, or its logs lost
+        # resumed, TensorBoard drops what the run logged after its checkpoint: each step appears once
+        writer = SummaryWriter(self.run_dir, purge_step=self.start_frame + 1 if self.start_frame else None)
+        if first_log:
+            table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
+            writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+        self.stop_signal = None
+        catch_stop_signals(self.on_stop_signal)
+        transitions = min(args.buffer_size, args.total_timesteps // args.action_repeat)
+        replay_bytes = ReplayBuffer.memory(transitions, replay.frames.shape[1:], replay.actions.shape[1])
+        print(
+            f"{'run' if self.new else 'resuming'} {name} on {self.device}: {args.env_id}, frame {self.start_frame} of "
+            f"{self.total_frames}; logs in {self.run_dir}; replay: up to {transitions} transitions, "
+            f"{replay_bytes / 1e9:.2f} GB in {replay.device.type} memory"
+        )
+        if self.updates_start >= self.total_frames:
+            warning = (
+                f"updates start at frame {self.updates_start}, not before the budget's end: this run will not learn"
+            )
+            print(f"warning: {warning}")
+        self.start_time = time.time()
+        self.timed_from = None  # (time, frame) of the first episode's end once updates are due: the pace's origin
+        self.said_waiting = False
+        try:
+            yield writer
+            self.finish()
+        except NonFiniteAction as error:  # the policy's output, before dm_control fails on it
+            frame = self.episode_start_frame + self.envs[0].episode_frames
+            raise non_finite(str(error), frame, self.checkpoint_frame) from None
+        finally:
+            writer.close()
+            self.lock.close()
+            if args.track:
+                sys.modules["wandb"].finish()
+
+    def on_stop_signal(self, signum, _):
         name = signal.Signals(signum).name
-        if self.signal is not None:
+        if self.stop_signal is not None:
             print(f"{name} again: exiting now; the last checkpoint stays as it was", flush=True)
             raise SystemExit(128 + signum)
-        self.signal = signum
-        then = "checkpointing and exiting" if self.checkpoints else "exiting (checkpoints are off: nothing to resume)"
+        self.stop_signal = signum
+        then = "checkpointing and exiting" if self.args.checkpoint_every else "exiting (checkpoints are off)"
         print(f"{name}: finishing this episode (or evaluation), then {then}", flush=True)
 
-    def exit(self, frame: int, run_dir: str):
-        resume = f"with a checkpoint at frame {frame}; resume with the same settings and --resume {run_dir}"
-        nothing = f"at frame {frame}; checkpoints are off, so there is nothing to resume"
-        print(f"stopped by {signal.Signals(self.signal).name} {resume if self.checkpoints else nothing}")
-        raise SystemExit(128 + self.signal)
+    def video_path(self, frame: int) -> str | None:
+        return self.video_dir and f"{self.video_dir}/eval_{frame}.mp4"
+
+    def progress(self, frame: int, episode_return: float, sps: float) -> str:
+        """An episode's progress line. The time left follows the pace since updates began, evaluations included."""
+        now = time.time()
+        left = math.nan  # not known yet: "-"
+        if self.timed_from:
+            left = (now - self.timed_from[0]) / (frame - self.timed_from[1]) * (self.total_frames - frame)
+        elif frame >= self.updates_start:
+            self.timed_from = (now, frame)
+        shown_eval = "-" if math.isnan(self.last_eval) else f"{self.last_eval:.1f}"
+        return (
+            f"frame {frame}/{self.total_frames} ({100 * frame / self.total_frames:.1f}%) | return {episode_return:.1f}"
+            f" | SPS {sps:.0f} | last eval {shown_eval} | elapsed {duration(now - self.start_time)} | left "
+            f"{duration(left)}"
+        )
+
+    def checkpoint_when_due(self, step: int, metrics: dict):
+        """At an episode's end (and after frame 0's evaluation): a non-finite loss stops the run; a checkpoint is
+        written when one is due, or when a stop signal came, and then the run exits."""
+        args = self.args
+        frame = step * args.action_repeat
+        for tag, value in metrics.items():  # reading them waits for the GPU: once an episode
+            if not math.isfinite(value):
+                raise non_finite(f"{tag} ({value.item()})", frame, self.checkpoint_frame)
+        due_since = (step - args.update_every_steps) * args.action_repeat >= self.updates_start
+        if due_since and not metrics and not self.said_waiting:  # e.g. --learning-starts shorter than an episode
+            print(f"frame {frame}: updates due from frame {self.updates_start} wait for a complete episode to sample")
+            self.said_waiting = True
+        every = args.checkpoint_every
+        due = every and frame // every > self.checkpoint_frame // every
+        last = step == self.total_steps  # the run finishes (a signal now too): its final checkpoint comes then
+        if (due or self.stop_signal and every) and not last:
+            write_checkpoint(
+                self.run_dir, args, step, self.agent, self.replay, self.envs, self.last_eval, self.checkpoint_frame
+            )
+            self.checkpoint_frame = frame
+        self.episode_start_frame = frame
+        if self.stop_signal and not last:
+            resume = f"with a checkpoint at frame {frame}; resume it with --resume {self.run_dir}"
+            nothing = f"at frame {frame}; checkpoints are off, so there is nothing to resume"
+            print(f"stopped by {signal.Signals(self.stop_signal).name} {resume if every else nothing}")
+            raise SystemExit(128 + self.stop_signal)
+
+    def finish(self):
+        """The final checkpoint (without the replay, by far its largest part), the done line and --save-model."""
+        args = self.args
+        elapsed = time.time() - self.start_time
+        frames = self.total_frames - self.start_frame
+        kept = "no checkpoint (checkpoints are off)"
+        if args.checkpoint_every:
+            write_checkpoint(
+                self.run_dir, args, self.total_steps, self.agent, None, self.envs, self.last_eval, self.checkpoint_frame
+            )
+            size = os.path.getsize(os.path.join(self.run_dir, CHECKPOINT)) / 1e6
+            kept = f"kept {self.run_dir}/{CHECKPOINT} ({size:.0f} MB: networks, optimizers and progress, no replay)"
+        print(
+            f"done: {frames} frames in {elapsed:.0f} s ({frames / elapsed:.0f} frames/s with evaluations); "
+            f"last eval return {self.last_eval:.1f}; {kept}"
+        )
+        if args.save_model:
+            path = f"{self.run_dir}/{args.exp_name}.cleanrl_model"
+            optimizers = {name for name, part in vars(self.agent).items() if isinstance(part, torch.optim.Optimizer)}
+            saved = {name: state for name, state in self.agent.state_dict().items() if name not in optimizers}
+            shapes = {"obs_shape": list(self.envs[0].observation_shape), "action_dim": self.envs[0].action_dim}
+            torch.save({"args": vars(args), **shapes, **saved}, path)
+            print(f"model saved to {path}")
 
 
 # --- end shared ---
-
-
-# ----------------------------------------------------------------------------------------------------------------------
-# Training loop (detail 11): act, update when due, step the environment; evaluate, log and checkpoint on schedule
-
-
-def main(args: Args):
-    args = resolve_args(args)  # everything that can be wrong (settings, checkpoint, renderer) is found before writing
-    run_dir = find_run_to_resume(args) if args.resume is not None else None
-    checkpoint = load_checkpoint(os.path.join(run_dir, CHECKPOINT), args) if run_dir else None
-    device = choose_device(args)
-    random.seed(args.seed)
-    np.random.seed(args.seed)
-    torch.manual_seed(args.seed)
-    configure_torch(args)
-    env = DMCPixelEnv(args.env_id, args.seed, args.action_repeat, args.frame_stack, args.max_episode_frames)
-    eval_env = DMCPixelEnv(args.env_id, args.seed, args.action_repeat, args.frame_stack, args.max_episode_frames)
-    replay_device, replay_line = choose_replay_device(args, device, env, ReplayBuffer.memory, UPDATE_MEMORY)
-    try:
-        agent = Agent(env.observation_shape, env.action_dim, args, device)
-    except (RuntimeError, MemoryError) as error:  # an allocation that cannot succeed: sizes far too large
-        raise RunError(f"the networks do not fit in memory ({first_line(error)[:150]})") from error
-    rb = ReplayBuffer(
-        args.buffer_size,
-        env.frame_shape,
-        env.action_dim,
-        args.frame_stack,
-        args.nstep,
-        args.gamma,
-        args.seed,
-        device=replay_device,
-    )
-    start_step = 0
-    last_eval = math.nan
-    if checkpoint:
-        start_step, last_eval = restore(checkpoint, agent, rb, [env, eval_env])
-        del checkpoint  # its tensors are memory-mapped from the file
-    total_steps = args.total_timesteps // args.action_repeat  # in agent steps
-    total_frames = total_steps * args.action_repeat  # --total-timesteps rounded down to whole agent steps
-    if start_step >= total_steps:
-        print(f"{run_dir} already ran {start_step * args.action_repeat} frames: nothing to do")
-        return
-    new_run = run_dir is None
-    run_name = os.path.basename(run_dir or f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
-    run_dir = run_dir or f"runs/{run_name}"
-    lock = lock_run_dir(run_dir, new_run)  # held until this process ends
-    video_dir = f"videos/{run_name}" if args.capture_video else None
-    if video_dir:
-        make_folder(video_dir)
-    start_frame = start_step * args.action_repeat
-    writer = open_logs(args, run_name, run_dir, start_frame)
-    stop = StopRequest(checkpoints=args.checkpoint_every > 0)
-    print(
-        f"{'run' if new_run else 'resuming'} {run_name} on {device}: {args.env_id}, frame {start_frame} of "
-        f"{total_frames}; logs in {run_dir}; {replay_line}"
-    )
-    # Resumed without its replay: collect `learning_starts` frames anew before updating.
-    updates_start = args.learning_starts + (start_frame if start_step and rb.num_transitions == 0 else 0)
-    if updates_start >= total_frames:
-        print(f"warning: updates start at frame {updates_start}, not before the budget's end: this run will not learn")
-    eval_every_steps = max(args.eval_every // args.action_repeat, 1)
-    checkpoint_frame = start_frame
-    frame = start_frame
-    metrics = {}
-    waiting = False
-    start_time = time.time()
-    eval_seconds = 0.0
-    try:
-        if math.isnan(last_eval):  # a new run evaluates frame 0 first
-            returns = evaluate(agent, eval_env, args.num_eval_episodes, video_dir and f"{video_dir}/eval_0.mp4")
-            last_eval = float(np.mean(returns))
-            writer.add_scalar("eval/episodic_return", last_eval, 0)
-            print(f"frame 0: eval return {last_eval:.1f}")
-            if stop.signal:  # it came during that evaluation: stop now, not after a training episode
-                if args.checkpoint_every:
-                    write_checkpoint(run_dir, args, 0, agent, rb, [env, eval_env], last_eval, checkpoint_frame)
-                stop.exit(0, run_dir)
-        obs = env.reset()
-        rb.start_episode(env.frame)
-        episode_return = 0.0
-        episode_steps = 0
-        episode_start_time = time.time()
-        for global_step in range(start_step, total_steps):
-            action = agent.act(obs, global_step, eval_mode=False)
-            if global_step * args.action_repeat >= updates_start and global_step % args.update_every_steps == 0:
-                if rb.can_sample():
-                    batch = {key: value.to(device) for key, value in rb.sample(args.batch_size).items()}
-                    metrics = agent.update(batch, global_step)
-                    waiting = False
-                elif not waiting:  # e.g. --learning-starts shorter than an episode: wait for a whole one
-                    print(f"frame {global_step * args.action_repeat}: updates wait for a complete episode to sample")
-                    waiting = True
-
-            obs, reward, discount, done = env.step(action)
-            rb.add(action, reward, discount, env.frame)
-            episode_return += reward
-            episode_steps += 1
-            frame = (global_step + 1) * args.action_repeat
-            if (global_step + 1) % eval_every_steps == 0 or global_step + 1 == total_steps:
-                eval_start = time.time()
-                returns = evaluate(
-                    agent, eval_env, args.num_eval_episodes, video_dir and f"{video_dir}/eval_{frame}.mp4"
-                )
-                last_eval = float(np.mean(returns))
-                writer.add_scalar("eval/episodic_return", last_eval, frame)
-                print(f"frame {frame}: eval return {last_eval:.1f}")
-                eval_seconds = time.time() - eval_start
-                episode_start_time += eval_seconds  # SPS measures training, not evaluation
-            if done:
-                rb.end_episode()
-                episode_frames = episode_steps * args.action_repeat
-                sps = episode_frames / (time.time() - episode_start_time)
-                writer.add_scalar("charts/episodic_return", episode_return, frame)
-                writer.add_scalar("charts/episodic_length", episode_frames, frame)
-                writer.add_scalar("charts/SPS", sps, frame)
-                for tag, value in read_metrics(metrics, frame, checkpoint_frame).items():
-                    writer.add_scalar(tag, value, frame)
-                metrics = {}  # logged
-                frames_left = total_frames - frame  # time left: the evaluations still to come included
-                timed = frame - episode_frames >= updates_start and not waiting  # a whole episode of updates
-                left = frames_left / sps + frames_left // args.eval_every * eval_seconds if timed else math.nan
-                elapsed = time.time() - start_time
-                print(progress_line(frame, total_frames, episode_return, sps, last_eval, elapsed, left))
-                due = (
-                    args.checkpoint_every and frame // args.checkpoint_every > checkpoint_frame // args.checkpoint_every
-                )
-                last = global_step + 1 == total_steps  # the run finishes (a signal now too): its checkpoint below
-                if (due or stop.signal and args.checkpoint_every) and not last:
-                    write_checkpoint(
-                        run_dir, args, global_step + 1, agent, rb, [env, eval_env], last_eval, checkpoint_frame
-                    )
-                    checkpoint_frame = frame
-                if stop.signal and not last:
-                    stop.exit(frame, run_dir)
-                obs = env.reset()
-                rb.start_episode(env.frame)
-                episode_return = 0.0
-                episode_steps = 0
-                episode_start_time = time.time()
-
-        for tag, value in read_metrics(metrics, total_frames, checkpoint_frame).items():  # a last episode cut short
-            writer.add_scalar(tag, value, total_frames)
-        elapsed = time.time() - start_time
-        frames = total_frames - start_frame
-        kept = "no checkpoint (checkpoints are off)"
-        if args.checkpoint_every:  # the final checkpoint leaves out the replay, by far its largest part
-            write_checkpoint(run_dir, args, total_steps, agent, None, [env, eval_env], last_eval, checkpoint_frame)
-            size = os.path.getsize(os.path.join(run_dir, CHECKPOINT))
-            kept = f"kept {run_dir}/{CHECKPOINT} ({size / 1e6:.0f} MB: networks, optimizers and progress, no replay)"
-        print(
-            f"done: {frames} frames in {elapsed:.0f} s ({frames / elapsed:.0f} frames/s with evaluations); "
-            f"last eval return {last_eval:.1f}; {kept}"
-        )
-        if args.save_model:
-            model_path = f"{run_dir}/{args.exp_name}.cleanrl_model"
-            saved = {"args": vars(args), "obs_shape": list(env.observation_shape), "action_dim": env.action_dim}
-            torch.save({**saved, **agent.state_dict(optimizers=False)}, model_path)
-            print(f"model saved to {model_path}")
-    except NonFiniteAction as error:  # the policy's output, before dm_control fails on it
-        raise non_finite(str(error), frame, checkpoint_frame) from None
-    finally:
-        writer.close()
-        lock.close()
-        if args.track:
-            sys.modules["wandb"].finish()
 
 
 if __name__ == "__main__":

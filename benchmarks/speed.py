@@ -29,9 +29,6 @@ OPTIONS = {
     "cudagraphs": {"cudagraphs": True},
     "cudagraphs+amp-bf16": {"cudagraphs": True, "amp": "bf16"},
     "cudagraphs+no-tf32": {"cudagraphs": True, "tf32": False},
-    "taco-anchor-from-critic": {"taco_anchor_from_critic": True},
-    "amp-bf16+taco-anchor-from-critic": {"amp": "bf16", "taco_anchor_from_critic": True},
-    "cudagraphs+amp-bf16+taco-anchor-from-critic": {"cudagraphs": True, "amp": "bf16", "taco_anchor_from_critic": True},
     "compile": {"compile": True},
 }
 CUDA_ONLY = ("cudagraphs", "tf32")  # flags that need CUDA (TF32 changes nothing on a CPU)
@@ -43,8 +40,7 @@ class Args:
     scripts: list[str] = field(default_factory=lambda: ["drqv2_continuous_action", "taco_continuous_action"])
     """agent scripts to measure (file names without .py)"""
     options: list[str] = field(default_factory=lambda: list(OPTIONS))
-    """speed options to time (see OPTIONS); cudagraphs and tf32 need CUDA and TACO's anchor option TACO: skipped
-    elsewhere"""
+    """speed options to time (see OPTIONS); cudagraphs and tf32 need CUDA: skipped elsewhere"""
     repeats: int = 5
     """timed updates per configuration, after one untimed warm-up (which includes compilation)"""
     env_id: str = "cheetah_run"

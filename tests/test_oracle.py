@@ -221,11 +221,14 @@ def oracle_update(p, adam_states, batch, drawn, stepped, taco):
 # The comparison
 
 
-def load_copy(name, tmp_path, replace=()):
-    """A fresh import of a script, with pieces of its source replaced: (old, new) pairs, each old occurring once."""
+def load_copy(name, tmp_path, replace=(), mutation=None):
+    """A fresh import of a script, with pieces of its source replaced: (old, new) pairs, each old occurring once. A
+    patch that does not find its piece fails the test saying so, apart from the oracle failing."""
     source = (ROOT / f"{name}.py").read_text()
     for old, new in replace:
-        assert source.count(old) == 1, f"{old!r} occurs {source.count(old)} times in {name}.py"
+        if source.count(old) != 1:
+            found = f"{old!r} occurs {source.count(old)} times"
+            pytest.fail(f"the patch for {mutation} no longer applies: {name}.py changed where it looks ({found})")
         source = source.replace(old, new)
     path = tmp_path / f"{name}_copy.py"
     path.write_text(source)
@@ -410,6 +413,17 @@ CASES = [(name, mutation) for name in SCRIPTS for mutation in MUTATIONS] + [
 
 @pytest.mark.parametrize("name,mutation", CASES)
 def test_a_broken_update_fails_the_oracle(name, mutation, tmp_path):
-    module = load_copy(name, tmp_path, replace={**MUTATIONS, **TACO_MUTATIONS}[mutation])
+    module = load_copy(name, tmp_path, replace={**MUTATIONS, **TACO_MUTATIONS}[mutation], mutation=mutation)
     with pytest.raises(AssertionError):
         compare_with_oracle(module)
+
+
+def test_a_patch_that_no_longer_applies_says_so(tmp_path):
+    expected = "the patch for max for min no longer applies: drqv2_continuous_action.py changed where it looks"
+    with pytest.raises(pytest.fail.Exception, match=expected):
+        load_copy(
+            "drqv2_continuous_action",
+            tmp_path,
+            replace=[("torch.min(q9, q9)", "torch.max(q9, q9)")],
+            mutation="max for min",
+        )

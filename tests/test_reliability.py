@@ -152,7 +152,7 @@ def test_a_stop_signal_writes_a_checkpoint_and_exits_cleanly(tmp_path, signum):
     assert "Traceback" not in output
     checkpoint = load(f"{run_dir}/checkpoint.pt")
     frame = checkpoint["global_step"] * 2
-    resume_hint = f"resume with the same settings and --resume runs/{os.path.basename(run_dir)}"
+    resume_hint = f"resume it with --resume runs/{os.path.basename(run_dir)}"
     assert f"stopped by {signal.Signals(signum).name} with a checkpoint at frame {frame}; {resume_hint}" in output
     assert not glob.glob(f"{run_dir}/*.tmp")
 
@@ -179,7 +179,7 @@ def test_a_signal_ignored_at_start_stays_ignored(monkeypatch):
     installed = {}
     monkeypatch.setattr(signal, "getsignal", lambda signum: signal.SIG_IGN if signum == signal.SIGHUP else None)
     monkeypatch.setattr(signal, "signal", lambda signum, handler: installed.update({signum: handler}))
-    machinery.StopRequest(checkpoints=True)
+    machinery.catch_stop_signals(lambda *_: None)
     assert set(installed) == {signal.SIGTERM, signal.SIGINT, signal.SIGUSR1}
 
 
@@ -327,7 +327,7 @@ def bad_input_cases():
         "networks that cannot be allocated": (["--hidden-dim", "10000000000"], "the networks do not fit in memory"),
         "replay larger than the memory": (
             ["--buffer-size", "100000000", "--total-timesteps", "200000000"],
-            "the replay's 100000000 transitions take 2139.2 GB",
+            "the replay's 100000000 transitions take 2147.3 GB",
         ),
     }
 
@@ -486,10 +486,24 @@ def test_a_non_finite_policy_stops_the_run_and_keeps_the_last_checkpoint(tmp_pat
     assert checkpoint["global_step"] == 40, "the frame-80 checkpoint, from before the first update, is kept"
 
 
-def test_a_non_finite_loss_or_weight_stops_the_run(tmp_path):
-    metrics = {"losses/critic_loss": torch.tensor(1.0), "losses/actor_loss": torch.tensor(float("inf"))}
-    with pytest.raises(machinery.RunError, match=r"non-finite losses/actor_loss \(inf\) at frame 120; stopping .* 80"):
-        machinery.read_metrics(metrics, 120, 80)
+def test_a_non_finite_loss_or_weight_stops_the_run(tmp_path, monkeypatch):
+    """A loss that turns infinite in the updates from frame 80 stops the run at that episode's end (frame 120),
+    before its checkpoint; a non-finite weight is refused by the checkpoint itself."""
+    update = machinery.Agent.update
+
+    def infinite_actor_loss(self, batch, step):
+        return {**update(self, batch, step), "losses/actor_loss": torch.tensor(float("inf"))}
+
+    monkeypatch.setattr(machinery.Agent, "update", infinite_actor_loss)
+    expected = (
+        r"non-finite losses/actor_loss \(inf\) at frame 120; stopping .*the last checkpoint, at frame 80, is kept"
+    )
+    with pytest.raises(machinery.RunError, match=expected):
+        run_in_process("drqv2_continuous_action", [*TINY_RUN, "--checkpoint-every", "40"], tmp_path)
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    assert load(f"{run_dir}/checkpoint.pt")["global_step"] == 40
+    monkeypatch.undo()
+    (tmp_path / "empty").mkdir()
     import tyro
 
     args = machinery.resolve_args(tyro.cli(machinery.Args, args=TINY_RUN))
@@ -498,13 +512,13 @@ def test_a_non_finite_loss_or_weight_stops_the_run(tmp_path):
     with torch.no_grad():
         agent.actor.policy[0].weight[0, 0] = float("nan")
     with pytest.raises(machinery.RunError, match="non-finite parameters in the actor at frame 40; stopping"):
-        machinery.write_checkpoint(str(tmp_path), args, 20, agent, None, [env], 1.0, 0)
-    assert not os.listdir(tmp_path)
+        machinery.write_checkpoint(str(tmp_path / "empty"), args, 20, agent, None, [env], 1.0, 0)
+    assert not os.listdir(tmp_path / "empty")
 
 
 def test_full_disk_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / "checkpoint.pt")
-    machinery.save_checkpoint(path, {"weights": torch.ones(3), "step": 1})
+    machinery.save_checkpoint(path, {"args": {}, "weights": torch.ones(3), "step": 1})
 
     def no_space(*_, **__):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -520,7 +534,7 @@ def test_full_disk_inside_torch_save_keeps_the_previous_checkpoint_and_removes_t
 ):
     """torch's zip writer fails with a RuntimeError, not an OSError, when the disk fills during the write."""
     path = str(tmp_path / "checkpoint.pt")
-    machinery.save_checkpoint(path, {"weights": torch.ones(3), "step": 1})
+    machinery.save_checkpoint(path, {"args": {}, "weights": torch.ones(3), "step": 1})
 
     def fills_the_disk(payload, f):
         f.write(b"x" * 1000)
@@ -539,7 +553,7 @@ def test_updates_wait_for_a_complete_episode(tmp_path):
     output = run_in_process(
         "taco_continuous_action", [*TINY_RUN, "--learning-starts", "20", "--buffer-size", "25"], tmp_path
     )
-    assert "frame 20: updates wait for a complete episode to sample" in output
+    assert "frame 40: updates due from frame 20 wait for a complete episode to sample" in output
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
     first_logged = next(step for step, _ in read_scalars(run_dir)["losses/taco_loss"])
     assert first_logged == 80, "updates start with the second episode; losses are logged at its end"
@@ -686,3 +700,55 @@ def test_a_budget_cut_mid_episode_logs_the_last_losses_and_counts_whole_agent_st
     assert (CUDA_WARNING in output.splitlines()) == (not torch.cuda.is_available()), "--cuda, the default"
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
     assert [step for step, _ in read_scalars(run_dir)["losses/critic_loss"]] == [100]
+
+
+def test_every_tensor_parameter_network_and_optimizer_of_the_agent_is_checkpointed(script, tmp_path):
+    """An ablation's new state needs no checkpoint code: a plain tensor, an nn.Parameter with its own optimizer, and
+    a network added to an Agent are written and come back on resume; networks held in a plain list are refused (a
+    checkpoint would miss them), and a checkpoint of an agent without the new parts is refused, naming them."""
+    import tyro
+
+    args = script.resolve_args(tyro.cli(script.Args, args=TINY_RUN))
+    env = script.DMCPixelEnv("cartpole_balance", seed=1, max_episode_frames=40)
+
+    def edited_agent(seed):
+        torch.manual_seed(seed)
+        agent = script.Agent(env.observation_shape, env.action_dim, args, torch.device("cpu"))
+        agent.running_mean = torch.randn(3)
+        agent.log_alpha = torch.nn.Parameter(torch.randn(()))
+        agent.alpha_opt = torch.optim.Adam([agent.log_alpha], lr=0.1)
+        agent.head = torch.nn.Linear(2, 2)
+        return agent
+
+    saved = edited_agent(seed=0)
+    saved.log_alpha.grad = torch.ones(())
+    saved.alpha_opt.step()  # an optimizer state to carry
+    script.write_checkpoint(str(tmp_path), args, 20, saved, None, [env], 1.0, 0)
+    resumed = edited_agent(seed=1)
+    script.restore(load(tmp_path / "checkpoint.pt"), resumed, None, [env])
+    assert torch.equal(resumed.running_mean, saved.running_mean)
+    assert resumed.log_alpha.item() == saved.log_alpha.item() and isinstance(resumed.log_alpha, torch.nn.Parameter)
+    assert torch.equal(resumed.head.weight, saved.head.weight)
+    assert torch.equal(
+        resumed.alpha_opt.state_dict()["state"][0]["exp_avg"], saved.alpha_opt.state[saved.log_alpha]["exp_avg"]
+    )
+    assert resumed.alpha_opt.param_groups[0]["params"][0] is resumed.log_alpha, "restored in place"
+
+    plain = script.Agent(env.observation_shape, env.action_dim, args, torch.device("cpu"))
+    with pytest.raises(script.RunError, match="the checkpoint is of another agent: .*alpha_opt, head"):
+        script.restore(load(tmp_path / "checkpoint.pt"), plain, None, [env])
+    plain.heads = [torch.nn.Linear(2, 2)]
+    with pytest.raises(TypeError, match="Agent.heads: hold networks and tensors in nn.ModuleList"):
+        plain.state_dict()
+
+
+def test_resume_takes_the_runs_settings_from_its_checkpoint(tmp_path):
+    """`--resume DIR` alone continues a run started with other flags: its settings come from the checkpoint, and
+    the flags given may change the budget (a setting that changes what is computed is refused: see above)."""
+    run_in_process("drqv2_continuous_action", [*TINY_RUN, "--total-timesteps", "80", "--seed", "3"], tmp_path)
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    output = run_in_process("drqv2_continuous_action", ["--resume", run_dir, "--total-timesteps", "160"], tmp_path)
+    assert f"resuming {os.path.basename(run_dir)} on " in output and "frame 80 of 160" in output, output
+    assert re.search(r"^done: 80 frames in ", output, re.MULTILINE), output
+    saved = load(f"{run_dir}/checkpoint.pt")["args"]
+    assert (saved["seed"], saved["hidden_dim"], saved["batch_size"], saved["total_timesteps"]) == (3, 32, 8, 160)

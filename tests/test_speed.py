@@ -3,7 +3,6 @@ convolutions, out-of-place ReLUs, augmentation by padding and cropping float ima
 
 import copy
 
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -113,7 +112,7 @@ def test_bf16_update_matches_the_fp32_update_after_each_optimizer_step(script):
     fp32 = with_sgd(script.Agent((9, 84, 84), 6, args, torch.device("cpu")), lr=0.01)
     bf16 = copy.deepcopy(fp32)
     bf16.args = script.dataclasses.replace(args, amp="bf16")
-    initial = copy.deepcopy(fp32.state_dict(optimizers=False))
+    initial = copy.deepcopy(fp32.state_dict())
     batch = tiny_batch(script, batch_size=16, action_dim=6)
     torch.manual_seed(1)
     expected = fp32.update(batch, step=3000)
@@ -129,39 +128,6 @@ def test_bf16_update_matches_the_fp32_update_after_each_optimizer_step(script):
             a = torch.cat([p.detach().flatten() for p in network.parameters()]) - before
             b = torch.cat([p.detach().flatten() for p in getattr(bf16, name).parameters()]) - before
             assert a.norm() > 0 and (a - b).norm() <= BF16_STEP_TOLERANCE * a.norm(), f"{name}: its change"
-
-
-def test_taco_anchor_from_critic_uses_the_critic_encoding():
-    from conftest import load_script
-
-    taco = load_script("taco_continuous_action")
-    args = taco.resolve_args(taco.Args(env_id="cheetah_run", hidden_dim=64, batch_size=16))
-    args = taco.dataclasses.replace(args, learning_rate=0.0, taco_anchor_from_critic=True)
-    torch.manual_seed(0)
-    agent = taco.Agent((9, 84, 84), 6, args, torch.device("cpu"))
-    batch = tiny_batch(taco, batch_size=16, action_dim=6)
-    torch.manual_seed(1)
-    metrics = agent.update(batch, step=3000)
-    torch.manual_seed(1)  # the draws: the critic's augmentations of o_t and o_t+n, then the TACO step's
-    anchor = agent.encoder(taco.random_shift(batch["obs"]))
-    taco.random_shift(batch["next_obs"])
-    modules = (agent.encoder, agent.action_encoder, agent.taco_head)
-    inputs = (batch["obs"], batch["action_seq"], batch["future_obs"], batch["reward"])
-    expected, accuracy = taco.taco_losses(*modules, *inputs, anchor=anchor)
-    for tag, loss in expected.items():
-        torch.testing.assert_close(metrics[tag], loss.detach(), rtol=1e-5, atol=1e-6, msg=tag)
-    assert metrics["charts/taco_accuracy"] == accuracy
-
-
-def test_compile_with_the_taco_anchor_from_the_critic_is_refused():
-    """Compiled, with the anchor's graph kept for the critic (retain_graph), the critic loss's gradients into the
-    encoder came out wrong (its convolutions' first moments 60-99% off the eager update's, measured 2026-12-03 with
-    this test's settings); until that is understood the two flags are not run together."""
-    from conftest import load_script
-
-    taco = load_script("taco_continuous_action")
-    with pytest.raises(taco.RunError, match="--compile with --taco-anchor-from-critic gives the encoder wrong"):
-        taco.resolve_args(taco.Args(env_id="cheetah_run", compile=True, taco_anchor_from_critic=True))
 
 
 def test_cudagraphs_needs_cuda(tmp_path):
