@@ -301,6 +301,111 @@ def test_unknown_tasks_are_refused_before_anything_runs(tmp_path):
         assert not out.exists() and result.stdout == ""
 
 
+def fake_python(path, run_body):
+    """A PYTHON for benchmark.sh that runs `run_body` (bash) in place of an agent script and Python otherwise."""
+    path.write_text(
+        f'#!/bin/bash\nif [[ "$1" == *_continuous_action.py ]]; then\n{run_body}\nfi\nexec {sys.executable} "$@"\n'
+    )
+    path.chmod(0o755)
+    return str(path)
+
+
+def one_line_refusal(result, expected):
+    assert result.returncode == 2 and result.stdout == "", result.stdout + result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("benchmark.sh: "), result.stderr
+    assert expected in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    "option,message",
+    [
+        (["--scripts", "plot.py"], "no agent script 'plot.py': --scripts takes taco_continuous_action.py and "),
+        (["--frames", "0"], "--frames must be a positive whole number or 'preset', got '0'"),
+        (["--frames", "-5"], "--frames must be a positive whole number or 'preset', got '-5'"),
+        (["--frames", "1e6"], "--frames must be a positive whole number or 'preset', got '1e6'"),
+        (["--num-seeds", "2", "--", "--seed", "5"], "the arguments after -- set --seed, but the sweep sets each run's"),
+        (["--", "--seed=5"], "the arguments after -- set --seed, but the sweep sets each run's seed: use --first-seed"),
+        (["--", "--env_id", "cheetah_run"], "the arguments after -- set --env_id, but the sweep sets each run's task"),
+        (["--", "--track", "--resume", "runs/x"], "the arguments after -- set --resume, but the sweep gives every run"),
+        (["--frames", "5000", "--", "--total-timesteps", "6000"], "--frames and --total-timesteps after -- both set"),
+        (["--frames", "preset", "--", "--total_timesteps=6"], "--frames and --total_timesteps after -- both set the"),
+    ],
+)
+def test_a_sweep_refuses_what_it_cannot_run_as_asked_in_one_line(tmp_path, option, message):
+    for mode in [[], ["--slurm"]]:
+        result = run_benchmark(["--dry-run", *mode, "--env-ids", "cartpole_balance", *option], tmp_path)
+        one_line_refusal(result, message)
+
+
+@pytest.mark.parametrize(
+    "option,message",
+    [
+        (["--partition", "debug\ntouch x"], "--partition holds a newline or a control character: $'debug\\ntouch x'"),
+        (["--partition", "gpu; rm"], "--partition must be a partition name (letters, digits, '_', '-', '.'; commas"),
+        (["--time", "10:00\n#SBATCH --x"], "--time holds a newline or a control character: $'10:00\\n#SBATCH --x'"),
+        (
+            ["--time", "2 days"],
+            "--time must be minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (Slurm's formats)",
+        ),
+        (["--time", "1:00:00:00"], "--time must be minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"),
+        (["--mem", "32G\ntouch x"], "--mem holds a newline or a control character: $'32G\\ntouch x'"),
+        (["--mem", "32GB"], "--mem must be a whole number with an optional K, M, G or T suffix (Slurm's format"),
+        (["--cpus", "0"], "--cpus must be at least 1, got 0"),
+        (["--gpus", "1\ntouch x"], "--gpus must be a whole number, got $'1\\ntouch x'"),
+        (["--max-concurrent", "0"], "--max-concurrent must be at least 1, got 0"),
+    ],
+)
+def test_slurm_options_that_reach_the_job_script_are_checked_before_anything_is_written(tmp_path, option, message):
+    """A newline in --partition made the rest of it a command of the job script, and Slurm ignores the #SBATCH lines
+    after a command."""
+    out = tmp_path / "sweep"
+    for dry_run in [["--dry-run"], []]:
+        sweep = ["--slurm", *dry_run, "--no-disk-check", "--env-ids", "cartpole_balance", "--num-seeds", "1"]
+        result = run_benchmark([*sweep, *option, "--out", str(out)], tmp_path, timeout=120)
+        one_line_refusal(result, message)
+        assert not out.exists(), "nothing written"
+
+
+def test_slurm_time_and_memory_in_each_of_slurms_formats_are_taken(tmp_path):
+    sweep = ["--slurm", "--dry-run", "--no-disk-check", "--env-ids", "cartpole_balance", "--num-seeds", "1"]
+    for time_limit, mem, partition in [("30", "1024", "gpu,debug"), ("2-00:30", "2g", "a.b_c-1"), ("1-12", "500M", "")]:
+        options = ["--time", time_limit, "--mem", mem] + (["--partition", partition] if partition else [])
+        result = run_benchmark([*sweep, *options], tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert f"#SBATCH --time={time_limit}\n" in result.stdout and f"#SBATCH --mem={mem}\n" in result.stdout
+        assert ("#SBATCH --partition=" in result.stdout) == bool(partition)
+
+
+def test_slurm_job_script_keeps_arguments_with_newlines_and_quotes_as_words(tmp_path):
+    """The job script, run here as Slurm would run an element, passes each argument after -- as one word: a newline,
+    a quote or $(...) inside one runs nothing."""
+    marker = tmp_path / "ran"
+    tricky = ["--exp-name", f"x\ntouch {marker}", "--notes", f"$(touch {marker})", "--a", f"'; touch {marker}; '"]
+    tricky += ["--b", f'"\n touch {marker} #', "--c", f"`touch {marker}`"]
+    record = tmp_path / "record"
+    record.mkdir()
+    recorder = fake_python(tmp_path / "python", 'printf "%s\\0" "$@" > "$RECORD_DIR/$SLURM_ARRAY_TASK_ID"; exit 0')
+    env = {"PYTHON": recorder, "RECORD_DIR": str(record)}
+    out = tmp_path / "sweep"
+    sweep = ["--slurm", "--dry-run", "--no-disk-check", "--scripts", "drqv2_continuous_action.py"]
+    sweep += ["--env-ids", "cartpole_balance", "--num-seeds", "1", "--out", str(out)]
+    result = run_benchmark([*sweep, "--", *tricky], tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    out.mkdir()  # the job script starts in it
+    element = {**os.environ, **env, "SLURM_ARRAY_TASK_ID": "0", "SLURM_CPUS_PER_TASK": "1"}
+    job_script = tmp_path / "element.sh"
+    job_script.write_text(result.stdout)
+    ran = subprocess.run(
+        ["bash", str(job_script)], env=element, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert "finished with exit code 0" in ran.stdout, ran.stdout + ran.stderr
+    assert not marker.exists(), "an argument ran a command"
+    words = (record / "0").read_text().split("\0")[:-1]
+    script = str(ROOT / "drqv2_continuous_action.py")
+    expected = [script, "--env-id", "cartpole_balance", "--seed", "1", "--resume", "auto", "--total-timesteps"]
+    assert words == [*expected, "1000000", *tricky]
+
+
 def test_bad_benchmark_options_fail_fast(tmp_path):
     result = run_benchmark(["--workers", "two"], tmp_path)
     assert result.returncode == 2 and "--workers must be a whole number, got 'two'" in result.stderr
