@@ -64,6 +64,8 @@ Slurm mode:
   --dry-run              print what would run (local mode: each run's command; Slurm mode: the job script) and
                          start, submit and write nothing
 
+One sweep at a time per --out folder: DIR/sweep.lock names the one running.
+
 Examples:
   ./benchmark.sh --env-ids "cartpole_swingup cheetah_run" --num-seeds 3 --workers 2 -- --total-timesteps 100000
   ./benchmark.sh --slurm --partition gpu --time 24:00:00 -- --total-timesteps 1000000 --track
@@ -73,6 +75,9 @@ EOF
 die() { echo "benchmark.sh: $*" >&2; exit 2; }
 shown() {  # a value in a message, on one line: 'value', or quoted for bash if it holds a newline or control character
   if [[ $1 == *[[:cntrl:]]* ]]; then printf '%q' "$1"; else printf "'%s'" "$1"; fi
+}
+refuse_if_locked() {  # $1: a descriptor open on DIR/sweep.lock; a sweep running on DIR holds a lock on that file
+  flock -n "$1" || die "another sweep is running on --out $OUT ($(cat "$OUT/sweep.lock")): one sweep per --out folder"
 }
 quote_words() { [ $# = 0 ] || printf '%q ' "$@"; }  # each word quoted for bash; nothing for no words
 
@@ -149,6 +154,11 @@ for list in "--scripts:$SCRIPTS" "--env-ids:$ENV_IDS"; do
   repeated=$(tr -s ' ' '\n' <<< "${list#*:}" | sed '/^$/d' | sort | uniq -d | paste -sd ' ')
   [ -z "$repeated" ] || die "${list%%:*} names $repeated more than once"
 done
+# A sweep running on --out already (its lock is taken below, once the folder may be written).
+if [ "$DRY_RUN" = 0 ] && [ -f "$OUT/sweep.lock" ] && exec {probe}< "$OUT/sweep.lock"; then
+  refuse_if_locked "$probe"
+  exec {probe}<&-
+fi
 last_seed=$((10#$FIRST_SEED + NUM_SEEDS - 1))
 [ ${#FIRST_SEED} -le 10 ] && [ "$last_seed" -lt 4294967296 ] || die "seeds must be below 2**32 (numpy's seeds): --first-seed $FIRST_SEED with --num-seeds $NUM_SEEDS"
 # What every run gets after its task and seed: the budget, then the arguments after --, which may override it.
@@ -238,6 +248,14 @@ for script in $SCRIPTS; do
 done
 [ "$DRY_RUN" = 1 ] || mkdir -p "$OUT/logs" || die "cannot create --out $OUT"
 OUT=$(realpath -m "$OUT")
+# One sweep at a time on an --out folder: an flock on DIR/sweep.lock, which names its holder. This script alone holds
+# it (its runs and the plotting step get it closed), so it is released when this script ends, however it ends, even
+# if runs it started go on.
+if [ "$DRY_RUN" = 0 ]; then
+  exec {LOCK_FD}>> "$OUT/sweep.lock" || die "cannot write $OUT/sweep.lock"
+  refuse_if_locked "$LOCK_FD"
+  echo "benchmark.sh, process $$ on $HOSTNAME since $(date '+%Y-%m-%d %H:%M:%S')" > "$OUT/sweep.lock"
+fi
 PLOT_COMMAND=$(printf '%q ' "$PYTHON" "$ROOT/plot.py" --runs-dir "$OUT/runs" --out "$OUT/plots")
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -318,12 +336,13 @@ FAILED=()
 finished=0
 
 stop_children() {
+  trap '' PIPE  # a reader of the output gone with the terminal must not end this script before its runs are stopped
   echo "benchmark.sh: interrupted; stopping ${#NAME_OF_PID[@]} running runs" >&2
   for pid in "${!NAME_OF_PID[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null; done
   wait
   exit 130
 }
-trap stop_children INT TERM
+trap stop_children INT TERM HUP  # HUP: the terminal closed; the runs, in sessions of their own, do not get it
 
 reap_one() {  # waits for the next run to end and reports it
   local pid status
@@ -361,7 +380,7 @@ for run in "${RUNS[@]}"; do
   # --resume auto: a run interrupted before continues from its checkpoint, a finished one says "nothing to do".
   # setsid: each run leads its own process group, so Ctrl-C here stops it with all its children.
   (cd "$OUT" && OMP_NUM_THREADS=$threads exec setsid --wait "$PYTHON" "$ROOT/$script" --env-id "$task" --seed "$seed" \
-    --resume auto "${RUN_ARGS[@]}" >> "$OUT/logs/$name.log" 2>&1) &
+    --resume auto "${RUN_ARGS[@]}" >> "$OUT/logs/$name.log" 2>&1 {LOCK_FD}>&-) &
   NAME_OF_PID[$!]=$name
   LOG_START[$!]=$((log_size + 1))
   echo "[$(date +%T)] start   $name"
@@ -370,7 +389,7 @@ while [ "${#NAME_OF_PID[@]}" -gt 0 ]; do reap_one; done
 
 plot_status=0
 if [ "$PLOT" = 1 ]; then
-  "$PYTHON" "$ROOT/plot.py" --runs-dir "$OUT/runs" --out "$OUT/plots" > "$OUT/logs/plot.log" 2>&1
+  "$PYTHON" "$ROOT/plot.py" --runs-dir "$OUT/runs" --out "$OUT/plots" > "$OUT/logs/plot.log" 2>&1 {LOCK_FD}>&-
   plot_status=$?
   if [ "$plot_status" = 0 ]; then
     echo "plots: $OUT/plots/tasks.png, aggregate.png, results.md"

@@ -253,7 +253,9 @@ def test_a_sweep_that_does_not_fit_on_the_disk_is_refused_unless_told(tmp_path):
     assert light.returncode == 0 and "2 checkpoints of up to 0.1" in light.stderr, light.stderr
 
 
-def test_a_local_sweep_run_again_continues_interrupted_runs_and_skips_finished_ones(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP], ids=["SIGINT", "SIGHUP"])
+def test_a_local_sweep_run_again_continues_interrupted_runs_and_skips_finished_ones(tmp_path, signum):
+    """Ctrl-C (SIGINT) or a closed terminal (SIGHUP): every run checkpoints and stops; the same command continues."""
     out = tmp_path / "sweep"
     sweep = ["--scripts", "drqv2_continuous_action.py", "--env-ids", "cartpole_balance", "--num-seeds", "1"]
     command = [*sweep, "--no-plot", "--out", str(out), "--", *TINY_RUN[2:], "--total-timesteps", "160"]
@@ -272,11 +274,12 @@ def test_a_local_sweep_run_again_continues_interrupted_runs_and_skips_finished_o
     while not list((out / "runs").glob("*/checkpoint.pt")):
         assert process.poll() is None and time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.2)
-    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: SIGINT to the foreground group; every run checkpoints and stops
+    os.killpg(process.pid, signum)  # as a terminal signals its foreground group; the runs are in sessions of their own
     assert process.wait(timeout=300) == 130, process.stdout.read()
     (run_dir,) = list((out / "runs").iterdir())
-    with open(run_dir / "run.lock") as lock:  # no process holds the run any more
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    for lock_file in [run_dir / "run.lock", out / "sweep.lock"]:  # no process holds the run or the sweep any more
+        with open(lock_file) as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     assert 160 not in [step for step, _ in read_scalars(run_dir).get("eval/episodic_return", [])], "stopped early"
 
     again = run_benchmark(command, tmp_path)
@@ -314,6 +317,52 @@ def one_line_refusal(result, expected):
     assert result.returncode == 2 and result.stdout == "", result.stdout + result.stderr
     assert result.stderr.count("\n") == 1 and result.stderr.startswith("benchmark.sh: "), result.stderr
     assert expected in result.stderr, result.stderr
+
+
+def test_a_second_sweep_on_the_same_out_is_refused_and_the_lock_ends_with_the_harness(tmp_path):
+    """The first sweep's runs (fakes that wait for a file) hold no copy of its lock: killed, the harness leaves its
+    runs going but not the lock; a sweep that ends releases it too."""
+    record = tmp_path / "record"
+    record.mkdir()
+    run_body = 'echo $$ >> "$RECORD_DIR/pids"\nwhile [ ! -e "$RECORD_DIR/go" ]; do sleep 0.1; done\nexit 0'
+    env = {"PYTHON": fake_python(tmp_path / "python", run_body), "RECORD_DIR": str(record)}
+    out = tmp_path / "sweep"
+    command = ["--scripts", "drqv2_continuous_action.py", "--env-ids", "cartpole_balance", "--num-seeds", "1"]
+    command += ["--no-plot", "--no-disk-check", "--out", str(out)]
+    first = subprocess.Popen(
+        ["bash", str(ROOT / "benchmark.sh"), *command],
+        cwd=tmp_path,
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while not (record / "pids").exists():
+            assert first.poll() is None and time.time() < deadline, "the first sweep started no run"
+            time.sleep(0.2)
+        (run_pid,) = map(int, (record / "pids").read_text().split())
+        second = run_benchmark(command, tmp_path, env=env, timeout=60)
+        one_line_refusal(second, f"another sweep is running on --out {out} (benchmark.sh, process {first.pid} on ")
+        assert "one sweep per --out folder" in second.stderr
+        assert (record / "pids").read_text().split() == [str(run_pid)], "the second sweep started nothing"
+        held = [os.readlink(fd) for fd in Path(f"/proc/{run_pid}/fd").iterdir()]
+        assert str(out / "sweep.lock") not in held, "a run holds the sweep's lock"
+
+        first.send_signal(signal.SIGKILL)  # the harness dies without a word; its run goes on
+        first.wait(timeout=60)
+        assert Path(f"/proc/{run_pid}").exists()
+        with open(out / "sweep.lock") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: a new sweep may start
+    finally:
+        (record / "go").touch()  # every fake run ends
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    for _ in range(2):  # a sweep that ends releases the lock: the same command again is not refused
+        result = run_benchmark(command, tmp_path, env=env, timeout=300)
+        assert result.returncode == 0 and "all 1 runs finished" in result.stdout, result.stdout + result.stderr
 
 
 @pytest.mark.parametrize(
