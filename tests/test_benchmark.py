@@ -138,6 +138,7 @@ def test_plot_of_another_tag_and_of_nothing(synthetic_runs, tmp_path):
     args.budgets = [100_000]
     plot.main(args)
     assert "| cheetah_run | c | – (none of 1 reached it)" in (tmp_path / "p" / "results.md").read_text()
+    (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no run under"):
         plot.main(plot.Args(runs_dir=str(tmp_path / "empty"), out=str(tmp_path / "q")))
 
@@ -472,6 +473,7 @@ def test_bad_benchmark_options_fail_fast(tmp_path):
         (["--reference", "no/such/folder"], "--reference no/such/folder: no such folder"),
         (["--bootstrap-reps", "0"], "--bootstrap-reps must be at least 1, got 0"),
         (["--score-scale", "0"], "--score-scale must be positive, got 0.0"),
+        (["--runs-dir", "no/such/runs"], "--runs-dir no/such/runs: no such folder"),
     ],
 )
 def test_bad_plot_options_are_one_line_before_reading(synthetic_runs, tmp_path, option, message):
@@ -481,6 +483,24 @@ def test_bad_plot_options_are_one_line_before_reading(synthetic_runs, tmp_path, 
     with pytest.raises(SystemExit, match=re.escape(f"plot.py: {message}")):
         plot.main(args)
     assert not (tmp_path / "plots").exists()
+
+
+@pytest.mark.parametrize("case", ["a file", "under a file", "read-only"])
+def test_plot_out_that_cannot_be_written_is_one_line_before_reading(synthetic_runs, tmp_path, monkeypatch, case):
+    """Tests run as root, whom permission bits do not stop: a read-only folder is one os.access says so of (as it does
+    for root on a read-only file system)."""
+    (tmp_path / "file").write_text("")
+    out, message = {
+        "a file": (tmp_path / "file", "it is a file, not a folder"),
+        "under a file": (tmp_path / "file" / "plots", f"{tmp_path / 'file'} is a file, not a folder"),
+        "read-only": (tmp_path / "read-only" / "plots", f"{tmp_path / 'read-only'} is not writable"),
+    }[case]
+    (tmp_path / "read-only").mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: "read-only" not in str(path) and access(path, mode))
+    monkeypatch.setattr(plot, "find_runs", lambda *_: pytest.fail("the runs were read first"))
+    with pytest.raises(SystemExit, match=re.escape(f"plot.py: --out {out} cannot be written: {message}")):
+        plot.main(plot.Args(runs_dir=str(synthetic_runs), out=str(out)))
 
 
 def test_slurm_dry_run_prints_a_readable_array_job(tmp_path):
