@@ -2,8 +2,11 @@
 
 import glob
 import json
+import struct
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -69,7 +72,22 @@ class Unsafe:
     """A Python object in a file: weights-only loading refuses it (unpickling it could run any code)."""
 
 
+def flip_bits(source, target):
+    """A copy of a file torch.save wrote with bits flipped in the middle of its largest tensor: torch.load reads it
+    without a word; its record's CRC no longer matches."""
+    with zipfile.ZipFile(source) as archive:
+        record = max(archive.infolist(), key=lambda r: r.file_size)
+    data = bytearray(Path(source).read_bytes())
+    name_length, extra_length = struct.unpack("<HH", data[record.header_offset + 26 : record.header_offset + 30])
+    middle = record.header_offset + 30 + name_length + extra_length + record.file_size // 2
+    for i in range(0, 64, 8):
+        data[middle + i] ^= 0x10
+    Path(target).write_bytes(data)
+    return record.filename
+
+
 PROBLEMS = ["garbage", "not_a_model", "missing", "other_actions", "unknown_task", "objects", "frames", "seed"]
+PROBLEMS += ["damaged_model", "damaged_checkpoint", "folder", "wrong_types", "args_missing", "other_frame_stack"]
 
 
 @pytest.mark.parametrize("problem", PROBLEMS)
@@ -90,6 +108,24 @@ def test_bad_input_gets_one_line(saved_model, tmp_path, problem):
     elif problem == "not_a_model":
         torch.save({"encoder": {}}, path)
         expected = "is not a model saved by --save-model (missing action_dim, actor, args, obs_shape)"
+    elif problem in ["damaged_model", "damaged_checkpoint"]:
+        source = saved_model if problem == "damaged_model" else Path(saved_model).parent / "checkpoint.pt"
+        record = flip_bits(source, path)
+        expected = f"{path} is corrupt: its record {record} does not match its CRC"
+    elif problem == "folder":
+        path, expected = Path(saved_model).parent, "is a folder, not a model file: pass the .cleanrl_model or"
+    elif problem == "wrong_types":
+        torch.save({"encoder": 1, "actor": "x", "args": {}, "obs_shape": 3, "action_dim": "a"}, path)
+        expected = "is not a model saved by --save-model (encoder is not a dict of tensors)"
+    elif problem in ["args_missing", "other_frame_stack"]:
+        saved = torch.load(saved_model, weights_only=True)
+        if problem == "args_missing":
+            del saved["args"]["hidden_dim"]
+            expected = "is not a model saved by --save-model (args lacks hidden_dim)"
+        else:
+            saved["args"]["frame_stack"] = 1  # the weights take 3 stacked frames
+            expected = "the model takes observations of shape (9, 84, 84); cartpole_balance with frame_stack 1 gives"
+        torch.save(saved, path)
     elif problem == "missing":
         path, expected = tmp_path / "nothing.cleanrl_model", "no such file"
     elif problem == "other_actions":
