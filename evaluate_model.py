@@ -154,6 +154,19 @@ def load_policy(module, path: str, device):
     return Policy(encoder.eval(), actor.to(device).eval(), device), saved
 
 
+def unwritable(folder: str) -> str | None:
+    """Why `folder` cannot be written or made, or None. os.access lets root write whatever the permission bits say,
+    but not on a read-only file system."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
 agent_script = load_agent_script()  # sets MUJOCO_GL=egl unless it is set
 RunError = agent_script.RunError
 first_line = agent_script.first_line
@@ -189,7 +202,18 @@ def main(args: Args):
     name = f"eval_{env_id}_seed{args.seed}"
     video_path = os.path.join(folder, f"{name}.mp4") if args.capture_video else None
     output = args.output or os.path.join(folder, f"{name}.json")
-    module.make_folder(os.path.dirname(os.path.abspath(output)))  # before the evaluation, not after it
+    # what will be written, checked before the evaluation, not after it
+    if os.path.isdir(output):
+        named = f"--output {output} is a folder: name a file"
+        raise RunError(named if args.output else f"{output} is a folder: name another file with --output")
+    for path in [p for p in [output, video_path] if p]:
+        problem = unwritable(os.path.dirname(os.path.abspath(path)))
+        if not problem and os.path.exists(path) and not os.access(path, os.W_OK):
+            problem = f"{path} is not writable"
+        if problem:
+            where = " (--output writes the results elsewhere)" if path == output and not args.output else ""
+            raise RunError(f"cannot write {path}: {problem}{where}")
+    module.make_folder(os.path.dirname(os.path.abspath(output)))
     print(f"evaluating {args.model_path} ({trained['exp_name']}, trained on {trained['env_id']}) on {env_id}: ", end="")
     print(f"{args.num_episodes} episode{'s' if args.num_episodes > 1 else ''}, seed {args.seed}", flush=True)
     returns = [float(r) for r in module.evaluate(policy, env, args.num_episodes, video_path)]
