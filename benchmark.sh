@@ -11,6 +11,7 @@ ENV_IDS="quadruped_run hopper_hop walker_run quadruped_walk cheetah_run finger_t
 NUM_SEEDS=6
 FIRST_SEED=1
 FRAMES=1000000
+FRAMES_GIVEN=0
 DISK_CHECK=1
 OUT=benchmark
 WORKERS=1
@@ -44,7 +45,8 @@ Sweep:
                          DIR/plots (figures and table) (default: $OUT)
   --no-plot              skip the plotting step
   --no-disk-check        launch even if the disk the sweep needs at its peak (printed before launching) is not free
-  -- ARGS                passed to every run, e.g. -- --total-timesteps 1000000 --track
+  -- ARGS                passed to every run, e.g. -- --track; not --seed, --env-id or --resume, which the sweep
+                         sets for each run, and --total-timesteps only if --frames is left at its default
 
 Local mode (default):
   --workers N            runs at once (default: $WORKERS); each gets OMP_NUM_THREADS = cores / N
@@ -62,6 +64,8 @@ Slurm mode:
   --dry-run              print what would run (local mode: each run's command; Slurm mode: the job script) and
                          start, submit and write nothing
 
+One sweep at a time per --out folder: DIR/sweep.lock names the one running.
+
 Examples:
   ./benchmark.sh --env-ids "cartpole_swingup cheetah_run" --num-seeds 3 --workers 2 -- --total-timesteps 100000
   ./benchmark.sh --slurm --partition gpu --time 24:00:00 -- --total-timesteps 1000000 --track
@@ -69,6 +73,12 @@ EOF
 }
 
 die() { echo "benchmark.sh: $*" >&2; exit 2; }
+shown() {  # a value in a message, on one line: 'value', or quoted for bash if it holds a newline or control character
+  if [[ $1 == *[[:cntrl:]]* ]]; then printf '%q' "$1"; else printf "'%s'" "$1"; fi
+}
+refuse_if_locked() {  # $1: a descriptor open on DIR/sweep.lock; a sweep running on DIR holds a lock on that file
+  flock -n "$1" || die "another sweep is running on --out $OUT ($(cat "$OUT/sweep.lock")): one sweep per --out folder"
+}
 quote_words() { [ $# = 0 ] || printf '%q ' "$@"; }  # each word quoted for bash; nothing for no words
 
 while [ $# -gt 0 ]; do
@@ -78,7 +88,7 @@ while [ $# -gt 0 ]; do
     --env-ids) ENV_IDS=${2:?}; shift 2 ;;
     --num-seeds) NUM_SEEDS=${2:?}; shift 2 ;;
     --first-seed) FIRST_SEED=${2:?}; shift 2 ;;
-    --frames) FRAMES=${2:?}; shift 2 ;;
+    --frames) FRAMES=${2:?}; FRAMES_GIVEN=1; shift 2 ;;
     --no-disk-check) DISK_CHECK=0; shift ;;
     --out) OUT=${2:?}; shift 2 ;;
     --workers) WORKERS=${2:?}; shift 2 ;;
@@ -99,12 +109,44 @@ done
 declare -A FLAG_OF=([NUM_SEEDS]=--num-seeds [FIRST_SEED]=--first-seed [WORKERS]=--workers [CPUS_PER_RUN]=--cpus
   [GPUS_PER_RUN]=--gpus [MAX_CONCURRENT]=--max-concurrent)
 for n in "${!FLAG_OF[@]}"; do
-  [[ ${!n} =~ ^[0-9]+$ ]] || die "${FLAG_OF[$n]} must be a whole number, got '${!n}'"
+  [[ ${!n} =~ ^[0-9]+$ ]] || die "${FLAG_OF[$n]} must be a whole number, got $(shown "${!n}")"
 done
 [ "$WORKERS" -ge 1 ] && [ "$NUM_SEEDS" -ge 1 ] || die "--workers and --num-seeds must be at least 1"
-[[ $FRAMES =~ ^[0-9]+$|^preset$ ]] || die "--frames must be a whole number or 'preset', got '$FRAMES'"
+[[ $FRAMES =~ ^0*[1-9][0-9]*$|^preset$ ]] || die "--frames must be a positive whole number or 'preset', got $(shown "$FRAMES")"
 for script in $SCRIPTS; do
+  case "$script" in
+    taco_continuous_action.py | drqv2_continuous_action.py) ;;
+    *) die "no agent script $(shown "$script"): --scripts takes taco_continuous_action.py and drqv2_continuous_action.py" ;;
+  esac
   [ -f "$ROOT/$script" ] || die "no agent script '$script' in $ROOT"
+done
+# Slurm mode: every value that goes into the job script, in Slurm's formats. A newline in one would end its #SBATCH
+# line and make the rest a command of the job script (and Slurm ignores the #SBATCH lines after a command).
+if [ "$SLURM" = 1 ]; then
+  for option in "--partition:$PARTITION" "--time:$TIME_LIMIT" "--mem:$MEM_PER_RUN"; do
+    [[ ${option#*:} != *[[:cntrl:]]* ]] || die "${option%%:*} holds a newline or a control character: $(shown "${option#*:}")"
+  done
+  [[ $PARTITION =~ ^([A-Za-z0-9_.-]+(,[A-Za-z0-9_.-]+)*)?$ ]] ||
+    die "--partition must be a partition name (letters, digits, '_', '-', '.'; commas between several), got $(shown "$PARTITION")"
+  [[ $TIME_LIMIT =~ ^[0-9]+(:[0-9]+){0,2}$|^[0-9]+-[0-9]+(:[0-9]+){0,2}$ ]] ||
+    die "--time must be minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (Slurm's formats), got $(shown "$TIME_LIMIT")"
+  [[ $MEM_PER_RUN =~ ^[0-9]+[KMGTkmgt]?$ ]] ||
+    die "--mem must be a whole number with an optional K, M, G or T suffix (Slurm's format; M without one), got $(shown "$MEM_PER_RUN")"
+  for n in CPUS_PER_RUN MAX_CONCURRENT; do
+    [ "${!n}" -ge 1 ] || die "${FLAG_OF[$n]} must be at least 1, got ${!n}"
+  done
+fi
+# The sweep gives each run its task, seed and --resume auto, and its budget unless --frames is left at its default:
+# arguments after -- that set them would override them (the agent scripts take --env_id for --env-id too).
+for word in "${EXTRA_ARGS[@]}"; do
+  flag=${word%%=*}
+  case "${flag//_/-}" in
+    --seed) die "the arguments after -- set $flag, but the sweep sets each run's seed: use --first-seed and --num-seeds" ;;
+    --env-id) die "the arguments after -- set $flag, but the sweep sets each run's task: use --env-ids" ;;
+    --resume) die "the arguments after -- set $flag, but the sweep gives every run --resume auto (run it again to continue)" ;;
+    --total-timesteps)
+      [ "$FRAMES_GIVEN" = 0 ] || die "--frames and $flag after -- both set the budget: give one of them" ;;
+  esac
 done
 [ -n "$ENV_IDS" ] || die "--env-ids is empty"
 # One run directory and one log per (script, task, seed): a name listed twice would give two runs the same ones.
@@ -112,6 +154,11 @@ for list in "--scripts:$SCRIPTS" "--env-ids:$ENV_IDS"; do
   repeated=$(tr -s ' ' '\n' <<< "${list#*:}" | sed '/^$/d' | sort | uniq -d | paste -sd ' ')
   [ -z "$repeated" ] || die "${list%%:*} names $repeated more than once"
 done
+# A sweep running on --out already (its lock is taken below, once the folder may be written).
+if [ "$DRY_RUN" = 0 ] && [ -f "$OUT/sweep.lock" ] && exec {probe}< "$OUT/sweep.lock"; then
+  refuse_if_locked "$probe"
+  exec {probe}<&-
+fi
 last_seed=$((10#$FIRST_SEED + NUM_SEEDS - 1))
 [ ${#FIRST_SEED} -le 10 ] && [ "$last_seed" -lt 4294967296 ] || die "seeds must be below 2**32 (numpy's seeds): --first-seed $FIRST_SEED with --num-seeds $NUM_SEEDS"
 # What every run gets after its task and seed: the budget, then the arguments after --, which may override it.
@@ -201,6 +248,14 @@ for script in $SCRIPTS; do
 done
 [ "$DRY_RUN" = 1 ] || mkdir -p "$OUT/logs" || die "cannot create --out $OUT"
 OUT=$(realpath -m "$OUT")
+# One sweep at a time on an --out folder: an flock on DIR/sweep.lock, which names its holder. This script alone holds
+# it (its runs and the plotting step get it closed), so it is released when this script ends, however it ends, even
+# if runs it started go on.
+if [ "$DRY_RUN" = 0 ]; then
+  exec {LOCK_FD}>> "$OUT/sweep.lock" || die "cannot write $OUT/sweep.lock"
+  refuse_if_locked "$LOCK_FD"
+  echo "benchmark.sh, process $$ on $HOSTNAME since $(date '+%Y-%m-%d %H:%M:%S')" > "$OUT/sweep.lock"
+fi
 PLOT_COMMAND=$(printf '%q ' "$PYTHON" "$ROOT/plot.py" --runs-dir "$OUT/runs" --out "$OUT/plots")
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -281,12 +336,13 @@ FAILED=()
 finished=0
 
 stop_children() {
+  trap '' PIPE  # a reader of the output gone with the terminal must not end this script before its runs are stopped
   echo "benchmark.sh: interrupted; stopping ${#NAME_OF_PID[@]} running runs" >&2
   for pid in "${!NAME_OF_PID[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null; done
   wait
   exit 130
 }
-trap stop_children INT TERM
+trap stop_children INT TERM HUP  # HUP: the terminal closed; the runs, in sessions of their own, do not get it
 
 reap_one() {  # waits for the next run to end and reports it
   local pid status
@@ -324,7 +380,7 @@ for run in "${RUNS[@]}"; do
   # --resume auto: a run interrupted before continues from its checkpoint, a finished one says "nothing to do".
   # setsid: each run leads its own process group, so Ctrl-C here stops it with all its children.
   (cd "$OUT" && OMP_NUM_THREADS=$threads exec setsid --wait "$PYTHON" "$ROOT/$script" --env-id "$task" --seed "$seed" \
-    --resume auto "${RUN_ARGS[@]}" >> "$OUT/logs/$name.log" 2>&1) &
+    --resume auto "${RUN_ARGS[@]}" >> "$OUT/logs/$name.log" 2>&1 {LOCK_FD}>&-) &
   NAME_OF_PID[$!]=$name
   LOG_START[$!]=$((log_size + 1))
   echo "[$(date +%T)] start   $name"
@@ -333,7 +389,7 @@ while [ "${#NAME_OF_PID[@]}" -gt 0 ]; do reap_one; done
 
 plot_status=0
 if [ "$PLOT" = 1 ]; then
-  "$PYTHON" "$ROOT/plot.py" --runs-dir "$OUT/runs" --out "$OUT/plots" > "$OUT/logs/plot.log" 2>&1
+  "$PYTHON" "$ROOT/plot.py" --runs-dir "$OUT/runs" --out "$OUT/plots" > "$OUT/logs/plot.log" 2>&1 {LOCK_FD}>&-
   plot_status=$?
   if [ "$plot_status" = 0 ]; then
     echo "plots: $OUT/plots/tasks.png, aggregate.png, results.md"

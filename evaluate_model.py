@@ -11,6 +11,7 @@ import json
 import os
 import pickle
 import re
+import zipfile
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -20,6 +21,9 @@ import tyro
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SAVED_KEYS = {"encoder", "actor", "args", "obs_shape", "action_dim"}
+# the training settings read here, and their types
+TRAINED_ARGS = {"env_id": str, "exp_name": str, "seed": int}
+TRAINED_ARGS |= {"feature_dim": int, "hidden_dim": int, "action_repeat": int, "frame_stack": int}
 
 # a field whose docstring says its default: --help shows that one, not "None"
 DOCUMENTED_DEFAULT = tyro.conf.arg(help_behavior_hint="")
@@ -66,9 +70,11 @@ class Policy:
 
 def model_of_checkpoint(checkpoint: dict) -> dict:
     """What --save-model would have saved at the checkpoint's frame: the encoder and actor, with the run's settings."""
-    encoder = checkpoint["agent"].get("encoder", {})
-    actor = checkpoint["agent"].get("actor", {})
-    if "convnet.0.weight" not in encoder or "policy.4.weight" not in actor:
+    agent = checkpoint["agent"] if isinstance(checkpoint["agent"], dict) else {}
+    encoder, actor = agent.get("encoder", {}), agent.get("actor", {})
+    if not isinstance(encoder, dict) or not isinstance(actor, dict):
+        return {}
+    if not all(isinstance(w, torch.Tensor) for w in [encoder.get("convnet.0.weight"), actor.get("policy.4.weight")]):
         return {}
     image_size = 84  # the scripts' DMCPixelEnv renders 84x84 pixels
     obs_shape = [encoder["convnet.0.weight"].shape[1], image_size, image_size]
@@ -82,13 +88,41 @@ def model_of_checkpoint(checkpoint: dict) -> dict:
     }
 
 
+def malformed(saved: dict) -> str | None:
+    """What in a dict holding SAVED_KEYS is not of the kind --save-model writes, or None."""
+    for name in ["encoder", "actor"]:
+        if not isinstance(saved[name], dict) or not all(isinstance(v, torch.Tensor) for v in saved[name].values()):
+            return f"{name} is not a dict of tensors"
+    shape = saved["obs_shape"]
+    if not isinstance(shape, (list, tuple)) or len(shape) != 3 or not all(type(n) is int and n > 0 for n in shape):
+        return "obs_shape is not 3 positive whole numbers"
+    if type(saved["action_dim"]) is not int or saved["action_dim"] < 1:
+        return "action_dim is not a positive whole number"
+    trained = saved["args"]
+    if not isinstance(trained, dict):
+        return "args is not a dict"
+    missing = sorted(set(TRAINED_ARGS) - set(trained))
+    if missing:
+        return f"args lacks {', '.join(missing)}"
+    for name, kind in TRAINED_ARGS.items():
+        if type(trained[name]) is not kind or (kind is int and name != "seed" and trained[name] < 1):
+            return f"args' {name} is not a {'string' if kind is str else 'positive whole number'}"
+    return None
+
+
 def load_policy(module, path: str, device):
     """(policy, saved dict), or a RunError naming what is wrong with the file."""
+    if os.path.isdir(path):
+        raise RunError(f"{path} is a folder, not a model file: pass the .cleanrl_model or checkpoint.pt in it")
     if not os.path.isfile(path):
         raise RunError(f"{path}: no such file")
     try:
-        # weights only: loading runs no code; memory-mapped: a checkpoint's replay is not read
-        saved = torch.load(path, map_location=device, weights_only=True, mmap=True)
+        # every record of the zip file against its CRC first, as --resume checks a checkpoint: torch.load checks none
+        # and would load flipped bits as weights (this reads all of a checkpoint, its replay included)
+        with zipfile.ZipFile(path) as archive:
+            damaged = archive.testzip()
+        # weights only: loading runs no code; memory-mapped: a checkpoint's replay is not read again
+        saved = torch.load(path, map_location=device, weights_only=True, mmap=True) if damaged is None else None
     except pickle.UnpicklingError as error:  # torch refuses objects other than tensors and plain containers
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
         what = f" ({found.group(1)})" if found else ""
@@ -98,20 +132,39 @@ def load_policy(module, path: str, device):
         ) from error
     except Exception as error:  # a damaged or foreign file fails in many ways inside torch.load
         raise RunError(f"{path} is not a readable model file ({first_line(error)})") from error
+    if damaged is not None:
+        raise RunError(f"{path} is corrupt: its record {damaged} does not match its CRC")
     if isinstance(saved, dict) and {"agent", "args", "global_step"} <= set(saved):  # a checkpoint: its policy part
         saved = model_of_checkpoint(saved)
     if not isinstance(saved, dict) or not SAVED_KEYS <= set(saved):
         missing = sorted(SAVED_KEYS - set(saved)) if isinstance(saved, dict) else sorted(SAVED_KEYS)
         raise RunError(f"{path} is not a model saved by --save-model (missing {', '.join(missing)})")
+    problem = malformed(saved)
+    if problem:
+        raise RunError(f"{path} is not a model saved by --save-model ({problem})")
     trained = saved["args"]
-    encoder = module.Encoder(saved["obs_shape"]).to(device)
-    actor = module.Actor(encoder.repr_dim, saved["action_dim"], trained["feature_dim"], trained["hidden_dim"])
     try:
+        encoder = module.Encoder(saved["obs_shape"]).to(device)
+        actor = module.Actor(encoder.repr_dim, saved["action_dim"], trained["feature_dim"], trained["hidden_dim"])
         encoder.load_state_dict(saved["encoder"])
         actor.load_state_dict(saved["actor"])
-    except RuntimeError as error:
-        raise RunError(f"{path}: the weights do not fit the networks ({first_line(error)})") from error
+    except (RuntimeError, ValueError) as error:
+        detail = " ".join(str(error).split())[:300]  # torch's first line names no tensor
+        raise RunError(f"{path}: the weights do not fit the networks ({detail})") from error
     return Policy(encoder.eval(), actor.to(device).eval(), device), saved
+
+
+def unwritable(folder: str) -> str | None:
+    """Why `folder` cannot be written or made, or None. os.access lets root write whatever the permission bits say,
+    but not on a read-only file system."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
 
 
 agent_script = load_agent_script()  # sets MUJOCO_GL=egl unless it is set
@@ -140,11 +193,27 @@ def main(args: Args):
             f"{env_id} has {env.action_dim}-dimensional actions; the model was trained on {trained['env_id']}, "
             f"with {saved['action_dim']}"
         )
+    if tuple(env.observation_shape) != tuple(saved["obs_shape"]):
+        raise RunError(
+            f"the model takes observations of shape {tuple(saved['obs_shape'])}; {env_id} with frame_stack "
+            f"{trained['frame_stack']} gives {tuple(env.observation_shape)}"
+        )
     folder = os.path.dirname(os.path.abspath(args.model_path))
     name = f"eval_{env_id}_seed{args.seed}"
     video_path = os.path.join(folder, f"{name}.mp4") if args.capture_video else None
     output = args.output or os.path.join(folder, f"{name}.json")
-    module.make_folder(os.path.dirname(os.path.abspath(output)))  # before the evaluation, not after it
+    # what will be written, checked before the evaluation, not after it
+    if os.path.isdir(output):
+        named = f"--output {output} is a folder: name a file"
+        raise RunError(named if args.output else f"{output} is a folder: name another file with --output")
+    for path in [p for p in [output, video_path] if p]:
+        problem = unwritable(os.path.dirname(os.path.abspath(path)))
+        if not problem and os.path.exists(path) and not os.access(path, os.W_OK):
+            problem = f"{path} is not writable"
+        if problem:
+            where = " (--output writes the results elsewhere)" if path == output and not args.output else ""
+            raise RunError(f"cannot write {path}: {problem}{where}")
+    module.make_folder(os.path.dirname(os.path.abspath(output)))
     print(f"evaluating {args.model_path} ({trained['exp_name']}, trained on {trained['env_id']}) on {env_id}: ", end="")
     print(f"{args.num_episodes} episode{'s' if args.num_episodes > 1 else ''}, seed {args.seed}", flush=True)
     returns = [float(r) for r in module.evaluate(policy, env, args.num_episodes, video_path)]

@@ -467,9 +467,29 @@ def budgets_of(runs) -> list[int]:
     return sorted({int(reached) // 10, int(reached) // 2, int(reached)} - {0}) or [0]
 
 
+def unwritable(folder: str) -> str | None:
+    """Why `folder` cannot be written or made, or None. os.access lets root write whatever the permission bits say,
+    but not on a read-only file system."""
+    existing = os.path.abspath(folder)
+    if os.path.exists(existing) and not os.path.isdir(existing):
+        return "it is a file, not a folder"
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is not writable"
+    return None
+
+
 def check_args(args: Args):
     """One line and a non-zero exit for settings that cannot work, before anything is read."""
     problems = []
+    if not os.path.isdir(args.runs_dir):
+        problems.append(f"--runs-dir {args.runs_dir}: no such folder")
+    out_problem = unwritable(args.out)
+    if out_problem:
+        problems.append(f"--out {args.out} cannot be written: {out_problem}")
     if args.reference is not None and not os.path.isdir(args.reference):
         problems.append(f"--reference {args.reference}: no such folder (--reference None: no published curves)")
     if args.bootstrap_reps < 1:

@@ -138,6 +138,7 @@ def test_plot_of_another_tag_and_of_nothing(synthetic_runs, tmp_path):
     args.budgets = [100_000]
     plot.main(args)
     assert "| cheetah_run | c | – (none of 1 reached it)" in (tmp_path / "p" / "results.md").read_text()
+    (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no run under"):
         plot.main(plot.Args(runs_dir=str(tmp_path / "empty"), out=str(tmp_path / "q")))
 
@@ -253,7 +254,9 @@ def test_a_sweep_that_does_not_fit_on_the_disk_is_refused_unless_told(tmp_path):
     assert light.returncode == 0 and "2 checkpoints of up to 0.1" in light.stderr, light.stderr
 
 
-def test_a_local_sweep_run_again_continues_interrupted_runs_and_skips_finished_ones(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGHUP], ids=["SIGINT", "SIGHUP"])
+def test_a_local_sweep_run_again_continues_interrupted_runs_and_skips_finished_ones(tmp_path, signum):
+    """Ctrl-C (SIGINT) or a closed terminal (SIGHUP): every run checkpoints and stops; the same command continues."""
     out = tmp_path / "sweep"
     sweep = ["--scripts", "drqv2_continuous_action.py", "--env-ids", "cartpole_balance", "--num-seeds", "1"]
     command = [*sweep, "--no-plot", "--out", str(out), "--", *TINY_RUN[2:], "--total-timesteps", "160"]
@@ -272,11 +275,12 @@ def test_a_local_sweep_run_again_continues_interrupted_runs_and_skips_finished_o
     while not list((out / "runs").glob("*/checkpoint.pt")):
         assert process.poll() is None and time.time() < deadline, "no checkpoint appeared"
         time.sleep(0.2)
-    os.killpg(process.pid, signal.SIGINT)  # Ctrl-C: SIGINT to the foreground group; every run checkpoints and stops
+    os.killpg(process.pid, signum)  # as a terminal signals its foreground group; the runs are in sessions of their own
     assert process.wait(timeout=300) == 130, process.stdout.read()
     (run_dir,) = list((out / "runs").iterdir())
-    with open(run_dir / "run.lock") as lock:  # no process holds the run any more
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    for lock_file in [run_dir / "run.lock", out / "sweep.lock"]:  # no process holds the run or the sweep any more
+        with open(lock_file) as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     assert 160 not in [step for step, _ in read_scalars(run_dir).get("eval/episodic_return", [])], "stopped early"
 
     again = run_benchmark(command, tmp_path)
@@ -301,6 +305,157 @@ def test_unknown_tasks_are_refused_before_anything_runs(tmp_path):
         assert not out.exists() and result.stdout == ""
 
 
+def fake_python(path, run_body):
+    """A PYTHON for benchmark.sh that runs `run_body` (bash) in place of an agent script and Python otherwise."""
+    path.write_text(
+        f'#!/bin/bash\nif [[ "$1" == *_continuous_action.py ]]; then\n{run_body}\nfi\nexec {sys.executable} "$@"\n'
+    )
+    path.chmod(0o755)
+    return str(path)
+
+
+def one_line_refusal(result, expected):
+    assert result.returncode == 2 and result.stdout == "", result.stdout + result.stderr
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("benchmark.sh: "), result.stderr
+    assert expected in result.stderr, result.stderr
+
+
+def test_a_second_sweep_on_the_same_out_is_refused_and_the_lock_ends_with_the_harness(tmp_path):
+    """The first sweep's runs (fakes that wait for a file) hold no copy of its lock: killed, the harness leaves its
+    runs going but not the lock; a sweep that ends releases it too."""
+    record = tmp_path / "record"
+    record.mkdir()
+    run_body = 'echo $$ >> "$RECORD_DIR/pids"\nwhile [ ! -e "$RECORD_DIR/go" ]; do sleep 0.1; done\nexit 0'
+    env = {"PYTHON": fake_python(tmp_path / "python", run_body), "RECORD_DIR": str(record)}
+    out = tmp_path / "sweep"
+    command = ["--scripts", "drqv2_continuous_action.py", "--env-ids", "cartpole_balance", "--num-seeds", "1"]
+    command += ["--no-plot", "--no-disk-check", "--out", str(out)]
+    first = subprocess.Popen(
+        ["bash", str(ROOT / "benchmark.sh"), *command],
+        cwd=tmp_path,
+        env={**os.environ, **env},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.time() + 120
+        while not (record / "pids").exists():
+            assert first.poll() is None and time.time() < deadline, "the first sweep started no run"
+            time.sleep(0.2)
+        (run_pid,) = map(int, (record / "pids").read_text().split())
+        second = run_benchmark(command, tmp_path, env=env, timeout=60)
+        one_line_refusal(second, f"another sweep is running on --out {out} (benchmark.sh, process {first.pid} on ")
+        assert "one sweep per --out folder" in second.stderr
+        assert (record / "pids").read_text().split() == [str(run_pid)], "the second sweep started nothing"
+        held = [os.readlink(fd) for fd in Path(f"/proc/{run_pid}/fd").iterdir()]
+        assert str(out / "sweep.lock") not in held, "a run holds the sweep's lock"
+
+        first.send_signal(signal.SIGKILL)  # the harness dies without a word; its run goes on
+        first.wait(timeout=60)
+        assert Path(f"/proc/{run_pid}").exists()
+        with open(out / "sweep.lock") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: a new sweep may start
+    finally:
+        (record / "go").touch()  # every fake run ends
+        if first.poll() is None:
+            first.kill()
+            first.wait()
+    for _ in range(2):  # a sweep that ends releases the lock: the same command again is not refused
+        result = run_benchmark(command, tmp_path, env=env, timeout=300)
+        assert result.returncode == 0 and "all 1 runs finished" in result.stdout, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    "option,message",
+    [
+        (["--scripts", "plot.py"], "no agent script 'plot.py': --scripts takes taco_continuous_action.py and "),
+        (["--frames", "0"], "--frames must be a positive whole number or 'preset', got '0'"),
+        (["--frames", "-5"], "--frames must be a positive whole number or 'preset', got '-5'"),
+        (["--frames", "1e6"], "--frames must be a positive whole number or 'preset', got '1e6'"),
+        (["--num-seeds", "2", "--", "--seed", "5"], "the arguments after -- set --seed, but the sweep sets each run's"),
+        (["--", "--seed=5"], "the arguments after -- set --seed, but the sweep sets each run's seed: use --first-seed"),
+        (["--", "--env_id", "cheetah_run"], "the arguments after -- set --env_id, but the sweep sets each run's task"),
+        (["--", "--track", "--resume", "runs/x"], "the arguments after -- set --resume, but the sweep gives every run"),
+        (["--frames", "5000", "--", "--total-timesteps", "6000"], "--frames and --total-timesteps after -- both set"),
+        (["--frames", "preset", "--", "--total_timesteps=6"], "--frames and --total_timesteps after -- both set the"),
+    ],
+)
+def test_a_sweep_refuses_what_it_cannot_run_as_asked_in_one_line(tmp_path, option, message):
+    for mode in [[], ["--slurm"]]:
+        result = run_benchmark(["--dry-run", *mode, "--env-ids", "cartpole_balance", *option], tmp_path)
+        one_line_refusal(result, message)
+
+
+@pytest.mark.parametrize(
+    "option,message",
+    [
+        (["--partition", "debug\ntouch x"], "--partition holds a newline or a control character: $'debug\\ntouch x'"),
+        (["--partition", "gpu; rm"], "--partition must be a partition name (letters, digits, '_', '-', '.'; commas"),
+        (["--time", "10:00\n#SBATCH --x"], "--time holds a newline or a control character: $'10:00\\n#SBATCH --x'"),
+        (
+            ["--time", "2 days"],
+            "--time must be minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS (Slurm's formats)",
+        ),
+        (["--time", "1:00:00:00"], "--time must be minutes, MM:SS, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS"),
+        (["--mem", "32G\ntouch x"], "--mem holds a newline or a control character: $'32G\\ntouch x'"),
+        (["--mem", "32GB"], "--mem must be a whole number with an optional K, M, G or T suffix (Slurm's format"),
+        (["--cpus", "0"], "--cpus must be at least 1, got 0"),
+        (["--gpus", "1\ntouch x"], "--gpus must be a whole number, got $'1\\ntouch x'"),
+        (["--max-concurrent", "0"], "--max-concurrent must be at least 1, got 0"),
+    ],
+)
+def test_slurm_options_that_reach_the_job_script_are_checked_before_anything_is_written(tmp_path, option, message):
+    """A newline in --partition made the rest of it a command of the job script, and Slurm ignores the #SBATCH lines
+    after a command."""
+    out = tmp_path / "sweep"
+    for dry_run in [["--dry-run"], []]:
+        sweep = ["--slurm", *dry_run, "--no-disk-check", "--env-ids", "cartpole_balance", "--num-seeds", "1"]
+        result = run_benchmark([*sweep, *option, "--out", str(out)], tmp_path, timeout=120)
+        one_line_refusal(result, message)
+        assert not out.exists(), "nothing written"
+
+
+def test_slurm_time_and_memory_in_each_of_slurms_formats_are_taken(tmp_path):
+    sweep = ["--slurm", "--dry-run", "--no-disk-check", "--env-ids", "cartpole_balance", "--num-seeds", "1"]
+    for time_limit, mem, partition in [("30", "1024", "gpu,debug"), ("2-00:30", "2g", "a.b_c-1"), ("1-12", "500M", "")]:
+        options = ["--time", time_limit, "--mem", mem] + (["--partition", partition] if partition else [])
+        result = run_benchmark([*sweep, *options], tmp_path)
+        assert result.returncode == 0, result.stderr
+        assert f"#SBATCH --time={time_limit}\n" in result.stdout and f"#SBATCH --mem={mem}\n" in result.stdout
+        assert ("#SBATCH --partition=" in result.stdout) == bool(partition)
+
+
+def test_slurm_job_script_keeps_arguments_with_newlines_and_quotes_as_words(tmp_path):
+    """The job script, run here as Slurm would run an element, passes each argument after -- as one word: a newline,
+    a quote or $(...) inside one runs nothing."""
+    marker = tmp_path / "ran"
+    tricky = ["--exp-name", f"x\ntouch {marker}", "--notes", f"$(touch {marker})", "--a", f"'; touch {marker}; '"]
+    tricky += ["--b", f'"\n touch {marker} #', "--c", f"`touch {marker}`"]
+    record = tmp_path / "record"
+    record.mkdir()
+    recorder = fake_python(tmp_path / "python", 'printf "%s\\0" "$@" > "$RECORD_DIR/$SLURM_ARRAY_TASK_ID"; exit 0')
+    env = {"PYTHON": recorder, "RECORD_DIR": str(record)}
+    out = tmp_path / "sweep"
+    sweep = ["--slurm", "--dry-run", "--no-disk-check", "--scripts", "drqv2_continuous_action.py"]
+    sweep += ["--env-ids", "cartpole_balance", "--num-seeds", "1", "--out", str(out)]
+    result = run_benchmark([*sweep, "--", *tricky], tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    out.mkdir()  # the job script starts in it
+    element = {**os.environ, **env, "SLURM_ARRAY_TASK_ID": "0", "SLURM_CPUS_PER_TASK": "1"}
+    job_script = tmp_path / "element.sh"
+    job_script.write_text(result.stdout)
+    ran = subprocess.run(
+        ["bash", str(job_script)], env=element, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert "finished with exit code 0" in ran.stdout, ran.stdout + ran.stderr
+    assert not marker.exists(), "an argument ran a command"
+    words = (record / "0").read_text().split("\0")[:-1]
+    script = str(ROOT / "drqv2_continuous_action.py")
+    expected = [script, "--env-id", "cartpole_balance", "--seed", "1", "--resume", "auto", "--total-timesteps"]
+    assert words == [*expected, "1000000", *tricky]
+
+
 def test_bad_benchmark_options_fail_fast(tmp_path):
     result = run_benchmark(["--workers", "two"], tmp_path)
     assert result.returncode == 2 and "--workers must be a whole number, got 'two'" in result.stderr
@@ -318,6 +473,7 @@ def test_bad_benchmark_options_fail_fast(tmp_path):
         (["--reference", "no/such/folder"], "--reference no/such/folder: no such folder"),
         (["--bootstrap-reps", "0"], "--bootstrap-reps must be at least 1, got 0"),
         (["--score-scale", "0"], "--score-scale must be positive, got 0.0"),
+        (["--runs-dir", "no/such/runs"], "--runs-dir no/such/runs: no such folder"),
     ],
 )
 def test_bad_plot_options_are_one_line_before_reading(synthetic_runs, tmp_path, option, message):
@@ -327,6 +483,24 @@ def test_bad_plot_options_are_one_line_before_reading(synthetic_runs, tmp_path, 
     with pytest.raises(SystemExit, match=re.escape(f"plot.py: {message}")):
         plot.main(args)
     assert not (tmp_path / "plots").exists()
+
+
+@pytest.mark.parametrize("case", ["a file", "under a file", "read-only"])
+def test_plot_out_that_cannot_be_written_is_one_line_before_reading(synthetic_runs, tmp_path, monkeypatch, case):
+    """Tests run as root, whom permission bits do not stop: a read-only folder is one os.access says so of (as it does
+    for root on a read-only file system)."""
+    (tmp_path / "file").write_text("")
+    out, message = {
+        "a file": (tmp_path / "file", "it is a file, not a folder"),
+        "under a file": (tmp_path / "file" / "plots", f"{tmp_path / 'file'} is a file, not a folder"),
+        "read-only": (tmp_path / "read-only" / "plots", f"{tmp_path / 'read-only'} is not writable"),
+    }[case]
+    (tmp_path / "read-only").mkdir()
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: "read-only" not in str(path) and access(path, mode))
+    monkeypatch.setattr(plot, "find_runs", lambda *_: pytest.fail("the runs were read first"))
+    with pytest.raises(SystemExit, match=re.escape(f"plot.py: --out {out} cannot be written: {message}")):
+        plot.main(plot.Args(runs_dir=str(synthetic_runs), out=str(out)))
 
 
 def test_slurm_dry_run_prints_a_readable_array_job(tmp_path):

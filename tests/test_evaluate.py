@@ -2,14 +2,20 @@
 
 import glob
 import json
+import os
+import re
+import shutil
+import struct
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT
+from conftest import ROOT, load_script
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +75,23 @@ class Unsafe:
     """A Python object in a file: weights-only loading refuses it (unpickling it could run any code)."""
 
 
+def flip_bits(source, target):
+    """A copy of a file torch.save wrote with bits flipped in the middle of its largest tensor: torch.load reads it
+    without a word; its record's CRC no longer matches."""
+    with zipfile.ZipFile(source) as archive:
+        record = max(archive.infolist(), key=lambda r: r.file_size)
+    data = bytearray(Path(source).read_bytes())
+    name_length, extra_length = struct.unpack("<HH", data[record.header_offset + 26 : record.header_offset + 30])
+    middle = record.header_offset + 30 + name_length + extra_length + record.file_size // 2
+    for i in range(0, 64, 8):
+        data[middle + i] ^= 0x10
+    Path(target).write_bytes(data)
+    return record.filename
+
+
 PROBLEMS = ["garbage", "not_a_model", "missing", "other_actions", "unknown_task", "objects", "frames", "seed"]
+PROBLEMS += ["damaged_model", "damaged_checkpoint", "folder", "wrong_types", "args_missing", "other_frame_stack"]
+PROBLEMS += ["output_folder", "output_under_a_file"]
 
 
 @pytest.mark.parametrize("problem", PROBLEMS)
@@ -90,6 +112,31 @@ def test_bad_input_gets_one_line(saved_model, tmp_path, problem):
     elif problem == "not_a_model":
         torch.save({"encoder": {}}, path)
         expected = "is not a model saved by --save-model (missing action_dim, actor, args, obs_shape)"
+    elif problem in ["damaged_model", "damaged_checkpoint"]:
+        source = saved_model if problem == "damaged_model" else Path(saved_model).parent / "checkpoint.pt"
+        record = flip_bits(source, path)
+        expected = f"{path} is corrupt: its record {record} does not match its CRC"
+    elif problem == "folder":
+        path, expected = Path(saved_model).parent, "is a folder, not a model file: pass the .cleanrl_model or"
+    elif problem == "wrong_types":
+        torch.save({"encoder": 1, "actor": "x", "args": {}, "obs_shape": 3, "action_dim": "a"}, path)
+        expected = "is not a model saved by --save-model (encoder is not a dict of tensors)"
+    elif problem in ["args_missing", "other_frame_stack"]:
+        saved = torch.load(saved_model, weights_only=True)
+        if problem == "args_missing":
+            del saved["args"]["hidden_dim"]
+            expected = "is not a model saved by --save-model (args lacks hidden_dim)"
+        else:
+            saved["args"]["frame_stack"] = 1  # the weights take 3 stacked frames
+            expected = "the model takes observations of shape (9, 84, 84); cartpole_balance with frame_stack 1 gives"
+        torch.save(saved, path)
+    elif problem == "output_folder":
+        path, extra = saved_model, ["--output", tmp_path]
+        expected = f"--output {tmp_path} is a folder: name a file"
+    elif problem == "output_under_a_file":
+        (tmp_path / "file").write_text("")
+        path, extra = saved_model, ["--output", tmp_path / "file" / "result.json"]
+        expected = f"cannot write {tmp_path / 'file' / 'result.json'}: {tmp_path / 'file'} is a file, not a folder"
     elif problem == "missing":
         path, expected = tmp_path / "nothing.cleanrl_model", "no such file"
     elif problem == "other_actions":
@@ -102,3 +149,31 @@ def test_bad_input_gets_one_line(saved_model, tmp_path, problem):
     lines = [line for line in result.stderr.splitlines() if not line.startswith("WARNING:absl")]  # dm_control's
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("where", ["beside the model", "--output"])
+def test_an_output_folder_that_cannot_be_written_is_refused_before_the_episodes(
+    saved_model, tmp_path, where, monkeypatch
+):
+    """The tests run as root, whom permission bits do not stop: the read-only folder is one os.access says so of (as it
+    does for root on a read-only file system)."""
+    evaluate_model = load_script("evaluate_model")
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    model, output = Path(saved_model), None
+    if where == "beside the model":
+        model = Path(shutil.copy(saved_model, read_only))
+    else:
+        output = read_only / "results" / "result.json"
+    access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: "read-only" not in str(path) and access(path, mode))
+    monkeypatch.setattr(evaluate_model.agent_script, "evaluate", lambda *_: pytest.fail("the episodes ran first"))
+    args = evaluate_model.Args(
+        model_path=str(model), num_episodes=1, max_episode_frames=20, output=output and str(output)
+    )
+    written = output or read_only / "eval_cartpole_balance_seed100.json"
+    hint = " (--output writes the results elsewhere)" if output is None else ""
+    message = f"cannot write {written}: {read_only} is not writable{hint}"
+    with pytest.raises(evaluate_model.RunError, match=f"^{re.escape(message)}$"):
+        evaluate_model.main(args)
+    assert sorted(read_only.iterdir()) == ([] if output else [model]), "nothing written"
