@@ -14,6 +14,7 @@ import fcntl
 import glob
 import math
 import os
+import pickle
 import random
 import re
 import signal
@@ -216,10 +217,12 @@ class DMCPixelEnv:
                 self._camera = 2 if domain == "quadruped" else 0
             self._env.physics.render(height=8, width=8)
         except Exception as error:
-            backend = f"MUJOCO_GL={os.environ.get('MUJOCO_GL')} ({first_line(error)})"
+            backend = os.environ.get("MUJOCO_GL")
+            needs = {"egl": "libegl1 and libgl1-mesa-dri, or NVIDIA's driver", "osmesa": "libosmesa6"}.get(backend)
+            cause = f"it needs {needs}" if needs else "an unknown backend"
             raise RunError(
-                f"MuJoCo rendering could not start with {backend}. Try MUJOCO_GL=egl (NVIDIA driver, or Mesa on "
-                "CPU-only machines: apt-get install libegl1 libgl1-mesa-dri) or MUJOCO_GL=osmesa (libosmesa6)"
+                f"MuJoCo rendering could not start with MUJOCO_GL={backend} ({cause}; {first_line(error)}). Try "
+                "MUJOCO_GL=egl (NVIDIA driver, or Mesa on CPU-only machines: apt-get install libegl1 libgl1-mesa-dri)"
             ) from error
         spec = self._env.action_spec()
         # Actions in [-1, 1] are rescaled as the published code's wrappers do, in the same order and dtypes: its
@@ -854,6 +857,7 @@ def check_common_args(args, positive: list[str]) -> int:
     rules.append(("seed", 0 <= args.seed < 2**32, "must be in [0, 2**32), as numpy's seeds"))
     name_ok = re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", args.exp_name)  # it names a directory and a model file
     rules.append(("exp_name", name_ok, "must start with a letter or digit and hold only those, '.', '_' and '-'"))
+    rules.append(("exp_name", len(args.exp_name) <= 128, "must be at most 128 characters (a file name's part)"))
     for name, ok, requirement in rules:
         if not ok:
             raise RunError(f"--{name.replace('_', '-')} {requirement}, got {value[name]!r}")
@@ -995,6 +999,12 @@ def check_memory(args, device: torch.device) -> torch.device:
     fits = args.replay_device == "cuda" or device.type == "cuda" and full <= free / 2
     replay_device = device if args.replay_device != "cpu" and fits else torch.device("cpu")
     transitions = min(args.buffer_size, args.total_timesteps // args.action_repeat)
+    ceiling = memory_info("MemTotal") + memory_info("SwapTotal")  # the most one allocation may ask of the host
+    if replay_device.type == "cpu" and full > ceiling:
+        raise RunError(
+            f"the replay's capacity of {args.buffer_size} transitions takes {full / 1e9:.1f} GB to allocate, more than "
+            f"the {ceiling / 1e9:.1f} GB of memory and swap: lower --buffer-size (this run stores {transitions})"
+        )
     replay_bytes = ReplayBuffer.memory(transitions, (3, 84, 84), MAX_ACTION_DIM)
     host_bytes = (replay_bytes if replay_device.type == "cpu" else 0) + (UPDATE_MEMORY if device.type == "cpu" else 0)
     available = memory_info("MemAvailable")
@@ -1055,8 +1065,8 @@ def save_checkpoint(path: str, payload: dict, kept: str = "the previous checkpoi
     """Writes a temporary file, fsyncs, renames it over `path`: a kill or a full disk at any moment leaves the
     previous checkpoint whole, and the temporary file goes whatever the error."""
     temporary = f"{path}.tmp"
-    try:
-        with open(temporary, "wb") as f:
+    try:  # O_NOFOLLOW: a symbolic link planted there is refused, not written through
+        with os.fdopen(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644), "wb") as f:
             torch.save(payload, f)
             f.flush()
             os.fsync(f.fileno())
@@ -1065,7 +1075,9 @@ def save_checkpoint(path: str, payload: dict, kept: str = "the previous checkpoi
         os.fsync(descriptor)  # the rename itself reaches the disk
         os.close(descriptor)
     except Exception as error:  # OSError (a full disk), or torch's zip writer failing on one (RuntimeError)
-        raise RunError(f"could not write {path} ({first_line(error)}); {kept}") from error
+        link = getattr(error, "errno", None) == errno.ELOOP
+        reason = f"{temporary} is a symbolic link, which a run does not write through" if link else first_line(error)
+        raise RunError(f"could not write {path} ({reason}); {kept}") from error
     finally:
         with contextlib.suppress(OSError):
             os.remove(temporary)
@@ -1084,10 +1096,11 @@ def lock_run_dir(run_dir: str, new_run: bool):
     if new_run and os.path.exists(run_dir):
         raise RunError(f"{run_dir} exists already (a run of this task and seed started in the same second?)")
     make_folder(run_dir)
-    try:
-        lock = open(os.path.join(run_dir, LOCK), "a+")  # noqa: SIM115 (held open while the run lasts)
+    try:  # held open while the run lasts; O_NOFOLLOW: a symbolic link planted there is refused
+        lock = os.fdopen(os.open(os.path.join(run_dir, LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
     except OSError as error:
-        raise RunError(f"cannot write in {run_dir} ({error.strerror or first_line(error)})") from error
+        reason = f"{LOCK} is a symbolic link" if error.errno == errno.ELOOP else error.strerror or first_line(error)
+        raise RunError(f"cannot write in {run_dir} ({reason})") from error
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as error:
@@ -1098,7 +1111,8 @@ def lock_run_dir(run_dir: str, new_run: bool):
         holder = lock.read().strip() or "another process"
         lock.close()
         raise RunError(f"{run_dir} is in use by {holder}: one process per run directory") from None
-    lock.truncate(0)
+    lock.seek(0)
+    lock.truncate()
     lock.write(f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     lock.flush()
     return lock
@@ -1111,6 +1125,10 @@ def load_checkpoint(path: str) -> dict:
         with zipfile.ZipFile(path) as archive:
             damaged = archive.testzip()
         payload = torch.load(path, weights_only=True, mmap=True) if damaged is None else None
+    except pickle.UnpicklingError as error:  # torch's message goes on to suggest loading it unsafely
+        raise RunError(
+            f"the checkpoint {path} holds Python objects, which a checkpoint of this script never does"
+        ) from error
     except Exception as error:  # a damaged file fails in many ways
         raise RunError(f"the checkpoint {path} is unreadable or corrupt ({first_line(error)})") from error
     if damaged is not None:
@@ -1128,6 +1146,8 @@ def find_run_to_resume(args) -> str | None:
     if args.resume != "auto":
         if os.path.isfile(args.resume) and os.path.basename(args.resume) == CHECKPOINT:
             return os.path.dirname(os.path.abspath(args.resume))
+        if os.path.isfile(args.resume):
+            raise RunError(f"--resume {args.resume} is a file, not a run directory or its {CHECKPOINT}")
         if not os.path.isfile(os.path.join(args.resume, CHECKPOINT)):
             missing = "no such run directory" if not os.path.isdir(args.resume) else f"there is no {CHECKPOINT} in it"
             raise RunError(f"--resume {args.resume}: {missing} (pass runs/<run_name> or auto; checkpoints off?)")
@@ -1367,7 +1387,7 @@ class Run:
             optimizers = {name for name, part in vars(self.agent).items() if isinstance(part, torch.optim.Optimizer)}
             saved = {name: state for name, state in self.agent.state_dict().items() if name not in optimizers}
             shapes = {"obs_shape": list(self.envs[0].observation_shape), "action_dim": self.envs[0].action_dim}
-            torch.save({"args": vars(args), **shapes, **saved}, path)
+            save_checkpoint(path, {"args": vars(args), **shapes, **saved}, kept=f"{CHECKPOINT} is kept")
             print(f"model saved to {path}")
 
 

@@ -325,10 +325,11 @@ def bad_input_cases():
             "--total-timesteps must be at least --action-repeat",
         ),
         "networks that cannot be allocated": (["--hidden-dim", "10000000000"], "the networks do not fit in memory"),
-        "replay larger than the memory": (
-            ["--buffer-size", "100000000", "--total-timesteps", "200000000"],
-            "the replay's 100000000 transitions take 2147.3 GB",
+        "replay that cannot be allocated": (
+            ["--buffer-size", "100000000"],
+            "the replay's capacity of 100000000 transitions takes 2147.3 GB to allocate, more than the",
         ),
+        "exp name longer than a file name allows": (["--exp-name", "a" * 300], "--exp-name must be at most 128"),
     }
 
 
@@ -412,7 +413,7 @@ def test_a_folder_that_cannot_be_written_is_one_line_before_training(tmp_path, m
     (tmp_path / blocked).write_text("a file where a folder should be")
     with pytest.raises(drqv2.RunError, match=f"cannot create {blocked}/cartpole_balance__"):
         drqv2.main(parse(drqv2, [*TINY_RUN, "--capture-video"]))
-    assert not glob.glob(str(tmp_path / "runs" / "*" / "events.*")), "refused before any training"
+    assert not glob.glob(str(tmp_path / "runs" / "*")), "refused before the run directory and its lock are made"
 
 
 def test_one_process_per_run_directory(finished_run, tmp_path, monkeypatch):
@@ -752,3 +753,65 @@ def test_resume_takes_the_runs_settings_from_its_checkpoint(tmp_path):
     assert re.search(r"^done: 80 frames in ", output, re.MULTILINE), output
     saved = load(f"{run_dir}/checkpoint.pt")["args"]
     assert (saved["seed"], saved["hidden_dim"], saved["batch_size"], saved["total_timesteps"]) == (3, 32, 8, 160)
+
+
+def test_memory_is_checked_before_the_replay_is_allocated(tmp_path, monkeypatch):
+    """On a machine of 4 GB with 2 GB available (figures patched in): a replay whose capacity cannot be allocated,
+    and one that allocates but will not fit once the run has filled it, are one line each, before anything is made."""
+    figures = {"MemTotal": 4e9, "SwapTotal": 0.0, "MemAvailable": 2e9}
+    monkeypatch.setattr(machinery, "memory_info", lambda key: figures[key])
+    monkeypatch.chdir(tmp_path)
+    too_large = "the replay's capacity of 300000 transitions takes 6.4 GB to allocate, more than the 4.0 GB of memory "
+    with pytest.raises(machinery.RunError, match=re.escape(too_large + "and swap: lower --buffer-size (this run")):
+        machinery.main(parse(machinery, [*TINY_RUN, "--buffer-size", "300000"]))
+    filled = "the replay's 100000 transitions take 2.1 GB and the updates about 1.5 GB, but 2.0 GB of memory are"
+    with pytest.raises(machinery.RunError, match=re.escape(filled)):
+        machinery.main(parse(machinery, [*TINY_RUN, "--buffer-size", "100000", "--total-timesteps", "200000"]))
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("planted", ["checkpoint.pt.tmp", "run.lock"])
+def test_a_symbolic_link_in_the_run_directory_is_not_written_through(finished_run, tmp_path, monkeypatch, planted):
+    """A link planted in a run directory (at the temporary checkpoint or the lock) would make the run overwrite the
+    file it points to: the run refuses it in one line and leaves that file as it was."""
+    run_dir = tmp_path / "runs" / os.path.basename(finished_run[1])
+    shutil.copytree(finished_run[1], run_dir)
+    victim = tmp_path / "precious.txt"
+    victim.write_text("not a checkpoint")
+    (run_dir / planted).unlink(missing_ok=True)
+    (run_dir / planted).symlink_to(victim)
+    monkeypatch.chdir(tmp_path)
+    message = "is a symbolic link" if planted == "checkpoint.pt.tmp" else "run.lock is a symbolic link"
+    with pytest.raises(machinery.RunError, match=message):
+        machinery.main(parse(machinery, ["--resume", str(run_dir), "--total-timesteps", "120"]))
+    assert victim.read_text() == "not a checkpoint"
+
+
+def test_a_checkpoint_holding_python_objects_or_a_file_not_named_checkpoint_is_one_clear_line(tmp_path, monkeypatch):
+    import argparse
+
+    run_dir = tmp_path / "runs" / "cartpole_balance__drqv2_continuous_action__1__1000"
+    run_dir.mkdir(parents=True)
+    torch.save({"args": argparse.Namespace(seed=1), "global_step": 1}, run_dir / "checkpoint.pt")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(machinery.RunError, match="holds Python objects, which a checkpoint of this script never") as e:
+        machinery.main(parse(machinery, ["--resume", str(run_dir)]))
+    assert "weights_only" not in str(e.value) and "\n" not in str(e.value)
+    shutil.copy(run_dir / "checkpoint.pt", tmp_path / "backup.pt")
+    with pytest.raises(machinery.RunError, match="--resume backup.pt is a file, not a run directory or its checkpoint"):
+        machinery.main(parse(machinery, ["--resume", "backup.pt"]))
+
+
+def test_a_renderer_whose_library_is_missing_is_named(tmp_path):
+    """MUJOCO_GL=osmesa without libosmesa6 (this project installs EGL only) said only "'NoneType' object has no
+    attribute 'glGetError'"; the line now names what the backend needs. Where OSMesa is installed, the run starts."""
+    import ctypes.util
+
+    result = run_script(
+        "drqv2_continuous_action", [*TINY_RUN, "--total-timesteps", "40"], tmp_path, {"MUJOCO_GL": "osmesa"}
+    )
+    if ctypes.util.find_library("OSMesa"):
+        assert result.returncode == 0, result.stderr[-2000:]
+    else:
+        assert result.returncode != 0 and "MUJOCO_GL=osmesa (it needs libosmesa6;" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
