@@ -19,6 +19,8 @@ import numpy as np
 import torch
 import tyro
 
+from plot import unwritable  # why a folder cannot be written, or None
+
 ROOT = os.path.dirname(os.path.abspath(__file__))
 SAVED_KEYS = {"encoder", "actor", "args", "obs_shape", "action_dim"}
 # the training settings read here, and their types
@@ -152,19 +154,6 @@ def load_policy(module, path: str, device):
         detail = " ".join(str(error).split())[:300]  # torch's first line names no tensor
         raise RunError(f"{path}: the weights do not fit the networks ({detail})") from error
     return Policy(encoder.eval(), actor.to(device).eval(), device), saved
-
-
-def unwritable(folder: str) -> str | None:
-    """Why `folder` cannot be written or made, or None. os.access lets root write whatever the permission bits say,
-    but not on a read-only file system."""
-    existing = os.path.abspath(folder)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        return f"{existing} is a file, not a folder"
-    if not os.access(existing, os.W_OK | os.X_OK):
-        return f"{existing} is not writable"
-    return None
 
 
 agent_script = load_agent_script()  # sets MUJOCO_GL=egl unless it is set

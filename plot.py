@@ -471,8 +471,6 @@ def unwritable(folder: str) -> str | None:
     """Why `folder` cannot be written or made, or None. os.access lets root write whatever the permission bits say,
     but not on a read-only file system."""
     existing = os.path.abspath(folder)
-    if os.path.exists(existing) and not os.path.isdir(existing):
-        return "it is a file, not a folder"
     while not os.path.exists(existing):
         existing = os.path.dirname(existing)
     if not os.path.isdir(existing):

@@ -491,7 +491,7 @@ def test_plot_out_that_cannot_be_written_is_one_line_before_reading(synthetic_ru
     for root on a read-only file system)."""
     (tmp_path / "file").write_text("")
     out, message = {
-        "a file": (tmp_path / "file", "it is a file, not a folder"),
+        "a file": (tmp_path / "file", f"{tmp_path / 'file'} is a file, not a folder"),
         "under a file": (tmp_path / "file" / "plots", f"{tmp_path / 'file'} is a file, not a folder"),
         "read-only": (tmp_path / "read-only" / "plots", f"{tmp_path / 'read-only'} is not writable"),
     }[case]
