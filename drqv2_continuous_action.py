@@ -97,7 +97,8 @@ class Args:
     checkpoint_replay: bool = True
     """if toggled, checkpoints hold the replay (21.4 kB a transition); else a resumed run refills it first"""
     resume: str | None = None
-    """continue a run: its directory, or `auto` for the newest of this env_id, exp_name and seed (else a new run)"""
+    """continue a run: its directory, or `auto` for the newest of this env_id, exp_name and seed (else a new run); its
+    settings come from its checkpoint, and a flag at its default value counts as not given (docs/long-runs.md)"""
 
     # Algorithm
     buffer_size: Annotated[int | None, PRESET] = None
@@ -1039,9 +1040,13 @@ def find_run_to_resume(args) -> str | None:
     return chosen
 
 
-def resumed_settings(args, saved: dict, path: str):
+def resumed_settings(args, checkpoint: dict, path: str):
     """The settings of the checkpoint at `path`, with those of `args` that were given (not at their default) and may
     change on resume; one given that would change what is computed is refused, named."""
+    saved = checkpoint["args"]
+    script = checkpoint.get("script", os.path.basename(__file__))
+    if script != os.path.basename(__file__):
+        raise RunError(f"the checkpoint {path} is of {script}: a run continues with the script that started it")
     if set(saved) != set(vars(args)):
         other = ", ".join(sorted(set(saved) ^ set(vars(args))))
         raise RunError(f"the checkpoint {path} is not of this script (settings in one of them only: {other})")
@@ -1072,6 +1077,7 @@ def write_checkpoint(run_dir, args, global_step, agent, replay, envs, last_eval,
     rng["envs"] = random_states[1:]
     rng["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
     payload = {"args": vars(args), "global_step": global_step, "agent": learned, "rng": rng, "last_eval": last_eval}
+    payload["script"] = os.path.basename(__file__)  # an edited copy of the script does not continue this one's run
     payload["replay"] = replay.state_dict() if args.checkpoint_replay and replay is not None else None
     kept = f"the checkpoint of frame {checkpoint_frame} is kept" if checkpoint_frame else "none is kept"
     save_checkpoint(os.path.join(run_dir, CHECKPOINT), payload, kept)
@@ -1115,7 +1121,7 @@ class Run:
         self.run_dir = find_run_to_resume(args) if args.resume is not None else None
         path = os.path.join(self.run_dir, CHECKPOINT) if self.run_dir else None
         self.checkpoint = load_checkpoint(path) if path else None
-        self.args = resolve_args(resumed_settings(args, self.checkpoint["args"], path) if path else args)
+        self.args = resolve_args(resumed_settings(args, self.checkpoint, path) if path else args)
         self.new = path is None
         self.start_step = 0 if self.new else self.checkpoint["global_step"]
         self.start_frame = self.start_step * self.args.action_repeat

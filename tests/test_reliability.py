@@ -448,6 +448,11 @@ def test_a_checkpoint_of_the_other_script_is_refused(tmp_path, monkeypatch):
     run_dir.mkdir(parents=True)
     taco.write_checkpoint(str(run_dir), args, 20, agent, None, [env], 1.0, 0)
     monkeypatch.chdir(tmp_path)
+    with pytest.raises(drqv2.RunError, match="is of taco_continuous_action.py: a run continues with the script that"):
+        drqv2.main(parse(drqv2, [*TINY_RUN, "--exp-name", "shared_name", "--resume", "auto"]))
+    checkpoint = load(run_dir / "checkpoint.pt")  # one written before checkpoints named their script
+    del checkpoint["script"]
+    torch.save(checkpoint, run_dir / "checkpoint.pt")
     with pytest.raises(drqv2.RunError, match="is not of this script .*: curl, latent_action_dim, multistep"):
         drqv2.main(parse(drqv2, [*TINY_RUN, "--exp-name", "shared_name", "--resume", "auto"]))
 
@@ -815,3 +820,18 @@ def test_a_renderer_whose_library_is_missing_is_named(tmp_path):
     else:
         assert result.returncode != 0 and "MUJOCO_GL=osmesa (it needs libosmesa6;" in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
+
+
+def test_an_edited_copy_of_the_script_does_not_continue_the_originals_run(finished_run, tmp_path):
+    """A researcher's copy (taco_ablation.py, say) given --resume on a run of the original would continue it under
+    the original's name, a mixed run: it is refused, naming the script that started the run."""
+    shutil.copy(ROOT / "drqv2_continuous_action.py", tmp_path / "drqv2_ablation.py")
+    run_dir = tmp_path / "runs" / os.path.basename(finished_run[1])
+    shutil.copytree(finished_run[1], run_dir)
+    result = subprocess.run(
+        [sys.executable, "drqv2_ablation.py", "--resume", str(run_dir), "--total-timesteps", "120"],
+        check=False, cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "MUJOCO_GL": "egl"},
+    )  # fmt: skip
+    assert result.returncode != 0, result.stdout[-2000:]
+    assert "is of drqv2_continuous_action.py: a run continues with the script that started it" in result.stderr
+    assert load(run_dir / "checkpoint.pt")["global_step"] == 40, "the run was left as it was"
