@@ -41,7 +41,7 @@ def test_records_a_run_with_its_provenance_and_draws_the_figure(tiny_run, tmp_pa
     # the same settings at another commit: a second run, not one that replaces the first
     (out / "again.csv").write_text(Path(path).read_text().replace("abc1234", "def5678"))
     drawn = subprocess.run(
-        [sys.executable, str(RECORD), "--figure", "--out", str(out), "--frames", "120", "240"],
+        [sys.executable, str(RECORD), "--figure", "--out", str(out), "--frames", "120", "240", "40000"],
         capture_output=True,
         text=True,
         check=False,
@@ -52,7 +52,14 @@ def test_records_a_run_with_its_provenance_and_draws_the_figure(tiny_run, tmp_pa
         assert (
             f"| cartpole_balance | drqv2_continuous_action, seed 1, commit {commit}, NVIDIA H200, `--" in drawn.stdout
         )
-    assert "| cartpole_balance | DrQ-v2 published, mean ± std (seeds) |" in drawn.stdout
+    # the published seeds at 40k frames, read here from the reference CSV: minimum, median and maximum
+    with open(ROOT / "reference" / "drqv2_curves" / "dmc_cartpole_balance.csv") as f:
+        at = sorted(float(r["episode_reward"]) for r in csv.DictReader(f) if int(float(r["frame"])) == 40000)
+    assert len(at) == 10
+    middle = (at[4] + at[5]) / 2
+    published = f"{at[0]:.0f} / {middle:.0f} / {at[-1]:.0f}"
+    row = f"| cartpole_balance | DrQ-v2 published, 10 seeds: min / median / max |  |  | {published} |"
+    assert row in drawn.stdout
 
     # actor_saturation.py on the same run: the frame of its checkpoint, and shares and spreads that are well formed
     sys.path.insert(0, str(ROOT / "benchmarks" / "learning"))

@@ -143,7 +143,8 @@ def figure(args: Args):
 
 
 def table(runs, frames) -> str:
-    """Markdown: each recorded run's return at fixed frames, and the published mean ± std at the same frames."""
+    """Markdown: each recorded run's return at fixed frames, and the published seeds' minimum, median and maximum at
+    the same frames."""
     lines = ["| task | run | " + " | ".join(f"{f // 1000}k" for f in frames) + " |", "|" + " --- |" * (2 + len(frames))]
     for task in sorted({key[1] for key in runs}):
         for (script, env_id, device, flags, seed, commit), (run_frames, values) in sorted(runs.items()):
@@ -155,8 +156,9 @@ def table(runs, frames) -> str:
         cells = []
         for frame in frames:
             at = [v[list(f).index(frame)] for f, v in reference.values() if frame in f]
-            cells.append(f"{np.mean(at):.0f} ± {np.std(at, ddof=1):.0f} ({len(at)})" if len(at) > 1 else "")
-        lines.append(f"| {task} | DrQ-v2 published, mean ± std (seeds) | " + " | ".join(cells) + " |")
+            cells.append(f"{np.min(at):.0f} / {np.median(at):.0f} / {np.max(at):.0f}" if at else "")
+        seeds = len(reference)
+        lines.append(f"| {task} | DrQ-v2 published, {seeds} seeds: min / median / max | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
