@@ -337,9 +337,11 @@ finished=0
 
 stop_children() {
   trap '' PIPE  # a reader of the output gone with the terminal must not end this script before its runs are stopped
-  echo "benchmark.sh: interrupted; stopping ${#NAME_OF_PID[@]} running runs" >&2
+  local what="each finishes its episode and checkpoints"
+  echo "benchmark.sh: interrupted; stopping ${#NAME_OF_PID[@]} running runs ($what)" >&2
   for pid in "${!NAME_OF_PID[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null; done
   wait
+  echo "benchmark.sh: stopped; the same command continues the sweep from the runs' checkpoints" >&2
   exit 130
 }
 trap stop_children INT TERM HUP  # HUP: the terminal closed; the runs, in sessions of their own, do not get it

@@ -277,6 +277,10 @@ def test_a_local_sweep_run_again_continues_interrupted_runs_and_skips_finished_o
         time.sleep(0.2)
     os.killpg(process.pid, signum)  # as a terminal signals its foreground group; the runs are in sessions of their own
     assert process.wait(timeout=300) == 130, process.stdout.read()
+    said = process.stdout.read()
+    assert said.endswith("benchmark.sh: stopped; the same command continues the sweep from the runs' checkpoints\n"), (
+        said
+    )
     (run_dir,) = list((out / "runs").iterdir())
     for lock_file in [run_dir / "run.lock", out / "sweep.lock"]:  # no process holds the run or the sweep any more
         with open(lock_file) as lock:
