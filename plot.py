@@ -9,6 +9,7 @@
 # kept apart, the method named with the settings that tell them apart.
 import csv
 import glob
+import logging
 import os
 import struct
 from collections import defaultdict
@@ -66,6 +67,8 @@ def read_run(run_dir: str, tag: str):
     """(hyperparameters, frames, values) of one run; values of `tag` by frame, the last write of a frame winning."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+    # a resumed run's log drops the steps logged after its checkpoint (purge_step), as meant: not worth a warning
+    logging.getLogger("tensorboard").setLevel(logging.ERROR)
     accumulator = EventAccumulator(run_dir, size_guidance={"scalars": 0, "tensors": 0})
     accumulator.Reload()
     hyperparameters = {}

@@ -68,3 +68,18 @@ def test_records_a_run_with_its_provenance_and_draws_the_figure(tiny_run, tmp_pa
     result = saturation(run_dir, states=64)
     assert result["frame"] == 240 and 0.0 <= result["saturated_share"] <= 1.0 and result["pre_tanh_std"] > 0
     assert result["states"] == "states the policy visits", "a finished run's checkpoint holds no replay"
+
+
+def test_provenance_names_the_cpu_model_and_leaves_out_how_the_process_started():
+    """A sweep's runs all start with --resume auto: not a setting of the run. The default device is the CPU's model
+    (platform.processor() gave "x86_64" on Linux)."""
+    sys.path.insert(0, str(ROOT / "benchmarks" / "learning"))
+    import record
+
+    logged = {"env_id": "cartpole_balance", "seed": "2", "exp_name": "drqv2_continuous_action", "resume": "auto"}
+    logged["batch_size"] = "64"
+    assert record.non_default_flags("drqv2_continuous_action", logged) == "--batch-size 64"
+    with open("/proc/cpuinfo") as cpuinfo:
+        models = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
+    assert models, "this test needs a /proc/cpuinfo that names the CPU model"
+    assert record.processor() == models[0] and models[0] not in ("x86_64", "")

@@ -6,6 +6,7 @@
 #   python benchmarks/learning/record.py --figure
 # draws learning.png: each task's recorded runs over the published DrQ-v2 curves (mean and seed range), and prints
 # a table of the returns at fixed frames for the README.
+import contextlib
 import csv
 import glob
 import os
@@ -50,13 +51,26 @@ class Args:
     """folder of the CSVs and the figure"""
 
 
+NOT_FLAGS = ("env_id", "seed", "exp_name", "resume")  # columns of their own, or how the process started (a sweep's
+# runs all start with --resume auto)
+
+
+def processor() -> str:
+    """This machine's CPU model as /proc/cpuinfo names it (platform.processor() says only "x86_64" on Linux)."""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def non_default_flags(script, hyperparameters: dict) -> str:
     """`--flag value` for every setting of the run that differs from the script's defaults for its task."""
     module = load_script(script)
     defaults = vars(module.resolve_args(module.Args(env_id=hyperparameters["env_id"])))
     flags = []
     for name, value in hyperparameters.items():
-        if name not in ("env_id", "seed", "exp_name") and name in defaults and str(defaults[name]) != value:
+        if name not in NOT_FLAGS and name in defaults and str(defaults[name]) != value:
             flags.append(f"--{name.replace('_', '-')} {value}")
     return " ".join(flags)
 
@@ -70,7 +84,7 @@ def record(args: Args):
             ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
         ).stdout.strip()
     )
-    device = args.device or f"CPU {platform.processor() or platform.machine()}"
+    device = args.device or f"CPU {processor()}"
     os.makedirs(args.out, exist_ok=True)
     for run_dir in args.run_dirs:
         hyperparameters, frames, values = read_run(run_dir, "eval/episodic_return")
