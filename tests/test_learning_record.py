@@ -48,6 +48,7 @@ def test_records_a_run_with_its_provenance_and_draws_the_figure(tiny_run, tmp_pa
     )
     assert drawn.returncode == 0, drawn.stderr[-3000:]
     assert (out / "learning.png").stat().st_size > 10_000
+    assert "| task | run | 120 | 240 | 40k |" in drawn.stdout, "frames under 1000 are named as they are"
     for commit in ["abc1234", "def5678"]:
         assert (
             f"| cartpole_balance | drqv2_continuous_action, seed 1, commit {commit}, NVIDIA H200, `--" in drawn.stdout

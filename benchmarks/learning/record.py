@@ -142,7 +142,7 @@ def figure(args: Args):
         for (script, env_id, device, flags, seed, commit), (frames, values) in runs.items():
             if env_id == task:
                 label = f"{plot.display_name(script)}, seed {seed}, {commit}, {device}" + (
-                    f" ({flags})" if flags else ""
+                    f"\n({flags})" if flags else ""
                 )
                 ax.plot(frames, values, "-o", ms=3, color=colours[(script, device, flags)], label=label)
         ax.set_xlim(0, last)
@@ -159,7 +159,10 @@ def figure(args: Args):
 def table(runs, frames) -> str:
     """Markdown: each recorded run's return at fixed frames, and the published seeds' minimum, median and maximum at
     the same frames."""
-    lines = ["| task | run | " + " | ".join(f"{f // 1000}k" for f in frames) + " |", "|" + " --- |" * (2 + len(frames))]
+    lines = [
+        "| task | run | " + " | ".join(plot.format_frames(f) for f in frames) + " |",
+        "|" + " --- |" * (2 + len(frames)),
+    ]
     for task in sorted({key[1] for key in runs}):
         for (script, env_id, device, flags, seed, commit), (run_frames, values) in sorted(runs.items()):
             if env_id == task:
