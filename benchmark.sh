@@ -328,7 +328,7 @@ fi
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Local mode: at most WORKERS runs at once.
-cores=$(nproc)
+cores=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # GNU nproc would report OMP_NUM_THREADS, not the cores
 threads=$((cores / WORKERS > 0 ? cores / WORKERS : 1))
 declare -A NAME_OF_PID=()
 declare -A LOG_START=()  # where this attempt's part of each run's log begins (a log holds every attempt)

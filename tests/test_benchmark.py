@@ -237,6 +237,9 @@ def test_local_dry_run_prints_the_runs_and_runs_nothing(tmp_path):
     preset = run_benchmark([*sweep, "--frames", "preset", "--no-disk-check", "--out", str(out)], tmp_path)
     assert preset.returncode == 0 and "--total-timesteps" not in preset.stdout, "each task's preset budget"
     assert "9 tasks at 1M frames" in run_benchmark(["--help"], tmp_path).stdout
+    # the threads per run follow the cores this process may use, not an OMP_NUM_THREADS in the caller's environment
+    one = run_benchmark([*sweep, "--workers", "1", "--out", str(out)], tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert f"1 at a time, OMP_NUM_THREADS={len(os.sched_getaffinity(0))}," in one.stdout, one.stdout
 
 
 def test_a_sweep_that_does_not_fit_on_the_disk_is_refused_unless_told(tmp_path):
