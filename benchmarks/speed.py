@@ -5,6 +5,7 @@
 #   and environment frames per second (step + render).
 # Prints a Markdown table and appends it, with the commit, the command and the machine, to benchmarks/RESULTS.md.
 #   python benchmarks/speed.py                   # CPU here; the same command uses CUDA where a GPU is present
+import contextlib
 import dataclasses
 import importlib.util
 import os
@@ -164,12 +165,17 @@ def environment_fps(module, env_id, steps):
     return frames / (time.perf_counter() - start)
 
 
+def processor() -> str:
+    """This machine's CPU model as /proc/cpuinfo names it (platform.processor() says only "x86_64" on Linux)."""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def machine(device):
-    cpu = platform.processor()
-    if os.path.exists("/proc/cpuinfo"):
-        with open("/proc/cpuinfo") as f:
-            names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
-        cpu = names[0] if names else cpu
+    cpu = processor()
     gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "none"
     threads = torch.get_num_threads()
     return f"CPU {cpu}, {os.cpu_count()} cores ({threads} torch threads); GPU {gpu}; torch {torch.__version__}"

@@ -6,11 +6,9 @@
 #   python benchmarks/learning/record.py --figure
 # draws learning.png: each task's recorded runs over the published DrQ-v2 curves (mean and seed range), and prints
 # a table of the returns at fixed frames for the README.
-import contextlib
 import csv
 import glob
 import os
-import platform
 import subprocess
 import sys
 from collections import defaultdict
@@ -23,7 +21,7 @@ import tyro
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-from speed import load_script
+from speed import load_script, processor
 
 plot = load_script("plot")
 read_reference, read_run = plot.read_reference, plot.read_run
@@ -53,15 +51,6 @@ class Args:
 
 NOT_FLAGS = ("env_id", "seed", "exp_name", "resume")  # columns of their own, or how the process started (a sweep's
 # runs all start with --resume auto)
-
-
-def processor() -> str:
-    """This machine's CPU model as /proc/cpuinfo names it (platform.processor() says only "x86_64" on Linux)."""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
-        for line in cpuinfo:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
 
 
 def non_default_flags(script, hyperparameters: dict) -> str:
