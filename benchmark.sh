@@ -223,10 +223,12 @@ folder = os.path.abspath(out)
 while not os.path.isdir(folder):
     folder = os.path.dirname(folder)
 free = shutil.disk_usage(folder).free
+finished = int(num_runs) - at_once
+others = f"; {networks / 1e9:.2f} GB for each of the {finished} finished" if finished else ""
 line = (
     f"disk: up to {need / 1e9:.1f} GB at the sweep's peak (2 checkpoints of up to {full / 1e9:.2f} GB, with the "
-    f"replay, while one is written, for each of the {at_once} running at once; {networks / 1e9:.2f} GB for each of "
-    f"the {int(num_runs) - at_once} others, finished); {free / 1e9:.1f} GB are free in {folder}"
+    f"replay, while one is written, for each of the {at_once} running at once{others}); {free / 1e9:.1f} GB are "
+    f"free in {folder}"
 )
 print(line, file=sys.stderr)
 if need > free and disk_check == "1":
@@ -246,6 +248,8 @@ for script in $SCRIPTS; do
     done
   done
 done
+N_RUNS="${#RUNS[@]} runs"
+[ "${#RUNS[@]}" = 1 ] && N_RUNS="1 run"
 [ "$DRY_RUN" = 1 ] || mkdir -p "$OUT/logs" || die "cannot create --out $OUT"
 OUT=$(realpath -m "$OUT")
 # One sweep at a time on an --out folder: an flock on DIR/sweep.lock, which names its holder. This script alone holds
@@ -264,7 +268,7 @@ if [ "$SLURM" = 1 ]; then
   job_script="$OUT/sweep.sbatch"
   write_job_script() {
     echo "#!/bin/bash"
-    echo "# ${#RUNS[@]} runs of a sweep, one array element each. Written by benchmark.sh."
+    echo "# $N_RUNS of a sweep, one array element each. Written by benchmark.sh."
     echo "#SBATCH --job-name=taco-sweep"
     echo "#SBATCH --array=0-$((${#RUNS[@]} - 1))%$MAX_CONCURRENT"
     [ -n "$PARTITION" ] && echo "#SBATCH --partition=$PARTITION"
@@ -314,7 +318,7 @@ if [ "$SLURM" = 1 ]; then
   command -v sbatch > /dev/null || die "sbatch not found: is this a Slurm login node?"
   job_id=$(sbatch --parsable --output="$OUT/logs/%A_%a.log" "$job_script") || die "sbatch refused $job_script"
   job_id=${job_id%%;*}
-  echo "submitted array job $job_id: ${#RUNS[@]} runs, at most $MAX_CONCURRENT at once (job script: $job_script)"
+  echo "submitted array job $job_id: $N_RUNS, at most $MAX_CONCURRENT at once (job script: $job_script)"
   echo "watch it:   squeue -j $job_id      logs: $OUT/logs/${job_id}_<element>.log"
   if [ "$PLOT" = 1 ]; then
     plot_id=$(sbatch --parsable --dependency=afterany:"$job_id" --job-name=taco-plot --time=01:00:00 \
@@ -364,7 +368,7 @@ reap_one() {  # waits for the next run to end and reports it
 }
 
 if [ "$DRY_RUN" = 1 ]; then
-  echo "benchmark.sh (dry run): ${#RUNS[@]} runs, $WORKERS at a time, OMP_NUM_THREADS=$threads, in $OUT:"
+  echo "benchmark.sh (dry run): $N_RUNS, $WORKERS at a time, OMP_NUM_THREADS=$threads, in $OUT:"
   for run in "${RUNS[@]}"; do
     read -r script task seed <<< "$run"
     printf '%q ' "$PYTHON" "$ROOT/$script" --env-id "$task" --seed "$seed" --resume auto "${RUN_ARGS[@]}"
@@ -373,7 +377,7 @@ if [ "$DRY_RUN" = 1 ]; then
   [ "$PLOT" = 1 ] && echo "then: $PLOT_COMMAND"
   exit 0
 fi
-echo "benchmark.sh: ${#RUNS[@]} runs, $WORKERS at a time, OMP_NUM_THREADS=$threads; output in $OUT"
+echo "benchmark.sh: $N_RUNS, $WORKERS at a time, OMP_NUM_THREADS=$threads; output in $OUT"
 for run in "${RUNS[@]}"; do
   read -r script task seed <<< "$run"
   while [ "${#NAME_OF_PID[@]}" -ge "$WORKERS" ]; do reap_one; done
@@ -400,8 +404,12 @@ if [ "$PLOT" = 1 ]; then
   fi
 fi
 if [ "${#FAILED[@]}" -gt 0 ]; then
-  echo "benchmark.sh: ${#FAILED[@]} of ${#RUNS[@]} runs failed: ${FAILED[*]}" >&2
+  echo "benchmark.sh: ${#FAILED[@]} of $N_RUNS failed: ${FAILED[*]}" >&2
   exit 1
 fi
-echo "benchmark.sh: all ${#RUNS[@]} runs finished"
+if [ "${#RUNS[@]}" = 1 ]; then
+  echo "benchmark.sh: the run finished"
+else
+  echo "benchmark.sh: all $N_RUNS finished"
+fi
 exit "$plot_status"

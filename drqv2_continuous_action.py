@@ -1036,7 +1036,7 @@ def find_run_to_resume(args) -> str | None:
         print(f"--resume auto: no run of {args.env_id}, seed {args.seed} ({args.exp_name}) under runs/; starting one")
         return None
     chosen = os.path.dirname(max(found, key=os.path.getmtime))
-    print(f"--resume auto: resuming {chosen}, the newest of {len(found)} runs of this task and seed")
+    print(f"--resume auto: resuming {chosen}, the newest run of this task and seed ({len(found)} found)")
     return chosen
 
 

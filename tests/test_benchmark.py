@@ -234,6 +234,10 @@ def test_local_dry_run_prints_the_runs_and_runs_nothing(tmp_path):
     assert not out.exists() and not (tmp_path / "runs").exists(), "a dry run writes nothing"
     assert "start" not in result.stdout
     assert re.search(r"disk: up to [\d.]+ GB at the sweep's peak .* GB are free in ", result.stderr), result.stderr
+    assert "for each of the 6 finished)" in result.stderr and "8 runs, 2 at a time" in result.stdout
+    single = ["--dry-run", "--scripts", "drqv2_continuous_action.py", "--env-ids", "cartpole_balance"]
+    alone = run_benchmark([*single, "--num-seeds", "1", "--out", str(out)], tmp_path)
+    assert "(dry run): 1 run, 1 at a time" in alone.stdout and "finished" not in alone.stderr, alone.stderr
     preset = run_benchmark([*sweep, "--frames", "preset", "--no-disk-check", "--out", str(out)], tmp_path)
     assert preset.returncode == 0 and "--total-timesteps" not in preset.stdout, "each task's preset budget"
     assert "9 tasks at 1M frames" in run_benchmark(["--help"], tmp_path).stdout
@@ -296,6 +300,7 @@ def test_a_local_sweep_run_again_continues_interrupted_runs_and_skips_finished_o
     assert list((out / "runs").iterdir()) == [run_dir], "the same run continued"
     log = (out / "logs" / "drqv2_continuous_action__cartpole_balance__1.log").read_text()
     assert "stopped by SIGTERM" in log and f"resuming {run_dir.name}" in log, "the log keeps both attempts"
+    assert f"--resume auto: resuming runs/{run_dir.name}, the newest run of this task and seed (1 found)" in log
     steps = [step for step, _ in read_scalars(run_dir)["charts/episodic_return"]]
     assert steps == list(range(40, 161, 40)), "every episode logged once across the two attempts"
 
@@ -370,7 +375,9 @@ def test_a_second_sweep_on_the_same_out_is_refused_and_the_lock_ends_with_the_ha
             first.wait()
     for _ in range(2):  # a sweep that ends releases the lock: the same command again is not refused
         result = run_benchmark(command, tmp_path, env=env, timeout=300)
-        assert result.returncode == 0 and "all 1 runs finished" in result.stdout, result.stdout + result.stderr
+        assert result.returncode == 0 and "benchmark.sh: the run finished" in result.stdout, (
+            result.stdout + result.stderr
+        )
 
 
 @pytest.mark.parametrize(

@@ -628,7 +628,7 @@ def test_resume_auto_takes_the_newest_run_and_names_it(tmp_path):
     longer = [*short, "--total-timesteps", "160", "--eval-every", "1000", "--resume", "auto"]
     resumed = run_in_process("drqv2_continuous_action", longer, tmp_path)
     name = f"runs/{os.path.basename(newest)}"
-    assert f"--resume auto: resuming {name}, the newest of 2 runs of this task and seed" in resumed
+    assert f"--resume auto: resuming {name}, the newest run of this task and seed (2 found)" in resumed
     progress = [line for line in resumed.splitlines() if line.startswith("frame 120/")]
     assert progress and f"| last eval {last_eval} |" in progress[0], (
         "the last evaluation comes back with the checkpoint"
