@@ -84,3 +84,17 @@ def test_provenance_names_the_cpu_model_and_leaves_out_how_the_process_started()
         models = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
     assert models, "this test needs a /proc/cpuinfo that names the CPU model"
     assert record.processor() == models[0] and models[0] not in ("x86_64", "")
+
+
+def test_the_seeds_of_one_setting_share_one_legend_entry():
+    sys.path.insert(0, str(ROOT / "benchmarks" / "learning"))
+    import record
+
+    sweep = [("drqv2_continuous_action", "cartpole_balance", "CPU", "--amp bf16", seed, "abc1234") for seed in "312"]
+    other_commit = ("drqv2_continuous_action", "cartpole_balance", "CPU", "--amp bf16", "1", "def5678")
+    other_task = ("drqv2_continuous_action", "walker_walk", "CPU", "--amp bf16", "2", "abc1234")
+    labels = record.legend_labels({key: None for key in [*sweep, other_commit, other_task]})
+    assert labels[sweep[0]] == "DrQ-v2, seeds 1, 2, 3, abc1234, CPU\n(--amp bf16)"
+    assert labels[sweep[1]] is None and labels[sweep[2]] is None, "one entry for the sweep"
+    assert labels[other_commit] == "DrQ-v2, seed 1, def5678, CPU\n(--amp bf16)"
+    assert labels[other_task] == "DrQ-v2, seed 2, abc1234, CPU\n(--amp bf16)"

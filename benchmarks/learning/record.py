@@ -121,6 +121,7 @@ def figure(args: Args):
     tasks = sorted({key[1] for key in runs})
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 3.6), squeeze=False)
     colours = defaultdict(lambda: f"C{len(colours)}")
+    labels = legend_labels(runs)
     for ax, task in zip(axes.flat, tasks):
         reference = read_reference(os.path.join(ROOT, "reference", "drqv2_curves"), task)
         last = max(int(frames[-1]) for key, (frames, _) in runs.items() if key[1] == task)
@@ -130,10 +131,9 @@ def figure(args: Args):
             ax.plot(grid, mean, "--", color="0.4", label=f"DrQ-v2 published (mean and range of {len(reference)} seeds)")
         for (script, env_id, device, flags, seed, commit), (frames, values) in runs.items():
             if env_id == task:
-                label = f"{plot.display_name(script)}, seed {seed}, {commit}, {device}" + (
-                    f"\n({flags})" if flags else ""
-                )
-                ax.plot(frames, values, "-o", ms=3, color=colours[(script, device, flags)], label=label)
+                colour = colours[(script, device, flags, commit)]  # the seeds of one setting share a colour
+                label = labels[(script, env_id, device, flags, seed, commit)]
+                ax.plot(frames, values, "-o", ms=3, color=colour, label=label)
         ax.set_xlim(0, last)
         ax.set_title(task, fontsize=10)
         plot.figure_style(ax)
@@ -143,6 +143,21 @@ def figure(args: Args):
     plot.save_figure(fig, path)
     print(f"record.py: wrote {path}")
     print(table(runs, args.frames))
+
+
+def legend_labels(runs) -> dict:
+    """One legend entry, on the first of them, for the runs of one task that differ only in their seed (one colour
+    in the figure); None for the others."""
+    seeds = defaultdict(list)
+    for script, env_id, device, flags, seed, commit in runs:
+        seeds[(script, env_id, device, flags, commit)].append(int(seed))
+    labels = {}
+    for script, env_id, device, flags, seed, commit in runs:
+        group = sorted(seeds.pop((script, env_id, device, flags, commit), []))
+        named = f"seed {group[0]}" if len(group) == 1 else "seeds " + ", ".join(str(s) for s in group)
+        text = f"{plot.display_name(script)}, {named}, {commit}, {device}" + (f"\n({flags})" if flags else "")
+        labels[(script, env_id, device, flags, seed, commit)] = text if group else None
+    return labels
 
 
 def table(runs, frames) -> str:
