@@ -341,8 +341,9 @@ finished=0
 
 stop_children() {
   trap '' PIPE  # a reader of the output gone with the terminal must not end this script before its runs are stopped
-  local what="each finishes its episode and checkpoints"
-  echo "benchmark.sh: interrupted; stopping ${#NAME_OF_PID[@]} running runs ($what)" >&2
+  local what="the running runs (each finishes its episode and checkpoints)"
+  [ "${#NAME_OF_PID[@]}" = 1 ] && what="the running run (it finishes its episode and checkpoints)"
+  echo "benchmark.sh: interrupted; stopping $what" >&2
   for pid in "${!NAME_OF_PID[@]}"; do kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null; done
   wait
   echo "benchmark.sh: stopped; the same command continues the sweep from the runs' checkpoints" >&2

@@ -498,7 +498,8 @@ class Actor(nn.Module):
 
     def forward(self, features):
         """The policy's mean action in [-1, 1]; its std comes from the schedule."""
-        return torch.tanh(self.policy(self.trunk(features)))
+        # tanh in fp32 under --amp bf16 too: bf16's is exactly +-1, with no gradient, from |x| = 3.5 on (fp32's from 9)
+        return torch.tanh(self.policy(self.trunk(features)).float())
 
 
 class Critic(nn.Module):

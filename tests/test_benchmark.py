@@ -285,6 +285,7 @@ def test_a_local_sweep_run_again_continues_interrupted_runs_and_skips_finished_o
     os.killpg(process.pid, signum)  # as a terminal signals its foreground group; the runs are in sessions of their own
     assert process.wait(timeout=300) == 130, process.stdout.read()
     said = process.stdout.read()
+    assert "interrupted; stopping the running run (it finishes its episode and checkpoints)" in said, said
     assert said.endswith("benchmark.sh: stopped; the same command continues the sweep from the runs' checkpoints\n"), (
         said
     )

@@ -130,6 +130,29 @@ def test_bf16_update_matches_the_fp32_update_after_each_optimizer_step(script):
             assert a.norm() > 0 and (a - b).norm() <= BF16_STEP_TOLERANCE * a.norm(), f"{name}: its change"
 
 
+def test_bf16_keeps_the_gradient_of_a_nearly_saturated_actor(script):
+    """With the actor's tanh computed in bf16, a mean action whose pre-tanh value is past 3.5 rounds to exactly +-1
+    and gets no gradient at all (fp32's is 5e-4 at 4.5): the actor cannot leave a constant push. Two bf16 runs on
+    cartpole_balance ended with their actors pinned at -1 and +1 (benchmarks/learning/README.md)."""
+    args = script.resolve_args(script.Args(env_id="cheetah_run", hidden_dim=64, batch_size=16))
+    torch.manual_seed(0)
+    fp32 = with_sgd(script.Agent((9, 84, 84), 6, args, torch.device("cpu")), lr=1.0)
+    last = fp32.actor.policy[-1]
+    with torch.no_grad():
+        last.weight.mul_(0.01)
+        last.bias.fill_(4.5)  # every action near +1, as in a saturated actor
+    bf16 = copy.deepcopy(fp32)
+    bf16.args = script.dataclasses.replace(args, amp="bf16")
+    before = [p.detach().clone() for p in fp32.actor.parameters()]
+    batch = tiny_batch(script, batch_size=16, action_dim=6)
+    for agent in [fp32, bf16]:
+        torch.manual_seed(1)
+        agent.update(batch, step=3000)
+    a = torch.cat([(p.detach() - p0).flatten() for p, p0 in zip(fp32.actor.parameters(), before)])
+    b = torch.cat([(p.detach() - p0).flatten() for p, p0 in zip(bf16.actor.parameters(), before)])
+    assert a.norm() > 0 and (a - b).norm() <= BF16_STEP_TOLERANCE * a.norm(), (a.norm(), b.norm(), (a - b).norm())
+
+
 def test_cudagraphs_needs_cuda(tmp_path):
     if torch.cuda.is_available():  # on a GPU machine the flag must work instead
         result = run_script("drqv2_continuous_action", [*TINY_RUN, "--cudagraphs"], cwd=tmp_path)
