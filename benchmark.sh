@@ -190,14 +190,26 @@ if unknown:
 ACTION_DIM = 24  # at least any task's (humanoid: 21): an upper bound on the actions' share of the replay
 
 
-def checkpoint_bytes(module, task):
-    """(networks and optimizers, replay) bytes of a full checkpoint of this task's run with these arguments; a run
-    whose arguments do not parse takes the defaults (it fails on its own, naming them)."""
+def run_settings(script, task):
+    """The settings the script takes from these arguments for this task, as its own command line would; a sweep whose
+    runs would all stop on them at once is refused here, in one line, before anything runs."""
+    said = io.StringIO()
     try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            args = module.resolve_args(tyro.cli(module.Args, args=["--env-id", task, *run_args]))
-    except (SystemExit, ValueError):
-        args = module.resolve_args(module.Args(env_id=task))
+        with contextlib.redirect_stderr(said):
+            return modules[script].resolve_args(tyro.cli(modules[script].Args, args=["--env-id", task, *run_args]))
+    except SystemExit:  # tyro's message, in a box: its first lines, up to the box's first rule
+        box = [line.strip("│╭╮╰╯ ") for line in said.getvalue().splitlines()]
+        words = " ".join(line for line in box[1:] if line).split("──")[0]
+        error = " ".join(words.split()) or "it does not parse them"
+    except (modules[script].RunError, ValueError) as refused:
+        error = str(refused)
+    sys.exit(f"benchmark.sh: {script} on {task} refuses the arguments after --: {error}")
+
+
+def checkpoint_bytes(script, task):
+    """(networks and optimizers, replay) bytes of a full checkpoint of this task's run with these arguments."""
+    module = modules[script]
+    args = run_settings(script, task)
     if not args.checkpoint_every:
         return 0, 0
     args.compile = False
@@ -214,7 +226,7 @@ def checkpoint_bytes(module, task):
     return size, replay
 
 
-sizes = [checkpoint_bytes(module, task) for module in modules.values() for task in tasks.split()]
+sizes = [checkpoint_bytes(script, task) for script in modules for task in tasks.split()]
 networks = max(size for size, _ in sizes)
 full = max(size + replay for size, replay in sizes)
 at_once = int(at_once)
@@ -224,10 +236,10 @@ while not os.path.isdir(folder):
     folder = os.path.dirname(folder)
 free = shutil.disk_usage(folder).free
 finished = int(num_runs) - at_once
-others = f"; {networks / 1e9:.2f} GB for each of the {finished} finished" if finished else ""
+others = f"; {networks / 1e9:.2f} GB for each finished run ({finished})" if finished else ""
 line = (
     f"disk: up to {need / 1e9:.1f} GB at the sweep's peak (2 checkpoints of up to {full / 1e9:.2f} GB, with the "
-    f"replay, while one is written, for each of the {at_once} running at once{others}); {free / 1e9:.1f} GB are "
+    f"replay, while one is written, for each run going at once ({at_once}){others}); {free / 1e9:.1f} GB are "
     f"free in {folder}"
 )
 print(line, file=sys.stderr)

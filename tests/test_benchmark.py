@@ -213,12 +213,15 @@ def test_local_sweep_names_the_failed_run_after_the_others_finish(tmp_path):
     out = tmp_path / "my sweep"  # a space in the path
     scripts = "drqv2_continuous_action.py taco_continuous_action.py"
     sweep = ["--scripts", scripts, "--env-ids", "cartpole_balance", "--num-seeds", "1", "--workers", "2"]
-    # --multistep is TACO's: the DrQ-v2 run fails on it, the TACO run finishes
-    tiny = [*TINY_RUN[2:], "--total-timesteps", "40", "--multistep", "2"]
-    result = run_benchmark([*sweep, "--out", str(out), "--", *tiny], tmp_path)
+    # the DrQ-v2 run fails as it starts (a fake python), the TACO run finishes
+    crash = '[[ "$1" == */drqv2_continuous_action.py ]] && { echo "crashed on purpose" >&2; exit 3; }'
+    env = {"PYTHON": fake_python(tmp_path / "python", crash)}
+    tiny = [*TINY_RUN[2:], "--total-timesteps", "40"]
+    result = run_benchmark([*sweep, "--out", str(out), "--", *tiny], tmp_path, env=env)
     assert result.returncode != 0
     assert "1 of 2 runs failed: drqv2_continuous_action__cartpole_balance__1" in result.stderr
-    assert "--multistep" in (out / "logs" / "drqv2_continuous_action__cartpole_balance__1.log").read_text()
+    assert "(exit code 3, log: " in result.stdout
+    assert "crashed on purpose" in (out / "logs" / "drqv2_continuous_action__cartpole_balance__1.log").read_text()
     assert len(list((out / "runs").iterdir())) == 1, "the good run still finished"
 
 
@@ -234,7 +237,7 @@ def test_local_dry_run_prints_the_runs_and_runs_nothing(tmp_path):
     assert not out.exists() and not (tmp_path / "runs").exists(), "a dry run writes nothing"
     assert "start" not in result.stdout
     assert re.search(r"disk: up to [\d.]+ GB at the sweep's peak .* GB are free in ", result.stderr), result.stderr
-    assert "for each of the 6 finished)" in result.stderr and "8 runs, 2 at a time" in result.stdout
+    assert "for each finished run (6))" in result.stderr and "8 runs, 2 at a time" in result.stdout
     single = ["--dry-run", "--scripts", "drqv2_continuous_action.py", "--env-ids", "cartpole_balance"]
     alone = run_benchmark([*single, "--num-seeds", "1", "--out", str(out)], tmp_path)
     assert "(dry run): 1 run, 1 at a time" in alone.stdout and "finished" not in alone.stderr, alone.stderr
@@ -394,6 +397,19 @@ def test_a_second_sweep_on_the_same_out_is_refused_and_the_lock_ends_with_the_ha
         (["--", "--track", "--resume", "runs/x"], "the arguments after -- set --resume, but the sweep gives every run"),
         (["--frames", "5000", "--", "--total-timesteps", "6000"], "--frames and --total-timesteps after -- both set"),
         (["--frames", "preset", "--", "--total_timesteps=6"], "--frames and --total_timesteps after -- both set the"),
+        (
+            ["--", "--num-seed-frames", "80"],
+            "taco_continuous_action.py on cartpole_balance refuses the arguments after --: Unrecognized options: --num",
+        ),
+        (
+            ["--scripts", "drqv2_continuous_action.py taco_continuous_action.py", "--", "--multistep", "2"],
+            "drqv2_continuous_action.py on cartpole_balance refuses the arguments after --: Unrecognized options: --mu",
+        ),
+        (["--", "--batch-size", "abc"], "refuses the arguments after --: Error parsing --batch-size: no type matching"),
+        (
+            ["--frames", "240", "--", "--learning-starts", "80"],
+            "refuses the arguments after --: --batch-size 1024 is larger than the 40 transitions the replay holds",
+        ),
     ],
 )
 def test_a_sweep_refuses_what_it_cannot_run_as_asked_in_one_line(tmp_path, option, message):
