@@ -132,8 +132,9 @@ def figure(args: Args):
         for (script, env_id, device, flags, seed, commit), (frames, values) in runs.items():
             if env_id == task:
                 colour = colours[(script, device, flags, commit)]  # the seeds of one setting share a colour
+                marker = "os^Dvp*X"[int(colour[1:]) % 8]  # and a marker: runs that coincide stay visible
                 label = labels[(script, env_id, device, flags, seed, commit)]
-                ax.plot(frames, values, "-o", ms=3, color=colour, label=label)
+                ax.plot(frames, values, "-" + marker, ms=9 - int(colour[1:]) % 8, color=colour, label=label, alpha=0.85)
         ax.set_xlim(0, last)
         ax.set_title(task, fontsize=10)
         plot.figure_style(ax)
