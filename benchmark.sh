@@ -12,6 +12,7 @@ NUM_SEEDS=6
 FIRST_SEED=1
 FRAMES=1000000
 FRAMES_GIVEN=0
+BUDGET_AFTER_DASHES=0
 DISK_CHECK=1
 OUT=benchmark
 WORKERS=1
@@ -32,7 +33,10 @@ Usage: ./benchmark.sh [options] [-- extra arguments for every run]
 
 Runs every (script, task, seed) of a sweep, then plot.py on the results. By default: the TACO paper's benchmark,
 both scripts on its 9 tasks at 1M frames (its table's budget), 6 seeds each.
-Run again, the same command continues each interrupted run from its checkpoint and skips the finished ones.
+Ctrl-C, kill (SIGTERM) or a closed terminal stops it: each run finishes its episode and checkpoints (a sweep put in
+the background by a script ignores Ctrl-C, as bash makes such jobs do: stop it with kill). Run again, the same
+command continues each interrupted run from its checkpoint and skips the finished ones. The arguments after --
+are checked with the scripts' own checks before anything runs.
 
 Sweep:
   --scripts "A B"        agent scripts (default: $SCRIPTS)
@@ -145,7 +149,8 @@ for word in "${EXTRA_ARGS[@]}"; do
     --env-id) die "the arguments after -- set $flag, but the sweep sets each run's task: use --env-ids" ;;
     --resume) die "the arguments after -- set $flag, but the sweep gives every run --resume auto (run it again to continue)" ;;
     --total-timesteps)
-      [ "$FRAMES_GIVEN" = 0 ] || die "--frames and $flag after -- both set the budget: give one of them" ;;
+      [ "$FRAMES_GIVEN" = 0 ] || die "--frames and $flag after -- both set the budget: give one of them"
+      BUDGET_AFTER_DASHES=1 ;;
   esac
 done
 [ -n "$ENV_IDS" ] || die "--env-ids is empty"
@@ -161,9 +166,10 @@ if [ "$DRY_RUN" = 0 ] && [ -f "$OUT/sweep.lock" ] && exec {probe}< "$OUT/sweep.l
 fi
 last_seed=$((10#$FIRST_SEED + NUM_SEEDS - 1))
 [ ${#FIRST_SEED} -le 10 ] && [ "$last_seed" -lt 4294967296 ] || die "seeds must be below 2**32 (numpy's seeds): --first-seed $FIRST_SEED with --num-seeds $NUM_SEEDS"
-# What every run gets after its task and seed: the budget, then the arguments after --, which may override it.
+# What every run gets after its task and seed: the budget (unless its preset's or set after --), then the arguments
+# after --.
 RUN_ARGS=("${EXTRA_ARGS[@]}")
-[ "$FRAMES" = preset ] || RUN_ARGS=(--total-timesteps "$FRAMES" "${EXTRA_ARGS[@]}")
+[ "$FRAMES" = preset ] || [ "$BUDGET_AFTER_DASHES" = 1 ] || RUN_ARGS=(--total-timesteps "$FRAMES" "${EXTRA_ARGS[@]}")
 num_runs=$(($(wc -w <<< "$SCRIPTS") * $(wc -w <<< "$ENV_IDS") * NUM_SEEDS))
 at_once=$WORKERS
 [ "$SLURM" = 1 ] && at_once=$MAX_CONCURRENT

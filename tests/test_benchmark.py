@@ -232,8 +232,10 @@ def test_local_dry_run_prints_the_runs_and_runs_nothing(tmp_path):
     assert result.returncode == 0, result.stderr
     commands = [line for line in result.stdout.splitlines() if "--env-id" in line]
     assert len(commands) == 8 and "taco_continuous_action.py --env-id cheetah_run --seed 2" in result.stdout
-    # the paper's 1M frames, then what follows --, which overrides it; --resume auto continues an interrupted run
-    assert all("--resume auto --total-timesteps 1000000 --total-timesteps 1000 >> " in line for line in commands)
+    # the budget set after -- replaces the paper's 1M frames; --resume auto continues an interrupted run
+    assert all("--resume auto --total-timesteps 1000 >> " in line for line in commands), commands
+    default = run_benchmark([*sweep, "--out", str(out), "--", "--learning-starts", "8000"], tmp_path)
+    assert "--seed 1 --resume auto --total-timesteps 1000000 --learning-starts 8000 >> " in default.stdout
     assert not out.exists() and not (tmp_path / "runs").exists(), "a dry run writes nothing"
     assert "start" not in result.stdout
     assert re.search(r"disk: up to [\d.]+ GB at the sweep's peak .* GB are free in ", result.stderr), result.stderr
