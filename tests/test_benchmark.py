@@ -463,8 +463,10 @@ def test_slurm_job_script_keeps_arguments_with_newlines_and_quotes_as_words(tmp_
     """The job script, run here as Slurm would run an element, passes each argument after -- as one word: a newline,
     a quote or $(...) inside one runs nothing."""
     marker = tmp_path / "ran"
-    tricky = ["--exp-name", f"x\ntouch {marker}", "--notes", f"$(touch {marker})", "--a", f"'; touch {marker}; '"]
-    tricky += ["--b", f'"\n touch {marker} #', "--c", f"`touch {marker}`"]
+    # free-text settings (the scripts check their arguments before the sweep starts; a flag given twice: the last wins)
+    project = "--wandb-project-name"
+    tricky = [project, f"x\ntouch {marker}", "--wandb-entity", f"$(touch {marker})", project, f"'; touch {marker}; '"]
+    tricky += ["--wandb-entity", f'"\n touch {marker} #', project, f"`touch {marker}`"]
     record = tmp_path / "record"
     record.mkdir()
     recorder = fake_python(tmp_path / "python", 'printf "%s\\0" "$@" > "$RECORD_DIR/$SLURM_ARRAY_TASK_ID"; exit 0')
@@ -664,7 +666,7 @@ def test_slurm_elements_get_exactly_the_arguments_given_none_or_quoted(slurm_clu
         "00:05:00",
         "--no-disk-check",
     ]
-    tricky = ["--exp-name", 'it\'s a "quoted" name', "--learning-rate", "1e-4"]
+    tricky = ["--wandb-project-name", 'it\'s a "quoted" name', "--learning-rate", "1e-4"]
     script = str(ROOT / "drqv2_continuous_action.py")
     for extra, frames, expected_tail in [
         ([], ["--frames", "preset"], []),
