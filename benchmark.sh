@@ -205,7 +205,7 @@ def run_settings(script, task):
             return modules[script].resolve_args(tyro.cli(modules[script].Args, args=["--env-id", task, *run_args]))
     except SystemExit:  # tyro's message, in a box: its first lines, up to the box's first rule
         box = [line.strip("│╭╮╰╯ ") for line in said.getvalue().splitlines()]
-        words = " ".join(line for line in box[1:] if line).split("──")[0]
+        words = " ".join(line for line in box[1:] if line).split("──")[0].split(" Got errors:")[0]
         error = " ".join(words.split()) or "it does not parse them"
     except (modules[script].RunError, ValueError) as refused:
         error = str(refused)
