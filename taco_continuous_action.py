@@ -6,20 +6,24 @@
 # (argument checks, CUDA graphs, memory, logs, checkpoints, signals): none of it changes what is learned. Blocks marked
 # `# --- shared: ... ---` are the same, byte for byte, in drqv2_continuous_action.py (a test keeps them so).
 # docs/taco.md explains each numbered detail.
+import ast
 import contextlib
 import copy
 import dataclasses
 import errno
 import fcntl
 import glob
+import hashlib
 import math
 import os
 import pickle
 import random
 import re
+import resource
 import signal
 import socket
 import sys
+import threading
 import time
 import zipfile
 from collections import deque
@@ -100,7 +104,7 @@ class Args:
     """if toggled, checkpoints hold the replay (21.4 kB a transition); else a resumed run refills it first"""
     resume: str | None = None
     """continue a run: its directory, or `auto` for the newest of this env_id, exp_name and seed (else a new run); its
-    settings come from its checkpoint, and a flag at its default value counts as not given (docs/long-runs.md)"""
+    settings come from its checkpoint, and the flags given may change some of them (docs/long-runs.md)"""
 
     # Algorithm
     buffer_size: Annotated[int | None, PRESET] = None
@@ -730,33 +734,34 @@ class Agent:
         self.taco_opt.step()
         return {**{tag: loss.detach() for tag, loss in losses.items()}, "charts/taco_accuracy": accuracy}
 
-    def state_dict(self) -> dict:
-        """What the agent has learned, by attribute name: each network's and optimizer's state and every tensor held
-        (an nn.Parameter too). Checkpoints keep it all; a new one added here is kept without more code."""
-        state = {}
-        for name, part in vars(self).items():
-            if isinstance(part, (nn.Module, torch.optim.Optimizer)):
-                state[name] = part.state_dict()
-            elif isinstance(part, torch.Tensor):
-                state[name] = part.detach()
-            elif isinstance(part, (list, tuple, dict)):  # what is in them would be missed: refuse it
-                items = part.values() if isinstance(part, dict) else part
-                if any(isinstance(item, (nn.Module, torch.Tensor)) for item in items):
-                    raise TypeError(f"Agent.{name}: hold networks and tensors in nn.ModuleList or nn.ParameterList")
-        return state
-
-    def load_state_dict(self, state: dict):
-        for name, part_state in state.items():
-            part = getattr(self, name)
-            if isinstance(part, torch.Tensor):
-                with torch.no_grad():
-                    part.copy_(part_state)  # in place: optimizers and a CUDA graph hold this very tensor
-            else:
-                part.load_state_dict(part_state)
-
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Training loop (detail 11): act, update when due, step the environment; evaluate, log and checkpoint on schedule
+# Evaluation and training loop (detail 11): act, update when due, step the environment; evaluate, log, checkpoint
+
+
+def evaluate(agent, env, num_episodes: int, video_path: str | None = None) -> list:
+    """Returns of episodes acting with the mean action (the first one filmed to `video_path`, if given, and sent to
+    the wandb run, if one is tracking)."""
+    returns = []
+    video = []
+    for episode in range(num_episodes):
+        obs = env.reset()
+        done = False
+        returns.append(0.0)
+        while not done:
+            if video_path and episode == 0:
+                video.append(env.frame.transpose(1, 2, 0).repeat(3, axis=0).repeat(3, axis=1))  # 84 -> 252 px
+            obs, reward, _, done = env.step(agent.act(obs, step=0, eval_mode=True))
+            returns[-1] += reward
+    if video_path:
+        import imageio
+
+        os.makedirs(os.path.dirname(video_path), exist_ok=True)
+        imageio.mimsave(video_path, video, fps=30, macro_block_size=4)
+        wandb = sys.modules.get("wandb")  # imported by --track only
+        if wandb is not None and wandb.run is not None:
+            wandb.log({"videos/eval": wandb.Video(video_path, format="mp4")})
+    return returns
 
 
 def main(args: Args):
@@ -785,6 +790,9 @@ def main(args: Args):
     # start() puts a resumed run back as its checkpoint left it, takes the run directory, opens the logs and catches
     # stop signals; leaving the block, the run writes its final checkpoint (and --save-model's file)
     with run.start(agent, rb, [env, eval_env]) as writer:
+        start_step = run.start_step  # 0, or the agent step a resumed run's checkpoint was written at
+        total_steps = run.total_steps  # --total-timesteps frames in agent steps of --action-repeat frames
+        updates_start = run.updates_start  # --learning-starts frames; resumed without its replay, that many after
         if run.new:  # frame 0 is evaluated first
             run.last_eval = float(np.mean(evaluate(agent, eval_env, args.num_eval_episodes, run.video_path(0))))
             writer.add_scalar("eval/episodic_return", run.last_eval, 0)
@@ -795,9 +803,9 @@ def main(args: Args):
         episode_return = 0.0
         episode_start = time.time()
         metrics = {}
-        for global_step in range(run.start_step, run.total_steps):
+        for global_step in range(start_step, total_steps):
             action = agent.act(obs, global_step, eval_mode=False)
-            due = global_step * args.action_repeat >= run.updates_start and global_step % args.update_every_steps == 0
+            due = global_step * args.action_repeat >= updates_start and global_step % args.update_every_steps == 0
             if due and rb.can_sample():  # (it cannot until a complete episode is stored)
                 batch = {key: value.to(run.device) for key, value in rb.sample(args.batch_size).items()}
                 metrics = agent.update(batch, global_step)
@@ -806,7 +814,7 @@ def main(args: Args):
             rb.add(action, reward, discount, env.frame)
             episode_return += reward
             frame = (global_step + 1) * args.action_repeat
-            if (global_step + 1) % eval_every_steps == 0 or global_step + 1 == run.total_steps:
+            if (global_step + 1) % eval_every_steps == 0 or global_step + 1 == total_steps:
                 eval_start = time.time()
                 run.last_eval = float(np.mean(evaluate(agent, eval_env, args.num_eval_episodes, run.video_path(frame))))
                 writer.add_scalar("eval/episodic_return", run.last_eval, frame)
@@ -841,17 +849,15 @@ def main(args: Args):
 # --- shared: checks ---
 def check_common_args(args, positive: list[str]) -> int:
     """Fails fast, before any environment is built, on settings that cannot work; returns an episode's agent steps."""
-    time_limit = 250 if args.env_id == "reach_duplo" else 1000  # the task's, in frames
-    episode_steps = math.ceil(min(args.max_episode_frames or time_limit, time_limit) / args.action_repeat)
     value = vars(args)
-    positive = positive + ["frame_stack", "action_repeat", "total_timesteps", "eval_every", "num_eval_episodes"]
-    positive += ["buffer_size", "batch_size", "nstep", "learning_rate", "feature_dim", "hidden_dim"]
-    positive += ["update_every_steps"]
-    rules = [(name, value[name] is None or value[name] > 0, "must be positive") for name in positive]
-    for name in ("learning_starts", "num_expl_steps", "checkpoint_every"):
-        rules.append((name, value[name] >= 0, "must be non-negative"))
+    positive += ["frame_stack", "action_repeat", "total_timesteps", "eval_every", "num_eval_episodes", "buffer_size"]
+    positive += ["batch_size", "nstep", "learning_rate", "feature_dim", "hidden_dim", "update_every_steps"]
+    rules = [(name, value[name] is None or 0 < value[name] < math.inf, "must be positive, finite") for name in positive]
+    rules += [(name, value[name] >= 0, "must be non-negative") for name in ("learning_starts", "num_expl_steps")]
+    rules.append(("checkpoint_every", args.checkpoint_every >= 0, "must be non-negative"))
     rules += [(name, 0 < value[name] <= 1, "must be in (0, 1]") for name in ("gamma", "tau")]
-    rules.append(("learning_rate", math.isfinite(args.learning_rate), "must be finite"))
+    texts = [name for name, text in value.items() if isinstance(text, str)]  # they reach file names and the logs
+    rules += [(name, value[name].isprintable(), "must hold no newline or other control character") for name in texts]
     rules.append(("stddev_clip", math.isfinite(args.stddev_clip) and args.stddev_clip >= 0, "must be finite and >= 0"))
     at_least_one_step = args.max_episode_frames is None or args.max_episode_frames >= args.action_repeat
     rules.append(("max_episode_frames", at_least_one_step, "must be at least --action-repeat"))
@@ -863,6 +869,8 @@ def check_common_args(args, positive: list[str]) -> int:
     for name, ok, requirement in rules:
         if not ok:
             raise RunError(f"--{name.replace('_', '-')} {requirement}, got {value[name]!r}")
+    time_limit = 250 if args.env_id == "reach_duplo" else 1000  # the task's, in frames
+    episode_steps = math.ceil(min(args.max_episode_frames or time_limit, time_limit) / args.action_repeat)
     stored = min(args.buffer_size, args.learning_starts // args.action_repeat)
     if args.batch_size > stored:
         raise RunError(
@@ -884,10 +892,13 @@ def validate_args(args: Args):
         raise RunError(f"--nstep and --multistep must be shorter than an episode ({episode_steps} agent steps)")
 
 
-UPDATE_MEMORY = 3.7e9  # bytes of a default CPU run besides the replay (3.43 GB measured: benchmarks/update_memory.py)
+def update_memory(args) -> float:
+    """Bytes a CPU run holds besides its replay: libraries, environments, networks, and the updates' batches and
+    activations, by sample and stacked frame (benchmarks/update_memory.py measures them: 10% under this or more)."""
+    return 1.0e9 + args.batch_size * (1.8e6 + 0.3e6 * args.frame_stack)
 
 
-# --- shared: CUDA graphs ---
+# --- shared: run machinery ---
 class CudaGraph:
     """--cudagraphs: the whole update (forwards, backwards, optimizer steps, target update) recorded once as a CUDA
     graph, then replayed: one launch instead of hundreds. Each replay reads the batch and std copied into the graph's
@@ -909,10 +920,9 @@ class CudaGraph:
         return self.metrics
 
     def capture(self):
-        # A warm-up update on a side stream sets up what a graph cannot (library handles, Adam's state); then all the
-        # agent's state (weights, tensors, optimizer states) and the random generator are put back, in place, as
-        # they were before it.
-        saved = copy.deepcopy(self.agent.state_dict())
+        # A warm-up update on a side stream sets up what a graph cannot (library handles, Adam's state); then the
+        # agent's state (weights, tensors, optimizer states) and the random generator are put back in place.
+        saved = copy.deepcopy(agent_state(self.agent))
         rng = torch.cuda.get_rng_state()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -922,27 +932,19 @@ class CudaGraph:
         with torch.no_grad():
             for name, part in vars(self.agent).items():
                 if isinstance(part, torch.optim.Optimizer):  # its state tensors stay: the graph will use these
-                    parameters = [p for group in part.param_groups for p in group["params"]]
-                    for index, parameter in enumerate(parameters):
+                    for index, parameter in enumerate(p for group in part.param_groups for p in group["params"]):
                         before = saved[name]["state"].get(index, {})  # empty: no state before the warm-up
                         for key, tensor in part.state[parameter].items():
-                            if key in before:
-                                tensor.copy_(before[key])
-                            else:
-                                tensor.zero_()
+                            tensor.copy_(before.get(key, torch.zeros_like(tensor)))
                     part.zero_grad(set_to_none=True)
                 elif name in saved:
-                    self.agent.load_state_dict({name: saved[name]})
+                    load_agent_state(self.agent, {name: saved[name]})
         torch.cuda.set_rng_state(rng)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):  # other threads: TensorBoard's writer
             self.metrics = self.agent.compute_update(self.batch, self.std)
 
 
-# --- end shared ---
-
-
-# --- shared: run machinery ---
 class RunError(ValueError):
     """A problem the user can fix (bad settings, a damaged checkpoint, no renderer): one clear line, non-zero exit."""
 
@@ -955,15 +957,6 @@ def duration(seconds: float) -> str:
     return f"{int(seconds // 3600)}h{int(seconds % 3600 // 60):02d}m" if math.isfinite(seconds) else "-"
 
 
-def choose_device(args) -> torch.device:
-    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    if args.cuda and device.type == "cpu":
-        print("warning: no CUDA device is available; running on the CPU")
-    if args.cudagraphs and device.type != "cuda":
-        raise RunError("--cudagraphs needs a CUDA device")
-    return device
-
-
 def configure_torch(args):
     """cuDNN's deterministic algorithms (--torch-deterministic) and the precision of fp32 convolutions (--tf32)."""
     torch.backends.cudnn.deterministic = args.torch_deterministic
@@ -971,11 +964,30 @@ def configure_torch(args):
     torch.backends.cuda.matmul.allow_tf32 = False
 
 
-def memory_info(key: str) -> float:
-    """A /proc/meminfo figure in bytes (MemAvailable, MemTotal, SwapTotal); infinite where it cannot tell."""
-    with contextlib.suppress(OSError, StopIteration, ValueError), open("/proc/meminfo") as meminfo:
-        return 1024 * int(next(line.split()[1] for line in meminfo if line.startswith(f"{key}:")))
+def read_number(path: str, key: str = "", unit: int = 1) -> float:
+    """The number after `key` at the start of a line of a file, times `unit`; infinite where there is none."""
+    with contextlib.suppress(OSError, StopIteration, ValueError), open(path) as f:
+        return unit * int(next(line[len(key) :].split()[0] for line in f if line.startswith(key)))
     return math.inf
+
+
+def host_memory(proc: str = "/proc", cgroups: str = "/sys/fs/cgroup") -> tuple[float, float]:
+    """(available, ceiling): the bytes this process may fill, and reserve at once: the tightest of the machine's, its
+    cgroups' (a container's, Slurm's --mem; v2 or v1, the parents' too) and its address space's (ulimit -v)."""
+    available = read_number(f"{proc}/meminfo", "MemAvailable:", 1024)
+    ceiling = read_number(f"{proc}/meminfo", "MemTotal:", 1024) + read_number(f"{proc}/meminfo", "SwapTotal:", 1024)
+    files = {"": ("memory.max", "memory.current"), "memory": ("memory.limit_in_bytes", "memory.usage_in_bytes")}
+    with contextlib.suppress(OSError), open(f"{proc}/self/cgroup") as f:
+        groups = [line.rstrip("\n").split(":", 2)[1:] for line in f]
+    for controller, path in (group for group in groups if group[0] in files):
+        while path:  # "/a/b", then "/a", then "": inf - inf (no limit there) is nan, which min() passes over
+            folder = f"{cgroups}/{controller}{path}"
+            limit, usage = (read_number(f"{folder}/{name}") for name in files[controller])
+            available = min(available, limit - usage)
+            path = path.rpartition("/")[0]
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]  # ulimit -v: what the process holds already counts against it
+    room = math.inf if limit == resource.RLIM_INFINITY else limit - read_number(f"{proc}/self/status", "VmSize:", 1024)
+    return min(available, room), min(ceiling, room)
 
 
 MAX_ACTION_DIM = 21  # the widest action of the tasks (humanoid): the memory checks come before any environment
@@ -987,7 +999,8 @@ def check_memory(args, device: torch.device) -> torch.device:
     (`auto`: the GPU if the whole replay fits in half its free memory)."""
     if args.replay_device == "cuda" and device.type == "cpu":
         raise RunError("--replay-device cuda needs a CUDA device")
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else memory_info("MemAvailable")
+    available, ceiling = host_memory()
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else available
     try:
         with torch.device("meta"):  # sizes only: nothing is allocated
             agent = Agent((3 * args.frame_stack, 84, 84), 1, args, torch.device("meta"))
@@ -1001,62 +1014,30 @@ def check_memory(args, device: torch.device) -> torch.device:
     fits = args.replay_device == "cuda" or device.type == "cuda" and full <= free / 2
     replay_device = device if args.replay_device != "cpu" and fits else torch.device("cpu")
     transitions = min(args.buffer_size, args.total_timesteps // args.action_repeat)
-    ceiling = memory_info("MemTotal") + memory_info("SwapTotal")  # the most one allocation may ask of the host
     if replay_device.type == "cpu" and full > ceiling:
-        raise RunError(
-            f"the replay's capacity of {args.buffer_size} transitions takes {full / 1e9:.1f} GB to allocate, more than "
-            f"the {ceiling / 1e9:.1f} GB of memory and swap: lower --buffer-size (this run stores {transitions})"
-        )
+        capacity = f"the replay's capacity of {args.buffer_size} transitions takes {full / 1e9:.1f} GB to allocate"
+        raise RunError(f"{capacity}, more than the {ceiling / 1e9:.1f} GB the process may reserve: lower --buffer-size")
     replay_bytes = ReplayBuffer.memory(transitions, (3, 84, 84), MAX_ACTION_DIM)
-    host_bytes = (replay_bytes if replay_device.type == "cpu" else 0) + (UPDATE_MEMORY if device.type == "cpu" else 0)
-    available = memory_info("MemAvailable")
-    if host_bytes > available:
+    update_bytes = update_memory(args) if device.type == "cpu" else 0
+    if (replay_bytes if replay_device.type == "cpu" else 0) + update_bytes > available:
         raise RunError(
             f"the replay's {transitions} transitions take {replay_bytes / 1e9:.1f} GB and the updates about "
-            f"{UPDATE_MEMORY / 1e9:.1f} GB, but {available / 1e9:.1f} GB of memory are available: lower --buffer-size"
+            f"{update_bytes / 1e9:.1f} GB, but {available / 1e9:.1f} GB of memory are available to this process "
+            "(the machine's, its cgroup's, ulimit -v's): lower --buffer-size or --batch-size"
         )
     if replay_device.type == "cuda" and replay_bytes > free:
-        raise RunError(
-            f"the replay's {replay_bytes / 1e9:.1f} GB do not fit in the GPU's free memory: --replay-device cpu"
-        )
+        raise RunError(f"the replay's {replay_bytes / 1e9:.1f} GB exceed the GPU's free memory: --replay-device cpu")
     return replay_device
 
 
-def evaluate(agent, env, num_episodes: int, video_path: str | None = None) -> list:
-    """Returns of episodes acting with the mean action (the first one filmed to `video_path`, if given, and sent to
-    the wandb run, if one is tracking)."""
-    returns = []
-    video = []
-    for episode in range(num_episodes):
-        obs = env.reset()
-        done = False
-        returns.append(0.0)
-        while not done:
-            if video_path and episode == 0:
-                video.append(env.frame.transpose(1, 2, 0).repeat(3, axis=0).repeat(3, axis=1))  # 84 -> 252 px
-            obs, reward, _, done = env.step(agent.act(obs, step=0, eval_mode=True))
-            returns[-1] += reward
-    if video_path:
-        import imageio
-
-        os.makedirs(os.path.dirname(video_path), exist_ok=True)
-        imageio.mimsave(video_path, video, fps=30, macro_block_size=4)
-        wandb = sys.modules.get("wandb")  # imported by --track only
-        if wandb is not None and wandb.run is not None:
-            wandb.log({"videos/eval": wandb.Video(video_path, format="mp4")})
-    return returns
-
-
 def non_finite(what: str, frame: int, checkpoint_frame: int) -> RunError:
-    kept = f"the last checkpoint, at frame {checkpoint_frame}, is kept"
-    return RunError(f"non-finite {what} at frame {frame}; stopping without checkpointing ({kept})")
+    return RunError(f"non-finite {what} at frame {frame}; stopping without checkpointing ({kept(checkpoint_frame)})")
 
 
 CHECKPOINT = "checkpoint.pt"
 LOCK = "run.lock"
-# Resuming, a run's settings come from its checkpoint; a flag given on the command line (a value other than its
-# default) may change these, and one that changes what is computed is refused. THIS_PROCESS: how this process runs,
-# always this command line's.
+# Resuming, a run's settings come from its checkpoint; these a flag of the command line may change (one that changes
+# what is computed is refused). THIS_PROCESS: how this process runs, always this command line's.
 RESUMABLE_CHANGES = {"total_timesteps", "eval_every", "num_eval_episodes", "checkpoint_every", "checkpoint_replay"}
 RESUMABLE_CHANGES |= {"track", "wandb_project_name", "wandb_entity", "capture_video", "save_model"}
 THIS_PROCESS = {"resume", "cuda", "torch_deterministic", "compile", "cudagraphs", "tf32", "replay_device"}
@@ -1100,41 +1081,36 @@ def lock_run_dir(run_dir: str, new_run: bool):
     make_folder(run_dir)
     try:  # held open while the run lasts; O_NOFOLLOW: a symbolic link planted there is refused
         lock = os.fdopen(os.open(os.path.join(run_dir, LOCK), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644), "r+")
-    except OSError as error:
-        reason = f"{LOCK} is a symbolic link" if error.errno == errno.ELOOP else error.strerror or first_line(error)
-        raise RunError(f"cannot write in {run_dir} ({reason})") from error
-    try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as error:
-        if error.errno not in (errno.EAGAIN, errno.EACCES):  # a file system without locks: say so, go on
-            print(f"warning: cannot lock {run_dir} ({error.strerror}): run one process on it at a time")
-            return lock
-        lock.seek(0)
+        lock.write(f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        lock.truncate()
+        lock.flush()
+    except BlockingIOError:  # locked
         holder = lock.read().strip() or "another process"
         lock.close()
         raise RunError(f"{run_dir} is in use by {holder}: one process per run directory") from None
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-    lock.flush()
+    except OSError as error:
+        if error.errno != errno.ENOLCK:  # a full disk, no permission, a link
+            reason = f"{LOCK} is a symbolic link" if error.errno == errno.ELOOP else error.strerror or first_line(error)
+            raise RunError(f"cannot write in {run_dir} ({reason})") from error
+        print(f"warning: cannot lock {run_dir} ({error.strerror}): run one process on it at a time")
     return lock
 
 
 def load_checkpoint(path: str) -> dict:
-    """The checkpoint's payload (tensors memory-mapped) once every record of its zip file matches its CRC (torch.load
-    checks none)."""
+    """The checkpoint's payload (tensors memory-mapped) once every record of its zip file is stored as torch.save
+    stores them (a compressed one could unpack to any size) and matches its CRC (torch.load checks none)."""
     try:
         with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()
+            packed = [info.filename for info in archive.infolist() if info.compress_type != zipfile.ZIP_STORED]
+            damaged = packed[0] if packed else archive.testzip()
         payload = torch.load(path, weights_only=True, mmap=True) if damaged is None else None
     except pickle.UnpicklingError as error:  # torch's message goes on to suggest loading it unsafely
-        raise RunError(
-            f"the checkpoint {path} holds Python objects, which a checkpoint of this script never does"
-        ) from error
+        raise RunError(f"{path} holds Python objects, which no checkpoint of this script does") from error
     except Exception as error:  # a damaged file fails in many ways
         raise RunError(f"the checkpoint {path} is unreadable or corrupt ({first_line(error)})") from error
     if damaged is not None:
-        raise RunError(f"the checkpoint {path} is corrupt: its record {damaged} does not match its CRC")
+        raise RunError(f"the checkpoint {path} is corrupt: its record {damaged} is compressed or fails its CRC")
     if not isinstance(payload, dict) or not isinstance(payload.get("args"), dict):
         raise RunError(f"the checkpoint {path} is corrupt: it holds no run's checkpoint")
     return payload
@@ -1143,18 +1119,13 @@ def load_checkpoint(path: str) -> dict:
 def find_run_to_resume(args) -> str | None:
     """The run directory --resume names (or holds the checkpoint file it names); for `auto`, the newest run of the
     same env_id, exp_name and seed with a checkpoint, else None."""
-    if args.resume == "":
-        raise RunError("--resume must name a run directory, its checkpoint.pt, or auto, got ''")
     if args.resume != "auto":
-        if os.path.isfile(args.resume) and os.path.basename(args.resume) == CHECKPOINT:
-            return os.path.dirname(os.path.abspath(args.resume))
-        if os.path.isfile(args.resume):
-            raise RunError(f"--resume {args.resume} is a file, not a run directory or its {CHECKPOINT}")
-        if not os.path.isfile(os.path.join(args.resume, CHECKPOINT)):
-            missing = "no such run directory" if not os.path.isdir(args.resume) else f"there is no {CHECKPOINT} in it"
-            raise RunError(f"--resume {args.resume}: {missing} (pass runs/<run_name> or auto; checkpoints off?)")
-        return os.path.normpath(args.resume)
-    found = glob.glob(f"runs/{args.env_id}__{args.exp_name}__{args.seed}__*/{CHECKPOINT}")
+        run_dir = os.path.dirname(args.resume) if os.path.basename(args.resume) == CHECKPOINT else args.resume
+        if not args.resume or not os.path.isfile(os.path.join(run_dir, CHECKPOINT)):
+            raise RunError(f"--resume {args.resume!r}: no {CHECKPOINT} there (pass runs/<run_name> or auto)")
+        return os.path.normpath(run_dir)
+    name = re.escape(f"{args.env_id}__{args.exp_name}__{args.seed}__") + r"\d+"  # exactly: exp_name may hold "__1"
+    found = [path for path in glob.glob(f"runs/*/{CHECKPOINT}") if re.fullmatch(name, path.split(os.sep)[-2])]
     if not found:
         print(f"--resume auto: no run of {args.env_id}, seed {args.seed} ({args.exp_name}) under runs/; starting one")
         return None
@@ -1163,18 +1134,32 @@ def find_run_to_resume(args) -> str | None:
     return chosen
 
 
+def algorithm_hash() -> str:
+    """A run's algorithm: this file's code above the run machinery's banner, as Python parses it (comments,
+    docstrings and formatting do not count), hashed. A checkpoint continues only under the same."""
+    with open(__file__, encoding="utf-8") as f:
+        tree = ast.parse(f.read().split("\n# Run machinery.")[0])
+    for node in ast.walk(tree):  # docstrings: statements that are only a constant
+        if isinstance(getattr(node, "body", None), list):
+            node.body = [s for s in node.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
+    return hashlib.sha256(ast.unparse(tree).encode()).hexdigest()[:16]
+
+
+ALGORITHM = algorithm_hash()  # read as the script starts: an edit made while it runs is not what it runs
+
+
 def resumed_settings(args, checkpoint: dict, path: str):
-    """The settings of the checkpoint at `path`, with those of `args` that were given (not at their default) and may
-    change on resume; one given that would change what is computed is refused, named."""
+    """The settings of the checkpoint at `path`, with those this command line gives (sys.argv) that may change on
+    resume; a run of another algorithm, or a setting given that would change what is computed, is refused."""
+    if checkpoint.get("algorithm") != ALGORITHM:
+        raise RunError(
+            f"{path} is of another algorithm, or another version of it (the code of {os.path.basename(__file__)} above "
+            "its run machinery differs): put back the file that started the run, or start one (an ablation: --exp-name)"
+        )
     saved = checkpoint["args"]
-    script = checkpoint.get("script", os.path.basename(__file__))
-    if script != os.path.basename(__file__):
-        raise RunError(f"the checkpoint {path} is of {script}: a run continues with the script that started it")
-    if set(saved) != set(vars(args)):
-        other = ", ".join(sorted(set(saved) ^ set(vars(args))))
-        raise RunError(f"the checkpoint {path} is not of this script (settings in one of them only: {other})")
-    defaults = vars(type(args)())
-    given = {name: value for name, value in vars(args).items() if value != defaults[name] or name in THIS_PROCESS}
+    named = {word[2:].split("=")[0].replace("-", "_") for word in sys.argv[1:] if word.startswith("--")}
+    named |= {name[3:] for name in named if name.startswith("no_")}  # --no-track gives track
+    given = {name: value for name, value in vars(args).items() if name in named | THIS_PROCESS}
     differences = [
         f"--{name.replace('_', '-')} is {saved[name]!r} in the checkpoint but {value!r} now"
         for name, value in given.items()
@@ -1185,36 +1170,58 @@ def resumed_settings(args, checkpoint: dict, path: str):
     return type(args)(**{**saved, **given})
 
 
-def write_checkpoint(run_dir, args, global_step, agent, replay, envs, last_eval, checkpoint_frame):
-    """Everything the run needs to continue exactly: the agent's every network, optimizer and tensor, the replay
-    (unless `replay` is None or --no-checkpoint-replay), every random state."""
-    learned = agent.state_dict()
-    for name, state in learned.items():
-        tensors = state.values() if isinstance(getattr(agent, name), nn.Module) else [state]
-        if not isinstance(getattr(agent, name), torch.optim.Optimizer) and not all(t.isfinite().all() for t in tensors):
-            frame = global_step * args.action_repeat
-            raise RunError(f"non-finite parameters in the {name} at frame {frame}; stopping without checkpointing")
-    random_states = [owner.get_state() for owner in [np.random, *(env.random_state for env in envs)]]
-    random_states = [[state[0], torch.from_numpy(state[1].copy()), *state[2:]] for state in random_states]
-    rng = {"python": random.getstate(), "torch": torch.get_rng_state(), "numpy": random_states[0]}
-    rng["envs"] = random_states[1:]
+def agent_state(agent) -> dict:
+    """What the agent has learned, by attribute name: each network's and optimizer's state and every tensor held
+    (an nn.Parameter too). Checkpoints keep it all: a part a researcher adds to the Agent is kept without more code."""
+    state = {}
+    for name, part in vars(agent).items():
+        if isinstance(part, (nn.Module, torch.optim.Optimizer)):
+            state[name] = part.state_dict()
+        elif isinstance(part, torch.Tensor):
+            state[name] = part.detach()
+        elif isinstance(part, (list, tuple, dict)):  # what is in them would be missed: refuse it
+            items = part.values() if isinstance(part, dict) else part
+            if any(isinstance(item, (nn.Module, torch.Tensor)) for item in items):
+                raise TypeError(f"Agent.{name}: hold networks and tensors in nn.ModuleList or nn.ParameterList")
+    return state
+
+
+def load_agent_state(agent, state: dict):
+    for name, part_state in state.items():
+        part = getattr(agent, name)
+        if isinstance(part, torch.Tensor):
+            with torch.no_grad():
+                part.copy_(part_state)  # in place: optimizers and a CUDA graph hold this very tensor
+        else:
+            part.load_state_dict(part_state)
+
+
+def kept(frame: int) -> str:
+    return f"the checkpoint of frame {frame} is kept" if frame else "no checkpoint is kept"
+
+
+def write_checkpoint(run, global_step: int, replay):
+    """Everything `run` (a Run) needs to continue exactly: the agent's every network, optimizer and tensor, the replay
+    (unless `replay` is None or --no-checkpoint-replay), every random state, and the algorithm that trained it."""
+    learned = agent_state(run.agent)
+    for name, state in learned.items():  # a non-finite weight is never checkpointed
+        part = getattr(run.agent, name)
+        tensors = state.values() if isinstance(part, nn.Module) else [state]
+        if not isinstance(part, torch.optim.Optimizer) and not all(t.isfinite().all() for t in tensors):
+            raise non_finite(f"parameters in the {name}", global_step * run.args.action_repeat, run.checkpoint_frame)
+    numpy_states = [owner.get_state() for owner in [np.random, *(env.random_state for env in run.envs)]]  # envs' too
+    rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    rng["numpy"] = [[state[0], torch.from_numpy(state[1].copy()), *state[2:]] for state in numpy_states]
     rng["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    payload = {"args": vars(args), "global_step": global_step, "agent": learned, "rng": rng, "last_eval": last_eval}
-    payload["script"] = os.path.basename(__file__)  # an edited copy of the script does not continue this one's run
-    payload["replay"] = replay.state_dict() if args.checkpoint_replay and replay is not None else None
-    kept = f"the checkpoint of frame {checkpoint_frame} is kept" if checkpoint_frame else "none is kept"
-    save_checkpoint(os.path.join(run_dir, CHECKPOINT), payload, kept)
+    payload = {"args": vars(run.args), "global_step": global_step, "agent": learned, "rng": rng, "algorithm": ALGORITHM}
+    payload["last_eval"] = run.last_eval
+    payload["replay"] = replay.state_dict() if run.args.checkpoint_replay and replay is not None else None
+    save_checkpoint(os.path.join(run.run_dir, CHECKPOINT), payload, kept(run.checkpoint_frame))
 
 
 def restore(checkpoint: dict, agent, replay, envs):
-    """Puts the agent, the replay and every random state back as the checkpoint left them."""
-    if checkpoint["agent"].keys() != agent.state_dict().keys():
-        held = f"{', '.join(checkpoint['agent'])}; this agent holds {', '.join(agent.state_dict())}"
-        raise RunError(f"the checkpoint is of another agent: it holds {held}")
-    try:
-        agent.load_state_dict(checkpoint["agent"])
-    except RuntimeError as error:  # a network whose shape an edit changed
-        raise RunError(f"the checkpoint's weights do not fit this agent ({first_line(error)})") from error
+    """Puts the agent, the replay and every random state back as the checkpoint (of this algorithm) left them."""
+    load_agent_state(agent, checkpoint["agent"])
     if checkpoint["replay"] is not None:
         replay.load_state_dict(checkpoint["replay"])
     rng = checkpoint["rng"]
@@ -1222,7 +1229,7 @@ def restore(checkpoint: dict, agent, replay, envs):
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
-    for state, owner in zip([rng["numpy"], *rng["envs"]], [np.random, *(env.random_state for env in envs)]):
+    for state, owner in zip(rng["numpy"], [np.random, *(env.random_state for env in envs)]):
         owner.set_state((state[0], state[1].numpy(), *state[2:]))
 
 
@@ -1234,11 +1241,10 @@ def catch_stop_signals(handler):
 
 
 class Run:
-    """A run's life around main()'s loop, in three calls. Run(args) settles the settings (a resumed run's come from
-    its checkpoint), the device and the memory before anything is written. start() puts a resumed run back, takes the
-    run directory, opens the logs and catches the stop signals (SIGTERM, SIGINT, SIGUSR1, SIGHUP); when its block
-    ends, the run writes its final checkpoint. checkpoint_when_due() at each episode's end: a stop signal makes the
-    run checkpoint there and exit, a second one exits at once (the last checkpoint stays whole)."""
+    """A run's life around main()'s loop. Run(args): the settings (a resumed run's from its checkpoint), device and
+    memory, before anything is written. start(): a resumed run put back, the run directory, logs and stop signals;
+    leaving its block, the final checkpoint. checkpoint_when_due(), at each episode's end: checkpoints, and exits on a
+    stop signal (a second one exits at once, the last checkpoint whole)."""
 
     def __init__(self, args):
         self.run_dir = find_run_to_resume(args) if args.resume is not None else None
@@ -1255,7 +1261,11 @@ class Run:
         if self.finished:
             print(f"{self.run_dir} already ran {self.start_frame} frames: nothing to do")
             return
-        self.device = choose_device(self.args)
+        self.device = torch.device("cuda" if torch.cuda.is_available() and self.args.cuda else "cpu")
+        if self.args.cuda and self.device.type == "cpu":
+            print("warning: no CUDA device is available; running on the CPU")
+        if self.args.cudagraphs and self.device.type != "cuda":
+            raise RunError("--cudagraphs needs a CUDA device")
         configure_torch(self.args)
         self.replay_device = check_memory(self.args, self.device)
 
@@ -1268,7 +1278,7 @@ class Run:
         if self.checkpoint:
             restore(self.checkpoint, agent, replay, envs)
             self.checkpoint = None  # its tensors are memory-mapped from the file
-        agent.state_dict()  # every part of the agent can be checkpointed: checked now, not at the first checkpoint
+        agent_state(agent)  # every part of the agent can be checkpointed: checked now, not at the first checkpoint
         self.checkpoint_frame = self.start_frame
         self.episode_start_frame = self.start_frame
         # Resumed without its replay: collect `learning_starts` frames anew before updating.
@@ -1284,12 +1294,10 @@ class Run:
 
             where = {"project": args.wandb_project_name, "entity": args.wandb_entity, "name": name, "id": name}
             wandb.init(**where, config=vars(args), resume="allow", sync_tensorboard=True, save_code=True)
-        first_log = not glob.glob(os.path.join(self.run_dir, "events.out.tfevents.*"))  # new, or its logs lost
         # resumed, TensorBoard drops what the run logged after its checkpoint: each step appears once
         writer = SummaryWriter(self.run_dir, purge_step=self.start_frame + 1 if self.start_frame else None)
-        if first_log:
-            table = "\n".join(f"|{key}|{value}|" for key, value in vars(args).items())
-            writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + table)
+        rows = [f"|{key}|" + str(value).replace("|", "\\|") + "|" for key, value in vars(args).items()]  # "|": escaped
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(rows))  # at each start: a log lost
         self.stop_signal = None
         catch_stop_signals(self.on_stop_signal)
         transitions = min(args.buffer_size, args.total_timesteps // args.action_repeat)
@@ -1300,21 +1308,23 @@ class Run:
             f"{replay_bytes / 1e9:.2f} GB in {replay.device.type} memory"
         )
         if self.updates_start >= self.total_frames:
-            warning = (
-                f"updates start at frame {self.updates_start}, not before the budget's end: this run will not learn"
-            )
-            print(f"warning: {warning}")
+            print(f"warning: updates start at frame {self.updates_start}, at or after the budget's end: no learning")
         self.start_time = time.time()
         self.timed_from = None  # (time, frame) of the first episode's end once updates are due: the pace's origin
-        self.said_waiting = False
+        # a full disk, or a run directory gone, stops the logs' writing thread: its error is said once, below
+        threading.excepthook = lambda hook: isinstance(hook.exc_value, OSError) or threading.__excepthook__(hook)
         try:
             yield writer
             self.finish()
+            writer.flush()
         except NonFiniteAction as error:  # the policy's output, before dm_control fails on it
             frame = self.episode_start_frame + self.envs[0].episode_frames
             raise non_finite(str(error), frame, self.checkpoint_frame) from None
+        except OSError as error:
+            raise RunError(f"could not write the logs or a video ({first_line(error)}); {kept(self.checkpoint_frame)}")
         finally:
-            writer.close()
+            with contextlib.suppress(OSError):  # said above
+                writer.close()
             self.lock.close()
             if args.track:
                 sys.modules["wandb"].finish()
@@ -1339,10 +1349,9 @@ class Run:
             left = (now - self.timed_from[0]) / (frame - self.timed_from[1]) * (self.total_frames - frame)
         elif frame >= self.updates_start:
             self.timed_from = (now, frame)
-        shown_eval = "-" if math.isnan(self.last_eval) else f"{self.last_eval:.1f}"
         return (
             f"frame {frame}/{self.total_frames} ({100 * frame / self.total_frames:.1f}%) | return {episode_return:.1f}"
-            f" | SPS {sps:.0f} | last eval {shown_eval} | elapsed {duration(now - self.start_time)} | left "
+            f" | SPS {sps:.0f} | last eval {self.last_eval:.1f} | elapsed {duration(now - self.start_time)} | left "
             f"{duration(left)}"
         )
 
@@ -1354,17 +1363,11 @@ class Run:
         for tag, value in metrics.items():  # reading them waits for the GPU: once an episode
             if not math.isfinite(value):
                 raise non_finite(f"{tag} ({value.item()})", frame, self.checkpoint_frame)
-        due_since = (step - args.update_every_steps) * args.action_repeat >= self.updates_start
-        if due_since and not metrics and not self.said_waiting:  # e.g. --learning-starts shorter than an episode
-            print(f"frame {frame}: updates due from frame {self.updates_start} wait for a complete episode to sample")
-            self.said_waiting = True
         every = args.checkpoint_every
         due = every and frame // every > self.checkpoint_frame // every
         last = step == self.total_steps  # the run finishes (a signal now too): its final checkpoint comes then
         if (due or self.stop_signal and every) and not last:
-            write_checkpoint(
-                self.run_dir, args, step, self.agent, self.replay, self.envs, self.last_eval, self.checkpoint_frame
-            )
+            write_checkpoint(self, step, self.replay)
             self.checkpoint_frame = frame
         self.episode_start_frame = frame
         if self.stop_signal and not last:
@@ -1378,23 +1381,21 @@ class Run:
         args = self.args
         elapsed = time.time() - self.start_time
         frames = self.total_frames - self.start_frame
-        kept = "no checkpoint (checkpoints are off)"
+        saved = "no checkpoint (checkpoints are off)"
         if args.checkpoint_every:
-            write_checkpoint(
-                self.run_dir, args, self.total_steps, self.agent, None, self.envs, self.last_eval, self.checkpoint_frame
-            )
+            write_checkpoint(self, self.total_steps, replay=None)
             size = os.path.getsize(os.path.join(self.run_dir, CHECKPOINT)) / 1e6
-            kept = f"kept {self.run_dir}/{CHECKPOINT} ({size:.0f} MB: networks, optimizers and progress, no replay)"
+            saved = f"kept {self.run_dir}/{CHECKPOINT} ({size:.0f} MB: networks, optimizers and progress, no replay)"
         print(
             f"done: {frames} frames in {elapsed:.0f} s ({frames / elapsed:.0f} frames/s with evaluations); "
-            f"last eval return {self.last_eval:.1f}; {kept}"
+            f"last eval return {self.last_eval:.1f}; {saved}"
         )
         if args.save_model:
             path = f"{self.run_dir}/{args.exp_name}.cleanrl_model"
             optimizers = {name for name, part in vars(self.agent).items() if isinstance(part, torch.optim.Optimizer)}
-            saved = {name: state for name, state in self.agent.state_dict().items() if name not in optimizers}
+            learned = {name: state for name, state in agent_state(self.agent).items() if name not in optimizers}
             shapes = {"obs_shape": list(self.envs[0].observation_shape), "action_dim": self.envs[0].action_dim}
-            save_checkpoint(path, {"args": vars(args), **shapes, **saved}, kept=f"{CHECKPOINT} is kept")
+            save_checkpoint(path, {"args": vars(args), **shapes, **learned}, kept=f"{CHECKPOINT} is kept")
             print(f"model saved to {path}")
 
 

@@ -84,10 +84,19 @@ def run_script(name, args, cwd, env=None, timeout=600):
     )
 
 
+@pytest.fixture(autouse=True)
+def keep_command_line():
+    """sys.argv back as pytest had it after each test: a test may set the command line a script's main() reads."""
+    argv = sys.argv
+    yield
+    sys.argv = argv
+
+
 def run_in_process(name, args, cwd):
     """Runs an agent script's main() in this process, on its command line `args` in `cwd`, as run_script runs the
     program but without starting Python, torch and dm_control again (6 of a tiny run's 11 s); returns what it printed.
-    The program's one-line error is a RunError here. The handlers of the stop signals are restored after the run."""
+    The program's one-line error is a RunError here. The handlers of the stop signals are restored after the run; the
+    command line is the program's (sys.argv: a resumed run takes the settings it names) while it runs."""
     import tyro
 
     script = load_script(name)
@@ -95,14 +104,17 @@ def run_in_process(name, args, cwd):
     handlers = {signum: signal.getsignal(signum) for signum in stop_signals}
     printed = io.StringIO()
     before = os.getcwd()
+    argv = sys.argv
     os.chdir(cwd)  # and back below (contextlib.chdir would need Python 3.11)
     try:
+        sys.argv = [f"{name}.py", *args]
         with contextlib.redirect_stdout(printed):
             script.main(tyro.cli(script.Args, args=args))
     except BaseException:
         print(printed.getvalue())  # shown with the failing test
         raise
     finally:
+        sys.argv = argv
         os.chdir(before)
         for signum, handler in handlers.items():
             signal.signal(signum, handler)

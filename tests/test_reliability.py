@@ -73,6 +73,15 @@ def uninterrupted(request, tmp_path_factory):
     return get
 
 
+def a_run(run_dir, args, agent, env):
+    """What write_checkpoint reads of a Run: a run at frame 40, its last evaluation 1.0, no checkpoint before."""
+    import types
+
+    return types.SimpleNamespace(
+        run_dir=str(run_dir), args=args, agent=agent, envs=[env], last_eval=1.0, checkpoint_frame=0
+    )
+
+
 def wait_for_step(process, run_dir, step, timeout=300):
     """Waits until the run's checkpoint is of agent step `step` or later; returns the step it found."""
     deadline = time.time() + timeout
@@ -296,7 +305,10 @@ def bad_input_cases():
         "negative count": (["--checkpoint-every", "-1"], "--checkpoint-every must be non-negative"),
         "n-step longer than an episode": (["--nstep", "20"], "--nstep must be shorter than an episode (20 agent"),
         "malformed schedule": (["--stddev-schedule", "linear(1.0,0.1)"], "--stddev-schedule must be"),
-        "no run to resume": (["--resume", "runs/nothing"], "--resume runs/nothing: no such run directory"),
+        "no run to resume": (
+            ["--resume", "runs/nothing"],
+            "--resume 'runs/nothing': no checkpoint.pt there (pass runs/",
+        ),
         "gamma above 1": (["--gamma", "1.5"], "--gamma must be in (0, 1], got 1.5"),
         "no discount": (["--gamma", "0"], "--gamma must be in (0, 1], got 0.0"),
         "no Polyak step": (["--tau", "0"], "--tau must be in (0, 1], got 0.0"),
@@ -319,7 +331,12 @@ def bad_input_cases():
         "exp name leaving runs/": (["--exp-name", "/../../../outside"], "--exp-name must start with a letter or digit"),
         "empty exp name": (["--exp-name", ""], "--exp-name must start with a letter or digit and hold only"),
         "exp name breaking the table": (["--exp-name", "a|b"], "got 'a|b'"),
-        "empty resume": (["--resume", ""], "--resume must name a run directory, its checkpoint.pt, or auto, got ''"),
+        "no frame per agent step": (["--action-repeat", "0"], "--action-repeat must be positive, finite, got 0"),
+        "a newline adding rows to the settings table": (
+            ["--wandb-project-name", "x\n|exp_name|taco_continuous_action|"],
+            "--wandb-project-name must hold no newline or other control character, got 'x\\n|exp_name|",
+        ),
+        "empty resume": (["--resume", ""], "--resume '': no checkpoint.pt there (pass runs/<run_name> or auto)"),
         "budget under one agent step": (
             ["--total-timesteps", "1"],
             "--total-timesteps must be at least --action-repeat",
@@ -334,9 +351,10 @@ def bad_input_cases():
 
 
 def parse(module, argv):
-    """Args exactly as the script's command line would give them."""
+    """Args exactly as the script's command line would give them; sys.argv that command line, as main() reads it."""
     import tyro
 
+    sys.argv = [f"{module.__name__}.py", *argv]  # put back after the test (conftest.keep_command_line)
     return tyro.cli(module.Args, args=argv)
 
 
@@ -446,15 +464,16 @@ def test_a_checkpoint_of_the_other_script_is_refused(tmp_path, monkeypatch):
     agent = taco.Agent(env.observation_shape, env.action_dim, args, torch.device("cpu"))
     run_dir = tmp_path / "runs" / "cartpole_balance__shared_name__1__1000"
     run_dir.mkdir(parents=True)
-    taco.write_checkpoint(str(run_dir), args, 20, agent, None, [env], 1.0, 0)
+    taco.write_checkpoint(a_run(run_dir, args, agent, env), 20, None)
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(drqv2.RunError, match="is of taco_continuous_action.py: a run continues with the script that"):
+    refused = "checkpoint.pt is of another algorithm, or another version of it (the code of drqv2_continuous_action.py"
+    with pytest.raises(drqv2.RunError, match=re.escape(refused)):
         drqv2.main(parse(drqv2, [*TINY_RUN, "--exp-name", "shared_name", "--resume", "auto"]))
-    checkpoint = load(run_dir / "checkpoint.pt")  # one written before checkpoints named their script
-    del checkpoint["script"]
+    checkpoint = load(run_dir / "checkpoint.pt")  # one written before checkpoints named their algorithm
+    del checkpoint["algorithm"]
     torch.save(checkpoint, run_dir / "checkpoint.pt")
-    with pytest.raises(drqv2.RunError, match="is not of this script .*: curl, latent_action_dim, multistep"):
-        drqv2.main(parse(drqv2, [*TINY_RUN, "--exp-name", "shared_name", "--resume", "auto"]))
+    with pytest.raises(taco.RunError, match=re.escape(refused.replace("drqv2", "taco"))):
+        taco.main(parse(taco, [*TINY_RUN, "--exp-name", "shared_name", "--resume", "auto"]))
 
 
 def test_bad_input_from_the_command_line_and_a_renderer_that_cannot_start(tmp_path):
@@ -473,9 +492,11 @@ def test_resume_with_other_settings_names_the_differences(finished_run, monkeypa
     cwd, run_dir = finished_run
     monkeypatch.chdir(cwd)
     argv = [*TINY_RUN, "--total-timesteps", "80"]
-    args = parse(drqv2, argv)
     with pytest.raises(drqv2.RunError, match=r"--hidden-dim is 32 in the checkpoint but 64 now; --tau is 0.01"):
-        drqv2.main(drqv2.dataclasses.replace(args, resume=run_dir, hidden_dim=64, tau=0.02))
+        drqv2.main(parse(drqv2, [*argv, "--resume", run_dir, "--hidden-dim", "64", "--tau", "0.02"]))
+    # a flag given counts whatever its value: 1024 is the default width, given here, so it differs from the run's
+    with pytest.raises(drqv2.RunError, match=r"^cannot resume .*: --hidden-dim is 32 in the checkpoint but 1024 now$"):
+        drqv2.main(parse(drqv2, [*argv, "--resume", run_dir, "--hidden-dim=1024"]))
     done = run_in_process("drqv2_continuous_action", [*argv, "--resume", "auto"], cwd)
     assert "already ran 80 frames: nothing to do" in done
 
@@ -484,7 +505,7 @@ def test_a_non_finite_policy_stops_the_run_and_keeps_the_last_checkpoint(tmp_pat
     """With a learning rate of 1e30 the first update (frame 80) makes the policy NaN: the next action stops the run
     with one line, before dm_control fails on it with a PhysicsError traceback."""
     args = [*RUN, "--learning-rate", "1e30", "--num-expl-steps", "10"]  # the policy acts from agent step 10 on
-    kept = "stopping without checkpointing (the last checkpoint, at frame 80, is kept)"
+    kept = "stopping without checkpointing (the checkpoint of frame 80 is kept)"
     with pytest.raises(machinery.RunError, match=re.escape(f"non-finite action ([nan]) at frame 82; {kept}")):
         run_in_process("drqv2_continuous_action", args, tmp_path)
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
@@ -501,9 +522,7 @@ def test_a_non_finite_loss_or_weight_stops_the_run(tmp_path, monkeypatch):
         return {**update(self, batch, step), "losses/actor_loss": torch.tensor(float("inf"))}
 
     monkeypatch.setattr(machinery.Agent, "update", infinite_actor_loss)
-    expected = (
-        r"non-finite losses/actor_loss \(inf\) at frame 120; stopping .*the last checkpoint, at frame 80, is kept"
-    )
+    expected = r"non-finite losses/actor_loss \(inf\) at frame 120; stopping .*the checkpoint of frame 80 is kept"
     with pytest.raises(machinery.RunError, match=expected):
         run_in_process("drqv2_continuous_action", [*TINY_RUN, "--checkpoint-every", "40"], tmp_path)
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
@@ -518,7 +537,7 @@ def test_a_non_finite_loss_or_weight_stops_the_run(tmp_path, monkeypatch):
     with torch.no_grad():
         agent.actor.policy[0].weight[0, 0] = float("nan")
     with pytest.raises(machinery.RunError, match="non-finite parameters in the actor at frame 40; stopping"):
-        machinery.write_checkpoint(str(tmp_path / "empty"), args, 20, agent, None, [env], 1.0, 0)
+        machinery.write_checkpoint(a_run(tmp_path / "empty", args, agent, env), 20, None)
     assert not os.listdir(tmp_path / "empty")
 
 
@@ -556,10 +575,7 @@ def test_full_disk_inside_torch_save_keeps_the_previous_checkpoint_and_removes_t
 def test_updates_wait_for_a_complete_episode(tmp_path):
     """Updates due before the first episode ends (--learning-starts 20 < 40-frame episodes), and a replay of 25
     transitions that loses its only complete episode while the next one fills it: the run waits, never crashes."""
-    output = run_in_process(
-        "taco_continuous_action", [*TINY_RUN, "--learning-starts", "20", "--buffer-size", "25"], tmp_path
-    )
-    assert "frame 40: updates due from frame 20 wait for a complete episode to sample" in output
+    run_in_process("taco_continuous_action", [*TINY_RUN, "--learning-starts", "20", "--buffer-size", "25"], tmp_path)
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
     first_logged = next(step for step, _ in read_scalars(run_dir)["losses/taco_loss"])
     assert first_logged == 80, "updates start with the second episode; losses are logged at its end"
@@ -636,6 +652,25 @@ def test_resume_auto_takes_the_newest_run_and_names_it(tmp_path):
 
     checkpoint_file = run_in_process("drqv2_continuous_action", [*short, "--resume", f"{name}/checkpoint.pt"], tmp_path)
     assert "already ran 160 frames: nothing to do" in checkpoint_file, "the checkpoint named was read"
+    # a newer run of another experiment whose name holds "__1" (exp_name drqv2_continuous_action__1, seed 7) is not one
+    other = tmp_path / "runs" / "cartpole_balance__drqv2_continuous_action__1__7__2000000000"
+    shutil.copytree(newest, other)
+    again = run_in_process("drqv2_continuous_action", longer, tmp_path)
+    assert f"--resume auto: resuming {name}, the newest run of this task and seed (2 found)" in again
+
+
+def test_a_bar_in_a_setting_stays_in_its_cell_of_the_settings_table(tmp_path):
+    """The logs' settings table (what plot.py and record.py read a run's settings from) escapes a | in a value."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_in_process(
+        "drqv2_continuous_action", [*TINY_RUN, "--total-timesteps", "40", "--wandb-project-name", "a|b"], tmp_path
+    )
+    (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
+    accumulator = EventAccumulator(run_dir)
+    accumulator.Reload()
+    table = accumulator.Tensors("hyperparameters/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "\n|wandb_project_name|a\\|b|\n" in table and table.count("\n") == len(vars(machinery.Args())) + 1
 
 
 def test_a_checkpoint_holds_the_stored_transitions_not_the_replay_capacity(script):
@@ -662,7 +697,7 @@ def test_no_checkpoint_replay_leaves_the_replay_out_of_every_checkpoint(tmp_path
     replay = machinery.ReplayBuffer(1000, env.frame_shape, env.action_dim, 3, 3, 0.99)
     for keep in [True, False]:
         args.checkpoint_replay = keep
-        machinery.write_checkpoint(str(tmp_path), args, 20, agent, replay, [env], 1.0, 0)
+        machinery.write_checkpoint(a_run(tmp_path, args, agent, env), 20, replay)
         assert (load(tmp_path / "checkpoint.pt")["replay"] is not None) == keep
 
 
@@ -693,7 +728,7 @@ def test_a_finished_run_keeps_its_checkpoint_without_the_replay_and_can_continue
 
 def test_a_run_that_will_make_no_update_says_so_at_start(finished_run_and_output):
     _, _, output = finished_run_and_output
-    warning = "warning: updates start at frame 80, not before the budget's end: this run will not learn"
+    warning = "warning: updates start at frame 80, at or after the budget's end: no learning"
     lines = output.splitlines()
     assert warning in lines and lines.index(warning) < 3, output[:1000]
 
@@ -711,7 +746,7 @@ def test_a_budget_cut_mid_episode_logs_the_last_losses_and_counts_whole_agent_st
 def test_every_tensor_parameter_network_and_optimizer_of_the_agent_is_checkpointed(script, tmp_path):
     """An ablation's new state needs no checkpoint code: a plain tensor, an nn.Parameter with its own optimizer, and
     a network added to an Agent are written and come back on resume; networks held in a plain list are refused (a
-    checkpoint would miss them), and a checkpoint of an agent without the new parts is refused, naming them."""
+    checkpoint would miss them). (A checkpoint of an agent without the new parts is of another algorithm: refused.)"""
     import tyro
 
     args = script.resolve_args(tyro.cli(script.Args, args=TINY_RUN))
@@ -729,7 +764,7 @@ def test_every_tensor_parameter_network_and_optimizer_of_the_agent_is_checkpoint
     saved = edited_agent(seed=0)
     saved.log_alpha.grad = torch.ones(())
     saved.alpha_opt.step()  # an optimizer state to carry
-    script.write_checkpoint(str(tmp_path), args, 20, saved, None, [env], 1.0, 0)
+    script.write_checkpoint(a_run(tmp_path, args, saved, env), 20, None)
     resumed = edited_agent(seed=1)
     script.restore(load(tmp_path / "checkpoint.pt"), resumed, None, [env])
     assert torch.equal(resumed.running_mean, saved.running_mean)
@@ -741,11 +776,9 @@ def test_every_tensor_parameter_network_and_optimizer_of_the_agent_is_checkpoint
     assert resumed.alpha_opt.param_groups[0]["params"][0] is resumed.log_alpha, "restored in place"
 
     plain = script.Agent(env.observation_shape, env.action_dim, args, torch.device("cpu"))
-    with pytest.raises(script.RunError, match="the checkpoint is of another agent: .*alpha_opt, head"):
-        script.restore(load(tmp_path / "checkpoint.pt"), plain, None, [env])
     plain.heads = [torch.nn.Linear(2, 2)]
     with pytest.raises(TypeError, match="Agent.heads: hold networks and tensors in nn.ModuleList"):
-        plain.state_dict()
+        script.agent_state(plain)
 
 
 def test_resume_takes_the_runs_settings_from_its_checkpoint(tmp_path):
@@ -753,25 +786,76 @@ def test_resume_takes_the_runs_settings_from_its_checkpoint(tmp_path):
     the flags given may change the budget (a setting that changes what is computed is refused: see above)."""
     run_in_process("drqv2_continuous_action", [*TINY_RUN, "--total-timesteps", "80", "--seed", "3"], tmp_path)
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
-    output = run_in_process("drqv2_continuous_action", ["--resume", run_dir, "--total-timesteps", "160"], tmp_path)
+    resume = ["--resume", run_dir, "--total-timesteps", "160", "--eval-every", "10000"]  # 10000: the default
+    output = run_in_process("drqv2_continuous_action", resume, tmp_path)
     assert f"resuming {os.path.basename(run_dir)} on " in output and "frame 80 of 160" in output, output
     assert re.search(r"^done: 80 frames in ", output, re.MULTILINE), output
     saved = load(f"{run_dir}/checkpoint.pt")["args"]
     assert (saved["seed"], saved["hidden_dim"], saved["batch_size"], saved["total_timesteps"]) == (3, 32, 8, 160)
+    assert saved["eval_every"] == 10000, "a flag given at its default value is given: the run had 120"
 
 
 def test_memory_is_checked_before_the_replay_is_allocated(tmp_path, monkeypatch):
-    """On a machine of 4 GB with 2 GB available (figures patched in): a replay whose capacity cannot be allocated,
-    and one that allocates but will not fit once the run has filled it, are one line each, before anything is made."""
-    figures = {"MemTotal": 4e9, "SwapTotal": 0.0, "MemAvailable": 2e9}
-    monkeypatch.setattr(machinery, "memory_info", lambda key: figures[key])
+    """With 2 GB available and 4 GB that may be reserved (figures patched in): a replay whose capacity cannot be
+    allocated, one that allocates but will not fit once the run has filled it, and updates whose batch will not fit
+    (256 stacked frames) are one line each, before anything is made."""
+    monkeypatch.setattr(machinery, "host_memory", lambda: (2e9, 4e9))
     monkeypatch.chdir(tmp_path)
-    too_large = "the replay's capacity of 300000 transitions takes 6.4 GB to allocate, more than the 4.0 GB of memory "
-    with pytest.raises(machinery.RunError, match=re.escape(too_large + "and swap: lower --buffer-size (this run")):
+    too_large = "the replay's capacity of 300000 transitions takes 6.4 GB to allocate, more than the 4.0 GB the "
+    with pytest.raises(machinery.RunError, match=re.escape(too_large + "process may reserve: lower --buffer-size")):
         machinery.main(parse(machinery, [*TINY_RUN, "--buffer-size", "300000"]))
-    filled = "the replay's 100000 transitions take 2.1 GB and the updates about 1.5 GB, but 2.0 GB of memory are"
-    with pytest.raises(machinery.RunError, match=re.escape(filled)):
+    filled = r"the replay's 100000 transitions take 2.1 GB and the updates about 0.9 GB, but 2.0 GB of memory are"
+    with pytest.raises(machinery.RunError, match=filled):
         machinery.main(parse(machinery, [*TINY_RUN, "--buffer-size", "100000", "--total-timesteps", "200000"]))
+    stacked = r"the replay's 120 transitions take 0.0 GB and the updates about 5.9 GB, but 2.0 GB of memory are"
+    with pytest.raises(machinery.RunError, match=stacked):
+        machinery.main(
+            parse(machinery, [*TINY_RUN, "--frame-stack", "256", "--batch-size", "64", "--learning-starts", "200"])
+        )
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("version", ["v2", "v1"])
+def test_the_memory_a_cgroup_leaves_is_what_is_available(tmp_path, version):
+    """A container's or Slurm job's memory limit (cgroup v2's memory.max, v1's memory.limit_in_bytes) set on the
+    process's group or a parent of it caps what the run may fill; /proc/meminfo alone told 23 GB where 0.9 GB was
+    allowed, and the run was killed at its first update. Files of a fake /proc and /sys/fs/cgroup."""
+    proc = tmp_path / "proc"
+    (proc / "self").mkdir(parents=True)
+    (proc / "meminfo").write_text("MemTotal: 24000000 kB\nSwapTotal: 0 kB\nMemAvailable: 23000000 kB\n")
+    (proc / "self" / "status").write_text("VmSize: 1000000 kB\n")
+    controller, limit, usage = ("", "memory.max", "memory.current")
+    if version == "v1":
+        controller, limit, usage = ("memory", "memory.limit_in_bytes", "memory.usage_in_bytes")
+    (proc / "self" / "cgroup").write_text(f"1:cpu:/\n0:{controller}:/slurm/job_7/step_0\n")
+    cgroups = tmp_path / "cgroup" / controller
+    for folder, max_bytes, used in [("slurm", "max", 0), ("slurm/job_7", "900000000", 200_000_000)]:
+        (cgroups / folder).mkdir(parents=True)
+        (cgroups / folder / limit).write_text(f"{max_bytes}\n")
+        (cgroups / folder / usage).write_text(f"{used}\n")
+    (cgroups / "slurm/job_7/step_0").mkdir()  # no limit of its own
+    available, ceiling = machinery.host_memory(str(proc), str(tmp_path / "cgroup"))
+    assert (available, ceiling) == (700_000_000, 24_000_000 * 1024)
+    (proc / "self" / "cgroup").write_text("0::/\n")  # no limit anywhere: the machine's figure
+    assert machinery.host_memory(str(proc), str(tmp_path / "cgroup"))[0] == 23_000_000 * 1024
+
+
+def test_an_address_space_limit_is_one_line_before_the_replay_is_allocated(tmp_path):
+    """ulimit -v below what the replay reserves gave an allocator traceback; now one line, before anything is made."""
+    import resource
+
+    def limit_address_space():
+        default_signals()
+        resource.setrlimit(resource.RLIMIT_AS, (6 * 2**30, resource.RLIM_INFINITY))
+
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "drqv2_continuous_action.py"), *TINY_RUN, "--buffer-size", "300000"],
+        cwd=tmp_path, capture_output=True, text=True, preexec_fn=limit_address_space, check=False, timeout=300,
+        env={**os.environ, "MUJOCO_GL": "egl"},
+    )  # fmt: skip
+    assert run.returncode == 1 and "Traceback" not in run.stderr, run.stderr[-3000:]
+    refused = "error: the replay's capacity of 300000 transitions takes 6.4 GB to allocate, more than the"
+    assert refused in run.stderr and "the process may reserve" in run.stderr, run.stderr[-3000:]
     assert not (tmp_path / "runs").exists()
 
 
@@ -799,11 +883,11 @@ def test_a_checkpoint_holding_python_objects_or_a_file_not_named_checkpoint_is_o
     run_dir.mkdir(parents=True)
     torch.save({"args": argparse.Namespace(seed=1), "global_step": 1}, run_dir / "checkpoint.pt")
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(machinery.RunError, match="holds Python objects, which a checkpoint of this script never") as e:
+    with pytest.raises(machinery.RunError, match="holds Python objects, which no checkpoint of this script does") as e:
         machinery.main(parse(machinery, ["--resume", str(run_dir)]))
     assert "weights_only" not in str(e.value) and "\n" not in str(e.value)
     shutil.copy(run_dir / "checkpoint.pt", tmp_path / "backup.pt")
-    with pytest.raises(machinery.RunError, match="--resume backup.pt is a file, not a run directory or its checkpoint"):
+    with pytest.raises(machinery.RunError, match="--resume 'backup.pt': no checkpoint.pt there"):
         machinery.main(parse(machinery, ["--resume", "backup.pt"]))
 
 
@@ -822,16 +906,107 @@ def test_a_renderer_whose_library_is_missing_is_named(tmp_path):
         assert "Traceback" not in result.stderr
 
 
-def test_an_edited_copy_of_the_script_does_not_continue_the_originals_run(finished_run, tmp_path):
-    """A researcher's copy (taco_ablation.py, say) given --resume on a run of the original would continue it under
-    the original's name, a mixed run: it is refused, naming the script that started the run."""
-    shutil.copy(ROOT / "drqv2_continuous_action.py", tmp_path / "drqv2_ablation.py")
+@pytest.mark.parametrize("edit", ["comments", "machinery", "algorithm", "algorithm, same file name"])
+def test_an_edited_algorithm_does_not_continue_the_run_and_other_edits_do(finished_run, tmp_path, edit):
+    """A run continues under the algorithm that started it: the script's code above the run machinery, parsed. A copy
+    elsewhere whose comments, docstrings and formatting differ continues it, as does one whose run machinery
+    differs; one whose algorithm differs (a mean for the min of the critic's target) is refused in one line saying
+    what to do, and the run is left as it was, also when the edited copy has the original's file name."""
     run_dir = tmp_path / "runs" / os.path.basename(finished_run[1])
     shutil.copytree(finished_run[1], run_dir)
+    source = (ROOT / "drqv2_continuous_action.py").read_text()
+    top, machinery_code = source.split("\n# Run machinery.")
+    edited = {
+        "comments": top.replace("# Replay (details 3-5)", "# The replay:\n\n# (details 3-5)").replace(
+            '"""the discount factor gamma"""', '"""gamma, the discount"""'
+        ),
+        "machinery": top,
+        "algorithm": top.replace("torch.min(target_q1, target_q2)", "(target_q1 + target_q2) / 2"),
+    }[edit.split(",")[0]]
+    machinery_code = (
+        machinery_code.replace("SPS {sps:.0f}", "frames/s {sps:.0f}") if edit == "machinery" else machinery_code
+    )
+    assert edited != top or edit == "machinery"
+    script = "drqv2_continuous_action.py" if "same file name" in edit else "ablation.py"
+    (tmp_path / script).write_text(edited + "\n# Run machinery." + machinery_code)
+    resume = [sys.executable, script, "--resume", str(run_dir), "--total-timesteps", "120"]
     result = subprocess.run(
-        [sys.executable, "drqv2_ablation.py", "--resume", str(run_dir), "--total-timesteps", "120"],
-        check=False, cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "MUJOCO_GL": "egl"},
-    )  # fmt: skip
-    assert result.returncode != 0, result.stdout[-2000:]
-    assert "is of drqv2_continuous_action.py: a run continues with the script that started it" in result.stderr
-    assert load(run_dir / "checkpoint.pt")["global_step"] == 40, "the run was left as it was"
+        resume, check=False, cwd=tmp_path, capture_output=True, text=True, env={**os.environ, "MUJOCO_GL": "egl"}
+    )
+    if edit.startswith("algorithm"):
+        assert result.returncode == 1, result.stdout[-2000:]
+        message = f"checkpoint.pt is of another algorithm, or another version of it (the code of {script} above its"
+        assert message in result.stderr and "--exp-name" in result.stderr and "Traceback" not in result.stderr
+        assert load(run_dir / "checkpoint.pt")["global_step"] == 40, "the run was left as it was"
+    else:
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert load(run_dir / "checkpoint.pt")["global_step"] == 60, "the run continued"
+
+
+def test_a_script_edited_while_its_run_goes_on_does_not_continue_it(tmp_path):
+    """The algorithm is read when the script starts: a run whose file is edited mid-run keeps checkpointing what it
+    runs, so the edited file is refused on resume, and the file put back continues the run."""
+    script = tmp_path / "drqv2_continuous_action.py"
+    original = (ROOT / "drqv2_continuous_action.py").read_text()
+    script.write_text(original)
+    process = subprocess.Popen(
+        [sys.executable, str(script), *RUN], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
+    run_dir = wait_for_checkpoint(process, tmp_path)
+    script.write_text(original.replace("torch.min(target_q1, target_q2)", "(target_q1 + target_q2) / 2"))
+    assert process.wait(timeout=300) == 0, process.stdout.read()
+    assert load(f"{run_dir}/checkpoint.pt")["global_step"] == 160, "it finished after the edit"
+    resume = [sys.executable, str(script), "--resume", run_dir, "--total-timesteps", "360"]
+    refused = subprocess.run(resume, cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert refused.returncode == 1 and "is of another algorithm, or another version of it" in refused.stderr
+    script.write_text(original)
+    continued = subprocess.run(resume, cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert continued.returncode == 0, continued.stderr[-2000:]
+    assert load(f"{run_dir}/checkpoint.pt")["global_step"] == 180
+
+
+def test_a_compressed_checkpoint_is_refused_before_it_is_unpacked(finished_run, tmp_path, monkeypatch):
+    """torch.save stores its records uncompressed; a checkpoint whose records are compressed (a 1 MB file can unpack
+    to gigabytes) is refused in one line before any record is read."""
+    import zipfile
+
+    run_dir = tmp_path / "runs" / os.path.basename(finished_run[1])
+    run_dir.mkdir(parents=True)
+    original = zipfile.ZipFile(f"{finished_run[1]}/checkpoint.pt")
+    with original, zipfile.ZipFile(run_dir / "checkpoint.pt", "w", zipfile.ZIP_DEFLATED) as packed:
+        for info in original.infolist():
+            packed.writestr(info.filename, original.read(info))
+    monkeypatch.setattr(zipfile.ZipFile, "testzip", lambda self: pytest.fail("a record was unpacked"))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(machinery.RunError, match=r"checkpoint.pt is corrupt: its record \S+ is compressed or fails"):
+        machinery.main(parse(machinery, ["--resume", str(run_dir)]))
+
+
+def test_a_full_disk_while_the_logs_are_written_is_one_line(tmp_path, monkeypatch, capsys):
+    """TensorBoard writes the logs from a thread of its own: a full disk there gave the thread's traceback, then the
+    main one's at the next log, then a third at close. Now one line, naming the checkpoint kept."""
+    from tensorboard.compat.tensorflow_stub.io import gfile
+
+    append = gfile.LocalFileSystem.append
+    appended = []
+
+    def fills_the_disk_after_a_while(self, filename, file_content, binary_mode=False):
+        appended.append(filename)
+        if len(appended) > 40:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        append(self, filename, file_content, binary_mode)
+
+    monkeypatch.setattr(gfile.LocalFileSystem, "append", fills_the_disk_after_a_while)
+    kept = r"could not write the logs or a video \(\[Errno 28\] No space left on device\); the checkpoint of frame \d+"
+    with pytest.raises(machinery.RunError, match=kept):
+        run_in_process("drqv2_continuous_action", [*RUN, "--total-timesteps", "2000"], tmp_path)
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_run_directory_deleted_mid_run_is_one_line(tmp_path):
+    process = start_script("drqv2_continuous_action", [*RUN, "--total-timesteps", "2000"], tmp_path)
+    run_dir = wait_for_checkpoint(process, tmp_path)
+    shutil.rmtree(run_dir)
+    output = process.communicate(timeout=300)[0]
+    assert process.returncode == 1 and "Traceback" not in output, output[-3000:]
+    assert re.search(r"^error: could not write .*No such file or directory", output, re.MULTILINE), output[-3000:]

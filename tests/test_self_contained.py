@@ -29,7 +29,7 @@ def test_every_shared_block_is_byte_identical_in_both_scripts():
     drqv2 = shared_blocks(texts[0])
     taco = shared_blocks(texts[1])
     assert set(drqv2) == set(taco), "both scripts mark the same blocks"
-    assert {"environment", "networks", "run machinery", "CUDA graphs", "presets"} <= set(drqv2)
+    assert {"environment", "networks", "run machinery", "checks", "presets"} <= set(drqv2)
     for name in drqv2:
         assert drqv2[name] == taco[name], f"the shared block {name!r} differs between the scripts"
     for text in texts:  # every opened block is closed

@@ -73,7 +73,7 @@ def test_update_equals_the_straightforward_computation(script, monkeypatch):
     for tag in ours:
         torch.testing.assert_close(ours[tag], straightforward[tag], rtol=1e-5, atol=1e-6, msg=tag)
     # The gradients of every optimizer, as Adam's first moments after the step (0.1 x the gradient).
-    ours_state, reference_state = agent.state_dict(), reference.state_dict()
+    ours_state, reference_state = script.agent_state(agent), script.agent_state(reference)
     for name, part in ours_state.items():
         if "state" not in part:
             continue
@@ -112,7 +112,7 @@ def test_bf16_update_matches_the_fp32_update_after_each_optimizer_step(script):
     fp32 = with_sgd(script.Agent((9, 84, 84), 6, args, torch.device("cpu")), lr=0.01)
     bf16 = copy.deepcopy(fp32)
     bf16.args = script.dataclasses.replace(args, amp="bf16")
-    initial = copy.deepcopy(fp32.state_dict())
+    initial = copy.deepcopy(script.agent_state(fp32))
     batch = tiny_batch(script, batch_size=16, action_dim=6)
     torch.manual_seed(1)
     expected = fp32.update(batch, step=3000)
@@ -180,7 +180,7 @@ def test_compiled_update_equals_the_eager_update(script):
         ours = compiled.update(batch, step=step)
         for tag in expected:
             torch.testing.assert_close(ours[tag], expected[tag], rtol=1e-4, atol=1e-5, msg=tag)
-    compiled_state, eager_state = compiled.state_dict(), eager.state_dict()
+    compiled_state, eager_state = script.agent_state(compiled), script.agent_state(eager)
     for name, part in eager_state.items():
         for index, moments in part.get("state", {}).items():
             expected = moments["exp_avg"]

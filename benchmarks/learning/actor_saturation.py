@@ -31,7 +31,7 @@ def saturation(run_dir: str, states: int = 512, seed: int = 0) -> dict:
     args = module.Args(**checkpoint["args"])
     env = module.DMCPixelEnv(args.env_id, seed, args.action_repeat, args.frame_stack, args.max_episode_frames)
     agent = module.Agent(env.observation_shape, env.action_dim, args, torch.device("cpu"))
-    agent.load_state_dict(checkpoint["agent"])
+    module.load_agent_state(agent, checkpoint["agent"])
     if checkpoint["replay"] is not None:
         replay = module.ReplayBuffer(
             args.buffer_size, env.frame_shape, env.action_dim, args.frame_stack, args.nstep, args.gamma
