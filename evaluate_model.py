@@ -243,6 +243,8 @@ def main(args: Args):
         problem = unwritable(os.path.dirname(os.path.abspath(path)))
         if not problem and os.path.exists(path) and not os.access(path, os.W_OK):
             problem = f"{path} is not writable"
+        if path == video_path and os.path.islink(path):  # the video is written in place (the results are renamed)
+            problem = "it is a symbolic link, which the video would be written through"
         if same_file(path, args.model_path):  # by another spelling, a link or a hard link: it would replace the model
             problem = f"it is the model file {args.model_path}"
         if problem:

@@ -225,6 +225,16 @@ def test_results_are_renamed_into_place_never_written_through_a_link_or_half_wri
     assert evaluate_model.main(args)["mean"] == 2.0
     assert target.read_text() == "someone's file" and not output.is_symlink()
     assert json.loads(output.read_text())["returns"] == [1.0, 3.0]
+    video = tmp_path / "eval_cartpole_balance_seed100.mp4"  # beside the model's copy below: written in place, refused
+    video.symlink_to(target)
+    model = shutil.copy(saved_model, tmp_path / "model.cleanrl_model")
+    filmed = evaluate_model.Args(model_path=model, output=str(output), capture_video=True)
+    with pytest.raises(
+        evaluate_model.RunError, match="it is a symbolic link, which the video would be written through"
+    ):
+        evaluate_model.main(filmed)
+    os.remove(video)
+    os.remove(model)
 
     def disk_full(*_args, **_kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
