@@ -33,10 +33,11 @@ Usage: ./benchmark.sh [options] [-- extra arguments for every run]
 
 Runs every (script, task, seed) of a sweep, then plot.py on the results. By default: the TACO paper's benchmark,
 both scripts on its 9 tasks at 1M frames (its table's budget), 6 seeds each.
-Ctrl-C, kill (SIGTERM) or a closed terminal stops it: each run finishes its episode and checkpoints (a sweep put in
-the background by a script ignores Ctrl-C, as bash makes such jobs do: stop it with kill). Run again, the same
-command continues each interrupted run from its checkpoint and skips the finished ones. The arguments after --
-are checked with the scripts' own checks before anything runs.
+Ctrl-C, kill (SIGTERM, or another signal that would end it, but SIGKILL) or a closed terminal stops it: each run
+finishes its episode and checkpoints (a sweep put in the background by a script ignores Ctrl-C, as bash makes such
+jobs do: stop it with kill). Run again, the same command continues each interrupted run from its checkpoint and skips
+the finished ones; a run still going (left by a sweep killed with SIGKILL) is not started a second time. The
+arguments after -- are checked with the scripts' own checks before anything runs.
 
 Sweep:
   --scripts "A B"        agent scripts (default: $SCRIPTS)
@@ -384,7 +385,8 @@ stop_children() {
 }
 # Every signal that would end this script unsupervising its runs stops them first (HUP: the terminal closed; the runs,
 # in sessions of their own, do not get it; USR1 and the rest: whoever sent them).
-trap stop_children HUP INT QUIT ILL TRAP ABRT BUS FPE USR1 SEGV USR2 PIPE ALRM TERM STKFLT XCPU XFSZ VTALRM PROF IO PWR SYS
+trap stop_children HUP INT QUIT ILL TRAP ABRT BUS FPE USR1 SEGV USR2 PIPE ALRM TERM STKFLT XCPU XFSZ VTALRM PROF IO \
+  PWR SYS
 
 reap_one() {  # waits for the next run to end and reports it
   local pid status
