@@ -33,10 +33,11 @@ Usage: ./benchmark.sh [options] [-- extra arguments for every run]
 
 Runs every (script, task, seed) of a sweep, then plot.py on the results. By default: the TACO paper's benchmark,
 both scripts on its 9 tasks at 1M frames (its table's budget), 6 seeds each.
-Ctrl-C, kill (SIGTERM) or a closed terminal stops it: each run finishes its episode and checkpoints (a sweep put in
-the background by a script ignores Ctrl-C, as bash makes such jobs do: stop it with kill). Run again, the same
-command continues each interrupted run from its checkpoint and skips the finished ones. The arguments after --
-are checked with the scripts' own checks before anything runs.
+Ctrl-C, kill (SIGTERM, or another signal that would end it, but SIGKILL) or a closed terminal stops it: each run
+finishes its episode and checkpoints (a sweep put in the background by a script ignores Ctrl-C, as bash makes such
+jobs do: stop it with kill). Run again, the same command continues each interrupted run from its checkpoint and skips
+the finished ones; a run still going (left by a sweep killed with SIGKILL) is not started a second time. The
+arguments after -- are checked with the scripts' own checks before anything runs.
 
 Sweep:
   --scripts "A B"        agent scripts (default: $SCRIPTS)
@@ -83,7 +84,13 @@ shown() {  # a value in a message, on one line: 'value', or quoted for bash if i
 refuse_if_locked() {  # $1: a descriptor open on DIR/sweep.lock; a sweep running on DIR holds a lock on that file
   flock -n "$1" || die "another sweep is running on --out $OUT ($(cat "$OUT/sweep.lock")): one sweep per --out folder"
 }
-quote_words() { [ $# = 0 ] || printf '%q ' "$@"; }  # each word quoted for bash; nothing for no words
+quoted() {  # the words quoted for any POSIX shell (dash reads no $'...'), joined by spaces; plain words as they are
+  local word out=()
+  for word; do
+    if [[ $word =~ ^[A-Za-z0-9_./:=+,@%-]+$ ]]; then out+=("$word"); else out+=("'${word//\'/\'\\\'\'}'"); fi
+  done
+  printf '%s' "${out[*]}"
+}
 
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -112,12 +119,18 @@ done
 
 declare -A FLAG_OF=([NUM_SEEDS]=--num-seeds [FIRST_SEED]=--first-seed [WORKERS]=--workers [CPUS_PER_RUN]=--cpus
   [GPUS_PER_RUN]=--gpus [MAX_CONCURRENT]=--max-concurrent)
-for n in "${!FLAG_OF[@]}"; do
-  [[ ${!n} =~ ^[0-9]+$ ]] || die "${FLAG_OF[$n]} must be a whole number, got $(shown "${!n}")"
+for n in "${!FLAG_OF[@]}"; do  # read in decimal (bash reads 010 as octal 8, and 08 not at all)
+  [[ ${!n} =~ ^0*([0-9]{1,18})$ ]] || die "${FLAG_OF[$n]} must be a whole number below 10**18, got $(shown "${!n}")"
+  printf -v "$n" %d "$((10#${BASH_REMATCH[1]}))"
 done
 [ "$WORKERS" -ge 1 ] && [ "$NUM_SEEDS" -ge 1 ] || die "--workers and --num-seeds must be at least 1"
 [[ $FRAMES =~ ^0*[1-9][0-9]*$|^preset$ ]] || die "--frames must be a positive whole number or 'preset', got $(shown "$FRAMES")"
-for script in $SCRIPTS; do
+# The words of --scripts and --env-ids, split as bash splits them, never expanded as file patterns.
+read -r -d '' -a SCRIPT_LIST <<< "$SCRIPTS"
+read -r -d '' -a TASK_LIST <<< "$ENV_IDS"
+[ "${#SCRIPT_LIST[@]}" -gt 0 ] || die "--scripts names no script"
+[ "${#TASK_LIST[@]}" -gt 0 ] || die "--env-ids names no task"
+for script in "${SCRIPT_LIST[@]}"; do
   case "$script" in
     taco_continuous_action.py | drqv2_continuous_action.py) ;;
     *) die "no agent script $(shown "$script"): --scripts takes taco_continuous_action.py and drqv2_continuous_action.py" ;;
@@ -153,11 +166,14 @@ for word in "${EXTRA_ARGS[@]}"; do
       BUDGET_AFTER_DASHES=1 ;;
   esac
 done
-[ -n "$ENV_IDS" ] || die "--env-ids is empty"
 # One run directory and one log per (script, task, seed): a name listed twice would give two runs the same ones.
-for list in "--scripts:$SCRIPTS" "--env-ids:$ENV_IDS"; do
-  repeated=$(tr -s ' ' '\n' <<< "${list#*:}" | sed '/^$/d' | sort | uniq -d | paste -sd ' ')
+for list in "--scripts:${SCRIPT_LIST[*]}" "--env-ids:${TASK_LIST[*]}"; do
+  repeated=$(tr ' ' '\n' <<< "${list#*:}" | sort | uniq -d | paste -sd ' ')
   [ -z "$repeated" ] || die "${list%%:*} names $repeated more than once"
+done
+# Nothing the sweep writes in --out goes through a symbolic link planted there, which would write the link's target.
+for path in "$OUT"/{sweep.lock,sweep.sbatch,logs,runs,plots} "$OUT"/logs/* "$OUT"/plots/*; do
+  [ ! -L "$path" ] || die "$(shown "$path") is a symbolic link: a sweep writes nothing through one (remove it)"
 done
 # A sweep running on --out already (its lock is taken below, once the folder may be written).
 if [ "$DRY_RUN" = 0 ] && [ -f "$OUT/sweep.lock" ] && exec {probe}< "$OUT/sweep.lock"; then
@@ -170,14 +186,14 @@ last_seed=$((10#$FIRST_SEED + NUM_SEEDS - 1))
 # after --.
 RUN_ARGS=("${EXTRA_ARGS[@]}")
 [ "$FRAMES" = preset ] || [ "$BUDGET_AFTER_DASHES" = 1 ] || RUN_ARGS=(--total-timesteps "$FRAMES" "${EXTRA_ARGS[@]}")
-num_runs=$(($(wc -w <<< "$SCRIPTS") * $(wc -w <<< "$ENV_IDS") * NUM_SEEDS))
+num_runs=$((${#SCRIPT_LIST[@]} * ${#TASK_LIST[@]} * NUM_SEEDS))
 at_once=$WORKERS
 [ "$SLURM" = 1 ] && at_once=$MAX_CONCURRENT
 [ "$at_once" -lt "$num_runs" ] || at_once=$num_runs
 # Before anything runs, is submitted or is written: the task names, checked against the scripts' task list, and the
 # disk the sweep needs at its peak (each running run's checkpoint with its full replay, twice while one is written,
 # plus the final checkpoints of the others, which leave the replay out), against the space free where --out is.
-"$PYTHON" - "$ROOT" "$SCRIPTS" "$ENV_IDS" "$num_runs" "$at_once" "$OUT" "$DISK_CHECK" "${RUN_ARGS[@]}" <<'PY'
+"$PYTHON" - "$ROOT" "${SCRIPT_LIST[*]}" "${TASK_LIST[*]}" "$num_runs" "$at_once" "$OUT" "$DISK_CHECK" "${RUN_ARGS[@]}" <<'PY'
 import contextlib, importlib.util, io, os, shutil, sys
 
 import torch
@@ -185,11 +201,11 @@ import tyro
 
 root, scripts, tasks, num_runs, at_once, out, disk_check, *run_args = sys.argv[1:]
 modules = {}
-for script in scripts.split():
+for script in scripts.split(" "):  # the words bash split
     spec = importlib.util.spec_from_file_location(script[: -len(".py")], os.path.join(root, script))
     modules[script] = sys.modules[spec.name] = importlib.util.module_from_spec(spec)  # tyro looks it up there
     spec.loader.exec_module(modules[script])
-unknown = [task for task in tasks.split() if any(task not in module.TASK_PRESET for module in modules.values())]
+unknown = [task for task in tasks.split(" ") if any(task not in module.TASK_PRESET for module in modules.values())]
 if unknown:
     sys.exit(f"benchmark.sh: unknown task(s) in --env-ids: {' '.join(unknown)} (python {script} --help lists them)")
 
@@ -232,7 +248,7 @@ def checkpoint_bytes(script, task):
     return size, replay
 
 
-sizes = [checkpoint_bytes(script, task) for script in modules for task in tasks.split()]
+sizes = [checkpoint_bytes(script, task) for script in modules for task in tasks.split(" ")]
 networks = max(size for size, _ in sizes)
 full = max(size + replay for size, replay in sizes)
 at_once = int(at_once)
@@ -259,8 +275,8 @@ PY
 
 # The sweep: one line "script task seed" per run.
 RUNS=()
-for script in $SCRIPTS; do
-  for task in $ENV_IDS; do
+for script in "${SCRIPT_LIST[@]}"; do
+  for task in "${TASK_LIST[@]}"; do
     for ((seed = FIRST_SEED; seed < FIRST_SEED + NUM_SEEDS; seed++)); do
       RUNS+=("$script $task $seed")
     done
@@ -278,7 +294,7 @@ if [ "$DRY_RUN" = 0 ]; then
   refuse_if_locked "$LOCK_FD"
   echo "benchmark.sh, process $$ on $HOSTNAME since $(date '+%Y-%m-%d %H:%M:%S')" > "$OUT/sweep.lock"
 fi
-PLOT_COMMAND=$(printf '%q ' "$PYTHON" "$ROOT/plot.py" --runs-dir "$OUT/runs" --out "$OUT/plots")
+PLOT_COMMAND=$(quoted "$PYTHON" "$ROOT/plot.py" --runs-dir "$OUT/runs" --out "$OUT/plots")  # for sbatch's /bin/sh too
 
 # ----------------------------------------------------------------------------------------------------------------------
 # Slurm mode: one array job, one element per run.
@@ -304,9 +320,9 @@ if [ "$SLURM" = 1 ]; then
     printf '  "%s"\n' "${RUNS[@]}"
     echo ")"
     echo 'read -r script task seed <<< "${RUNS[$SLURM_ARRAY_TASK_ID]}"'
-    printf 'RUN_ARGS=(%s)\n' "$(quote_words "${RUN_ARGS[@]}")"
+    printf 'RUN_ARGS=(%s)\n' "$(quoted "${RUN_ARGS[@]}")"
     echo
-    echo "cd $(printf '%q' "$OUT")"
+    echo "cd $(quoted "$OUT")"
     echo 'export OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK'
     echo 'echo "$(date) element $SLURM_ARRAY_TASK_ID (restart ${SLURM_RESTART_COUNT:-0}): $script $task seed $seed"'
     echo
@@ -320,7 +336,7 @@ if [ "$SLURM" = 1 ]; then
     echo '}'
     echo 'trap requeue USR1'
     echo "# --resume auto: a requeued element continues from its run's last checkpoint (a new run the first time)"
-    echo "$(printf '%q ' "$PYTHON")$(printf '%q' "$ROOT")/\$script --env-id \"\$task\" --seed \"\$seed\" --resume auto \"\${RUN_ARGS[@]}\" &"
+    echo "$(quoted "$PYTHON") $(quoted "$ROOT")/\$script --env-id \"\$task\" --seed \"\$seed\" --resume auto \"\${RUN_ARGS[@]}\" &"
     echo 'run_pid=$!'
     echo 'wait "$run_pid"  # returns early when USR1 arrives; the trap then takes over'
     echo 'status=$?'
@@ -334,7 +350,7 @@ if [ "$SLURM" = 1 ]; then
   fi
   write_job_script > "$job_script"
   command -v sbatch > /dev/null || die "sbatch not found: is this a Slurm login node?"
-  job_id=$(sbatch --parsable --output="$OUT/logs/%A_%a.log" "$job_script") || die "sbatch refused $job_script"
+  job_id=$(sbatch --parsable --output="${OUT//%/%%}/logs/%A_%a.log" "$job_script") || die "sbatch refused $job_script"
   job_id=${job_id%%;*}
   echo "submitted array job $job_id: $N_RUNS, at most $MAX_CONCURRENT at once (job script: $job_script)"
   echo "watch it:   squeue -j $job_id      logs: $OUT/logs/${job_id}_<element>.log"
@@ -367,7 +383,10 @@ stop_children() {
   echo "benchmark.sh: stopped; the same command continues the sweep from the runs' checkpoints" >&2
   exit 130
 }
-trap stop_children INT TERM HUP  # HUP: the terminal closed; the runs, in sessions of their own, do not get it
+# Every signal that would end this script unsupervising its runs stops them first (HUP: the terminal closed; the runs,
+# in sessions of their own, do not get it; USR1 and the rest: whoever sent them).
+trap stop_children HUP INT QUIT ILL TRAP ABRT BUS FPE USR1 SEGV USR2 PIPE ALRM TERM STKFLT XCPU XFSZ VTALRM PROF IO \
+  PWR SYS
 
 reap_one() {  # waits for the next run to end and reports it
   local pid status
@@ -380,18 +399,25 @@ reap_one() {  # waits for the next run to end and reports it
   elif [ "$status" = 0 ]; then
     echo "[$(date +%T)] done    ($finished/${#RUNS[@]}) ${NAME_OF_PID[$pid]}"
   else
-    echo "[$(date +%T)] FAILED  ($finished/${#RUNS[@]}) ${NAME_OF_PID[$pid]} (exit code $status, log: $OUT/logs/${NAME_OF_PID[$pid]}.log)"
+    echo "[$(date +%T)] FAILED  ($finished/${#RUNS[@]}) ${NAME_OF_PID[$pid]} (exit code $status, log: $log)"
+    tail -c "+${LOG_START[$pid]}" "$log" | grep -a '^error: ' | tail -n 1 | sed 's/^/  /'  # the run's own reason
     FAILED+=("${NAME_OF_PID[$pid]}")
   fi
   unset "NAME_OF_PID[$pid]" "LOG_START[$pid]"
+}
+
+not_started() {  # $1: a run, $2: why it is not started
+  finished=$((finished + 1))
+  echo "[$(date +%T)] FAILED  ($finished/${#RUNS[@]}) $1 ($2)"
+  FAILED+=("$1")
 }
 
 if [ "$DRY_RUN" = 1 ]; then
   echo "benchmark.sh (dry run): $N_RUNS, $WORKERS at a time, OMP_NUM_THREADS=$threads, in $OUT:"
   for run in "${RUNS[@]}"; do
     read -r script task seed <<< "$run"
-    printf '%q ' "$PYTHON" "$ROOT/$script" --env-id "$task" --seed "$seed" --resume auto "${RUN_ARGS[@]}"
-    echo ">> $OUT/logs/${script%.py}__${task}__${seed}.log"
+    words=("$PYTHON" "$ROOT/$script" --env-id "$task" --seed "$seed" --resume auto "${RUN_ARGS[@]}")
+    echo "$(quoted "${words[@]}") >> $(quoted "$OUT/logs/${script%.py}__${task}__${seed}.log")"
   done
   [ "$PLOT" = 1 ] && echo "then: $PLOT_COMMAND"
   exit 0
@@ -401,11 +427,23 @@ for run in "${RUNS[@]}"; do
   read -r script task seed <<< "$run"
   while [ "${#NAME_OF_PID[@]}" -ge "$WORKERS" ]; do reap_one; done
   name="${script%.py}__${task}__${seed}"
-  log_size=$(stat -c %s "$OUT/logs/$name.log" 2>/dev/null || echo 0)
+  # A run holds a lock on its log, the open file it writes to, while it or any process it started lives: a run that a
+  # killed sweep left going is found here, and not started a second time beside it.
+  if ! exec {RUN_FD}>> "$OUT/logs/$name.log"; then
+    not_started "$name" "its log cannot be written"
+    continue
+  fi
+  if ! flock -n "$RUN_FD"; then
+    exec {RUN_FD}>&-
+    not_started "$name" "still running, left by an earlier sweep: not started again"
+    continue
+  fi
+  log_size=$(stat -c %s "$OUT/logs/$name.log")
   # --resume auto: a run interrupted before continues from its checkpoint, a finished one says "nothing to do".
   # setsid: each run leads its own process group, so Ctrl-C here stops it with all its children.
   (cd "$OUT" && OMP_NUM_THREADS=$threads exec setsid --wait "$PYTHON" "$ROOT/$script" --env-id "$task" --seed "$seed" \
-    --resume auto "${RUN_ARGS[@]}" >> "$OUT/logs/$name.log" 2>&1 {LOCK_FD}>&-) &
+    --resume auto "${RUN_ARGS[@]}" >&"$RUN_FD" 2>&1 {LOCK_FD}>&- {RUN_FD}>&-) &
+  exec {RUN_FD}>&-  # the run's copy keeps the lock
   NAME_OF_PID[$!]=$name
   LOG_START[$!]=$((log_size + 1))
   echo "[$(date +%T)] start   $name"

@@ -6,11 +6,13 @@
 #   python evaluate_model.py runs/<run_name>/drqv2_continuous_action.cleanrl_model --num-episodes 10
 #   python evaluate_model.py runs/<run_name>/checkpoint.pt
 # The policy (encoder and actor) is the same in both scripts; TACO's latent actions only enter its critic.
+import contextlib
 import importlib.util
 import json
 import os
 import pickle
 import re
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from typing import Annotated
@@ -95,6 +97,8 @@ def malformed(saved: dict) -> str | None:
     for name in ["encoder", "actor"]:
         if not isinstance(saved[name], dict) or not all(isinstance(v, torch.Tensor) for v in saved[name].values()):
             return f"{name} is not a dict of tensors"
+        if not all(v.isfinite().all() for v in saved[name].values()):
+            return f"{name} holds weights that are not finite (NaN or inf)"
     shape = saved["obs_shape"]
     if not isinstance(shape, (list, tuple)) or len(shape) != 3 or not all(type(n) is int and n > 0 for n in shape):
         return "obs_shape is not 3 positive whole numbers"
@@ -112,6 +116,18 @@ def malformed(saved: dict) -> str | None:
     return None
 
 
+def unlike_torch_save(records: list, file_size: int) -> str | None:
+    """How a zip file's records differ from torch.save's, which stores each as it is, or None: a compressed record
+    (a small file that unpacks to gigabytes), or sizes declared beyond what the file holds."""
+    packed = [r.filename for r in records if r.compress_type != zipfile.ZIP_STORED or r.compress_size != r.file_size]
+    declared = sum(r.file_size for r in records)
+    if packed:
+        return f"is not as torch.save writes it: its record {packed[0]} is compressed; nothing was unpacked"
+    if declared > file_size:
+        return f"is not as torch.save writes it: its records declare {declared} bytes, more than its {file_size}"
+    return None
+
+
 def load_policy(module, path: str, device):
     """(policy, saved dict), or a RunError naming what is wrong with the file."""
     if os.path.isdir(path):
@@ -122,9 +138,11 @@ def load_policy(module, path: str, device):
         # every record of the zip file against its CRC first, as --resume checks a checkpoint: torch.load checks none
         # and would load flipped bits as weights (this reads all of a checkpoint, its replay included)
         with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()
-        # weights only: loading runs no code; memory-mapped: a checkpoint's replay is not read again
-        saved = torch.load(path, map_location=device, weights_only=True, mmap=True) if damaged is None else None
+            problem = unlike_torch_save(archive.infolist(), os.path.getsize(path))
+            damaged = None if problem else archive.testzip()
+        problem = problem or damaged and f"is corrupt: its record {damaged} does not match its CRC"
+        # weights only: loading runs no code; memory-mapped on the CPU: a checkpoint's replay is not read again
+        saved = None if problem else torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except pickle.UnpicklingError as error:  # torch refuses objects other than tensors and plain containers
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
         what = f" ({found.group(1)})" if found else ""
@@ -134,8 +152,8 @@ def load_policy(module, path: str, device):
         ) from error
     except Exception as error:  # a damaged or foreign file fails in many ways inside torch.load
         raise RunError(f"{path} is not a readable model file ({first_line(error)})") from error
-    if damaged is not None:
-        raise RunError(f"{path} is corrupt: its record {damaged} does not match its CRC")
+    if problem:
+        raise RunError(f"{path} {problem}")
     if isinstance(saved, dict) and {"agent", "args", "global_step"} <= set(saved):  # a checkpoint: its policy part
         saved = model_of_checkpoint(saved)
     if not isinstance(saved, dict) or not SAVED_KEYS <= set(saved):
@@ -154,6 +172,30 @@ def load_policy(module, path: str, device):
         detail = " ".join(str(error).split())[:300]  # torch's first line names no tensor
         raise RunError(f"{path}: the weights do not fit the networks ({detail})") from error
     return Policy(encoder.eval(), actor.to(device).eval(), device), saved
+
+
+def same_file(a: str, b: str) -> bool:
+    """Whether two paths name one file: by any spelling, through symbolic links, or as hard links of one file."""
+    return (
+        os.path.realpath(a) == os.path.realpath(b) or os.path.exists(a) and os.path.exists(b) and os.path.samefile(a, b)
+    )
+
+
+def write_results(result: dict, output: str):
+    """The results as JSON in a new temporary file beside `output`, renamed over it: a failure leaves what was there,
+    and a link at `output` is replaced, not written through."""
+    folder, name = os.path.split(os.path.abspath(output))
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
+    try:
+        with os.fdopen(descriptor, "w") as f:
+            json.dump(result, f, indent=2)
+        os.chmod(temporary, 0o644)  # as open() makes a file (mkstemp's are private)
+        os.replace(temporary, output)
+    except OSError as error:
+        raise RunError(f"cannot write {output} ({error.strerror}); the returns were {result['returns']}") from error
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
 
 
 agent_script = load_agent_script()  # sets MUJOCO_GL=egl unless it is set
@@ -195,17 +237,28 @@ def main(args: Args):
     if os.path.isdir(output):
         named = f"--output {output} is a folder: name a file"
         raise RunError(named if args.output else f"{output} is a folder: name another file with --output")
+    if video_path and same_file(output, video_path):
+        raise RunError(f"--output {output} is the video --capture-video writes: name another file")
     for path in [p for p in [output, video_path] if p]:
         problem = unwritable(os.path.dirname(os.path.abspath(path)))
         if not problem and os.path.exists(path) and not os.access(path, os.W_OK):
             problem = f"{path} is not writable"
+        if path == video_path and os.path.islink(path):  # the video is written in place (the results are renamed)
+            problem = "it is a symbolic link, which the video would be written through"
+        if same_file(path, args.model_path):  # by another spelling, a link or a hard link: it would replace the model
+            problem = f"it is the model file {args.model_path}"
         if problem:
             where = " (--output writes the results elsewhere)" if path == output and not args.output else ""
             raise RunError(f"cannot write {path}: {problem}{where}")
     module.make_folder(os.path.dirname(os.path.abspath(output)))
     print(f"evaluating {args.model_path} ({trained['exp_name']}, trained on {trained['env_id']}) on {env_id}: ", end="")
     print(f"{args.num_episodes} episode{'s' if args.num_episodes > 1 else ''}, seed {args.seed}", flush=True)
-    returns = [float(r) for r in module.evaluate(policy, env, args.num_episodes, video_path)]
+    try:
+        returns = [float(r) for r in module.evaluate(policy, env, args.num_episodes, video_path)]
+    except module.NonFiniteAction as error:
+        raise RunError(f"the policy gave a non-finite {error}: its weights overflow on this task's images") from None
+    if not np.isfinite(returns).all():
+        raise RunError(f"the episodes' returns {returns} are not all finite (the simulation diverged?): no results")
     result = {
         "model": os.path.abspath(args.model_path),
         "exp_name": trained["exp_name"],
@@ -219,8 +272,7 @@ def main(args: Args):
         "std": float(np.std(returns)),
         "returns": returns,
     }
-    with open(output, "w") as f:
-        json.dump(result, f, indent=2)
+    write_results(result, output)
     episodes = f"{len(returns)} episode{'s' if len(returns) > 1 else ''}"
     print(f"return {result['mean']:.1f} ± {result['std']:.1f} (mean ± std over {episodes}); {output}")
     if video_path:

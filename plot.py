@@ -8,10 +8,9 @@
 # one method and task whose settings differ (other than the seed and settings that leave the update unchanged) are
 # kept apart, the method named with the settings that tell them apart.
 import csv
-import glob
 import logging
 import os
-import struct
+import re
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Annotated
@@ -27,6 +26,7 @@ SAME_LEARNING |= {"wandb_entity", "capture_video", "save_model", "checkpoint_eve
 SAME_LEARNING |= {"torch_deterministic", "compile", "cudagraphs", "replay_device", "tf32"}
 # (X, Y): results.md gives P(X > Y) when the sweep has runs of both
 IMPROVEMENT = ("taco_continuous_action", "drqv2_continuous_action")
+OUTPUTS = ["results.md", "tasks.png", "tasks.pdf", "aggregate.png", "aggregate.pdf"]  # what it writes in --out
 
 # a field whose docstring says its default: --help shows that one, not "None"
 DOCUMENTED_DEFAULT = tyro.conf.arg(help_behavior_hint="")
@@ -57,44 +57,60 @@ class Args:
 # Reading
 
 
-def parse_hyperparameters(markdown: str) -> dict:
-    """The `|param|value|` table the agent scripts log as text, back into a dict of strings."""
-    rows = [line.strip().strip("|").split("|") for line in markdown.splitlines() if line.startswith("|")]
-    return {row[0]: row[1] for row in rows[2:] if len(row) == 2}
+class Unreadable(ValueError):
+    """A file that does not hold what it should (a damaged or crafted log, a foreign CSV): one line naming it."""
+
+
+def parse_hyperparameters(markdown: str, run_dir: str) -> dict:
+    """The `|param|value|` table the agent scripts log as text, back into a dict of strings (`\\|` in a cell is a `|`
+    of the value). A key given twice is refused: a row added by a value holding a newline must not pass for the run's
+    own."""
+    table = {}
+    for line in markdown.split("\n")[2:]:  # lines as the scripts write them (splitlines() also splits at \x1c...)
+        cells = [cell.replace("\\|", "|") for cell in re.split(r"(?<!\\)\|", line.strip())]
+        if len(cells) != 4 or cells[0] or cells[3]:  # not a |key|value| row
+            continue
+        if cells[1] in table:
+            raise Unreadable(
+                f"{run_dir}: its hyperparameters table names {cells[1]} twice (a value holding a newline?)"
+            )
+        table[cells[1]] = cells[2]
+    return table
 
 
 def read_run(run_dir: str, tag: str):
-    """(hyperparameters, frames, values) of one run; values of `tag` by frame, the last write of a frame winning."""
+    """(hyperparameters, frames, values, damaged) of one run: values of `tag` by frame, the last write of a frame
+    winning, and the event files that TensorBoard stopped reading early (cut off, or a record failing its CRC)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    # a resumed run's log drops the steps logged after its checkpoint (purge_step), as meant: not worth a warning
-    logging.getLogger("tensorboard").setLevel(logging.ERROR)
-    accumulator = EventAccumulator(run_dir, size_guidance={"scalars": 0, "tensors": 0})
-    accumulator.Reload()
+    damaged = []
+
+    def note(record):  # TensorBoard says of a file it stops reading only in a debug line
+        if record.msg.startswith("Truncated record in"):
+            damaged.append(os.path.basename(record.args[0]))
+        return (
+            False  # nothing is shown: a resumed run's log drops the steps after its checkpoint (purge_step), as meant
+        )
+
+    logger = logging.getLogger("tensorboard")
+    level = logger.level
+    logger.setLevel(logging.DEBUG)
+    logger.addFilter(note)
+    try:
+        accumulator = EventAccumulator(run_dir, size_guidance={"scalars": 0, "tensors": 0})
+        accumulator.Reload()
+    finally:
+        logger.removeFilter(note)
+        logger.setLevel(level)
     hyperparameters = {}
     if "hyperparameters/text_summary" in accumulator.Tags()["tensors"]:
-        text = accumulator.Tensors("hyperparameters/text_summary")[0].tensor_proto.string_val[0].decode()
-        hyperparameters = parse_hyperparameters(text)
+        text = accumulator.Tensors("hyperparameters/text_summary")[0].tensor_proto.string_val[0]
+        hyperparameters = parse_hyperparameters(text.decode(errors="replace"), run_dir)
     points = {}
     if tag in accumulator.Tags()["scalars"]:
         points = {event.step: event.value for event in accumulator.Scalars(tag)}
     frames = np.array(sorted(points), dtype=np.int64)
-    return hyperparameters, frames, np.array([points[f] for f in frames], dtype=np.float64)
-
-
-def truncated_event_files(run_dir: str) -> list:
-    """Event files of a run whose last record is cut off (a run killed while writing, a partial copy): TensorBoard
-    reads them silently as a shorter run. A record is an 8-byte length, a 4-byte CRC, the data and a 4-byte CRC."""
-    truncated = []
-    for path in sorted(glob.glob(os.path.join(run_dir, "events.out.tfevents.*"))):
-        with open(path, "rb") as f:
-            data = f.read()
-        position = 0
-        while position + 12 <= len(data):
-            position += 12 + struct.unpack("<Q", data[position : position + 8])[0] + 4
-        if position != len(data):
-            truncated.append(os.path.basename(path))
-    return truncated
+    return hyperparameters, frames, np.array([points[f] for f in frames], dtype=np.float64), damaged
 
 
 def method_names(configurations: dict) -> dict:
@@ -114,17 +130,26 @@ def method_names(configurations: dict) -> dict:
 def find_runs(runs_dir: str, tag: str):
     """{(method, task): {seed: (frames, values)}} and the lines telling the user what was read and skipped."""
     runs, report, read = defaultdict(dict), [], {}
-    run_dirs = sorted({os.path.dirname(p) for p in glob.glob(f"{runs_dir}/**/events.out.tfevents.*", recursive=True)})
+    # a walk, not a glob: the folder's name is a path, whatever characters it holds ([, *, ?)
+    run_dirs = sorted(
+        d for d, _, files in os.walk(runs_dir) if any(f.startswith("events.out.tfevents.") for f in files)
+    )
     for run_dir in run_dirs:
-        hyperparameters, frames, values = read_run(run_dir, tag)
+        try:
+            hyperparameters, frames, values, damaged = read_run(run_dir, tag)
+        except Unreadable as error:
+            report.append(f"  skipped {error}")
+            continue
         if not {"exp_name", "env_id", "seed"} <= set(hyperparameters):
             report.append(f"  skipped {run_dir}: no hyperparameters table (not a run of the agent scripts)")
+        elif not hyperparameters["seed"].isdecimal():
+            report.append(f"  skipped {run_dir}: its seed {hyperparameters['seed']!r} is not a whole number")
         elif len(frames) == 0:
             report.append(f"  skipped {run_dir}: no {tag}")
         else:
             read[run_dir] = (hyperparameters, frames, values)
-            for name in truncated_event_files(run_dir):
-                report.append(f"  warning: {run_dir}/{name} is truncated; read up to frame {frames[-1]}")
+        reached = f"; read up to frame {frames[-1]}" if len(frames) else ""
+        report += [f"  warning: {run_dir}/{name} is cut off or damaged{reached}" for name in damaged]
     names = method_names({run_dir: hyperparameters for run_dir, (hyperparameters, _, _) in read.items()})
     if any(name != read[d][0]["exp_name"] for d, name in names.items()):
         report.append("  note: runs of one method and task with other settings are kept apart (named by them)")
@@ -140,15 +165,35 @@ def find_runs(runs_dir: str, tag: str):
     return dict(runs), report
 
 
+def read_csv(path: str, columns: dict) -> list:
+    """The rows of a CSV file, with these columns converted ({name: type}); Unreadable, naming the first problem, for
+    a file without rows, a missing value, or one that is not of its type."""
+    try:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as error:
+        raise Unreadable(f"cannot read {path} ({error})") from error
+    if not rows:
+        raise Unreadable(f"{path} holds no rows (a header only, or nothing)")
+    for number, row in enumerate(rows, 1):
+        for name, kind in columns.items():
+            if row.get(name) is None:  # no such column, or a short row
+                raise Unreadable(f"{path}: row {number} has no {name} (the columns it needs: {', '.join(columns)})")
+            try:
+                row[name] = kind(row[name])
+            except (ValueError, OverflowError):  # "", "x"; a frame of "inf"
+                raise Unreadable(f"{path}: row {number} has {name} {row[name]!r}, not a number") from None
+    return rows
+
+
 def read_reference(reference_dir: str | None, task: str):
     """{seed: (frames, returns)} of the published curves of a task, or {} if there are none."""
     path = os.path.join(reference_dir or "", f"dmc_{task}.csv")
     if not reference_dir or not os.path.exists(path):
         return {}
     by_seed = defaultdict(list)
-    with open(path) as f:
-        for row in csv.DictReader(f):
-            by_seed[int(row["seed"])].append((int(float(row["frame"])), float(row["episode_reward"])))
+    for row in read_csv(path, {"seed": int, "frame": lambda frame: int(float(frame)), "episode_reward": float}):
+        by_seed[row["seed"]].append((row["frame"], row["episode_reward"]))
     return {seed: tuple(np.array(column) for column in zip(*sorted(points))) for seed, points in by_seed.items()}
 
 
@@ -491,6 +536,9 @@ def check_args(args: Args):
     out_problem = unwritable(args.out)
     if out_problem:
         problems.append(f"--out {args.out} cannot be written: {out_problem}")
+    links = [name for name in OUTPUTS if os.path.islink(os.path.join(args.out, name))]
+    if links:
+        problems.append(f"{os.path.join(args.out, links[0])} is a symbolic link, which plot.py does not write through")
     if args.reference is not None and not os.path.isdir(args.reference):
         problems.append(f"--reference {args.reference}: no such folder (--reference None: no published curves)")
     if args.bootstrap_reps < 1:
@@ -517,7 +565,10 @@ def main(args: Args):
     rng = np.random.default_rng(args.seed)
     references = {}
     if args.tag == "eval/episodic_return":  # the published curves are evaluation returns
-        references = {task: read_reference(args.reference, task) for _, task in runs}
+        try:
+            references = {task: read_reference(args.reference, task) for _, task in runs}
+        except Unreadable as error:
+            raise SystemExit(f"plot.py: {error}") from None
     os.makedirs(args.out, exist_ok=True)
     table = write_table(runs, references, args, rng)
     with open(os.path.join(args.out, "results.md"), "w") as f:

@@ -1,5 +1,6 @@
 """The sweep (benchmark.sh, here and on a real one-node Slurm cluster) and the plotting step (plot.py)."""
 
+import contextlib
 import csv
 import fcntl
 import os
@@ -214,13 +215,19 @@ def test_local_sweep_names_the_failed_run_after_the_others_finish(tmp_path):
     scripts = "drqv2_continuous_action.py taco_continuous_action.py"
     sweep = ["--scripts", scripts, "--env-ids", "cartpole_balance", "--num-seeds", "1", "--workers", "2"]
     # the DrQ-v2 run fails as it starts (a fake python), the TACO run finishes
-    crash = '[[ "$1" == */drqv2_continuous_action.py ]] && { echo "crashed on purpose" >&2; exit 3; }'
+    crash = '[[ "$1" == */drqv2_continuous_action.py ]] && { echo "error: crashed on purpose" >&2; exit 3; }'
     env = {"PYTHON": fake_python(tmp_path / "python", crash)}
     tiny = [*TINY_RUN[2:], "--total-timesteps", "40"]
+    (out / "logs").mkdir(parents=True)
+    (out / "logs" / "drqv2_continuous_action__cartpole_balance__1.log").write_text("error: an earlier attempt's\n")
     result = run_benchmark([*sweep, "--out", str(out), "--", *tiny], tmp_path, env=env)
     assert result.returncode != 0
     assert "1 of 2 runs failed: drqv2_continuous_action__cartpole_balance__1" in result.stderr
-    assert "(exit code 3, log: " in result.stdout
+    # the run's own one-line reason, the last this attempt wrote, under its FAILED line
+    assert re.search(r"FAILED .*\(exit code 3, log: .*\.log\)\n  error: crashed on purpose\n", result.stdout), (
+        result.stdout
+    )
+    assert "earlier attempt" not in result.stdout
     assert "crashed on purpose" in (out / "logs" / "drqv2_continuous_action__cartpole_balance__1.log").read_text()
     assert len(list((out / "runs").iterdir())) == 1, "the good run still finished"
 
@@ -374,11 +381,22 @@ def test_a_second_sweep_on_the_same_out_is_refused_and_the_lock_ends_with_the_ha
         assert Path(f"/proc/{run_pid}").exists()
         with open(out / "sweep.lock") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free: a new sweep may start
+        # but not a second run of the same seed beside the one left going, writing to its log
+        again = run_benchmark(command, tmp_path, env=env, timeout=120)
+        assert again.returncode == 1 and (record / "pids").read_text().split() == [str(run_pid)], again.stdout
+        left = (
+            "drqv2_continuous_action__cartpole_balance__1 (still running, left by an earlier sweep: not started again)"
+        )
+        assert f"FAILED  (1/1) {left}" in again.stdout
     finally:
         (record / "go").touch()  # every fake run ends
         if first.poll() is None:
             first.kill()
             first.wait()
+    deadline = time.time() + 60
+    while Path(f"/proc/{run_pid}").exists():  # the run left going ends, and with it the lock on its log
+        assert time.time() < deadline, "the fake run did not end"
+        time.sleep(0.1)
     for _ in range(2):  # a sweep that ends releases the lock: the same command again is not refused
         result = run_benchmark(command, tmp_path, env=env, timeout=300)
         assert result.returncode == 0 and "benchmark.sh: the run finished" in result.stdout, (
@@ -393,6 +411,10 @@ def test_a_second_sweep_on_the_same_out_is_refused_and_the_lock_ends_with_the_ha
         (["--frames", "0"], "--frames must be a positive whole number or 'preset', got '0'"),
         (["--frames", "-5"], "--frames must be a positive whole number or 'preset', got '-5'"),
         (["--frames", "1e6"], "--frames must be a positive whole number or 'preset', got '1e6'"),
+        (["--scripts", " "], "--scripts names no script"),
+        (["--env-ids", " \t\n"], "--env-ids names no task"),
+        (["--first-seed", "0x10"], "--first-seed must be a whole number below 10**18, got '0x10'"),
+        (["--num-seeds", "1" * 19], "--num-seeds must be a whole number below 10**18, got '1111111111111111111'"),
         (["--num-seeds", "2", "--", "--seed", "5"], "the arguments after -- set --seed, but the sweep sets each run's"),
         (["--", "--seed=5"], "the arguments after -- set --seed, but the sweep sets each run's seed: use --first-seed"),
         (["--", "--env_id", "cheetah_run"], "the arguments after -- set --env_id, but the sweep sets each run's task"),
@@ -434,7 +456,7 @@ def test_a_sweep_refuses_what_it_cannot_run_as_asked_in_one_line(tmp_path, optio
         (["--mem", "32G\ntouch x"], "--mem holds a newline or a control character: $'32G\\ntouch x'"),
         (["--mem", "32GB"], "--mem must be a whole number with an optional K, M, G or T suffix (Slurm's format"),
         (["--cpus", "0"], "--cpus must be at least 1, got 0"),
-        (["--gpus", "1\ntouch x"], "--gpus must be a whole number, got $'1\\ntouch x'"),
+        (["--gpus", "1\ntouch x"], "--gpus must be a whole number below 10**18, got $'1\\ntouch x'"),
         (["--max-concurrent", "0"], "--max-concurrent must be at least 1, got 0"),
     ],
 )
@@ -493,7 +515,7 @@ def test_slurm_job_script_keeps_arguments_with_newlines_and_quotes_as_words(tmp_
 
 def test_bad_benchmark_options_fail_fast(tmp_path):
     result = run_benchmark(["--workers", "two"], tmp_path)
-    assert result.returncode == 2 and "--workers must be a whole number, got 'two'" in result.stderr
+    assert result.returncode == 2 and "--workers must be a whole number below 10**18, got 'two'" in result.stderr
     result = run_benchmark(["--scripts", "nope.py"], tmp_path)
     assert result.returncode == 2 and "no agent script 'nope.py'" in result.stderr
     result = run_benchmark(["--dry-run", "--env-ids", "cartpole_balance cheetah_run cartpole_balance"], tmp_path)
@@ -545,7 +567,7 @@ def test_slurm_dry_run_prints_a_readable_array_job(tmp_path):
     assert result.returncode == 0, result.stderr
     assert not (tmp_path / "my s").exists(), "a dry run writes nothing"
     script = result.stdout
-    assert f"cd {tmp_path}/my\\ s" in script, "paths are quoted"
+    assert f"cd '{tmp_path}/my s'" in script, "paths are quoted"
     assert "#SBATCH --array=0-11%32" in script and "#SBATCH --partition=gpu" in script
     assert "#SBATCH --requeue" in script and "#SBATCH --signal=B:USR1@120" in script
     assert "#SBATCH --gres=gpu:1" in script and '"taco_continuous_action.py walker_walk 3"' in script
@@ -782,4 +804,183 @@ def test_runs_with_other_settings_are_kept_apart_and_truncated_logs_named(tmp_pa
     assert "| cheetah_run | drqv2_continuous_action (nstep=3) | 100.0 (1), 1 short of budget |" in table
     assert "| cheetah_run | drqv2_continuous_action (nstep=1) | 300.0 (1) |" in table
     assert "kept apart" in printed and "plot.py: 3 run directories under" in printed, "notes are not directories"
-    assert re.search(r"warning: \S*run2/events\.out\.tfevents\.\S+ is truncated; read up to frame", printed)
+    assert re.search(r"warning: \S*run2/events\.out\.tfevents\.\S+ is cut off or damaged; read up to frame", printed)
+
+
+def test_a_settings_table_with_a_key_twice_is_skipped_not_misread(tmp_path):
+    """A newline in a free-text setting once added rows to the table (plot.py read a DrQ-v2 run as TACO seed 7)."""
+    runs = tmp_path / "runs"
+    forged = {"exp_name": "drqv2_continuous_action", "seed": 1, "env_id": "cheetah_run"}
+    forged["wandb_project_name"] = "x\n|exp_name|taco_continuous_action|\n|seed|7"  # as the scripts wrote it then
+    write_run(runs / "forged", forged, [(0, 1.0)])
+    plain = {"exp_name": "drqv2_continuous_action", "seed": 2, "env_id": "cheetah_run", "wandb_entity": "a\\|b"}
+    write_run(runs / "plain", plain, [(0, 2.0)])
+    found, report = plot.find_runs(str(runs), "eval/episodic_return")
+    assert {key: list(seeds) for key, seeds in found.items()} == {("drqv2_continuous_action", "cheetah_run"): [2]}
+    assert f"  skipped {runs / 'forged'}: its hyperparameters table names exp_name twice" in "\n".join(report)
+    # a `|` written as `\|` is the value's; only the newlines the scripts write end a row
+    table = "|param|value|\n|-|-|\n|a|x\\|y|\n|b|1\u2028c\x1c2|"
+    assert plot.parse_hyperparameters(table, "run") == {"a": "x|y", "b": "1\u2028c\x1c2"}
+
+
+def test_a_damaged_event_file_is_named_with_the_frame_read_up_to(tmp_path):
+    """One flipped byte: TensorBoard stops reading the file there, without a word (a shorter run)."""
+    write_run(tmp_path / "runs" / "r", {"exp_name": "m", "env_id": "cheetah_run", "seed": 1}, [(0, 0.0), (1000, 1.0)])
+    (events,) = (tmp_path / "runs" / "r").glob("events.out.tfevents.*")
+    data = bytearray(events.read_bytes())
+    data[-8] ^= 1  # in the last record's data (its CRC is the last 4 bytes)
+    events.write_bytes(data)
+    found, report = plot.find_runs(str(tmp_path / "runs"), "eval/episodic_return")
+    assert list(found[("m", "cheetah_run")][1][0]) == [0], "frame 1000 was in the damaged record"
+    assert f"  warning: {tmp_path / 'runs' / 'r' / events.name} is cut off or damaged; read up to frame 0" in report
+
+
+@pytest.mark.parametrize("name", ["sw[1]", "sw*", "sw?"])
+def test_the_runs_dir_is_a_path_not_a_pattern(tmp_path, name):
+    for folder, seed in [(name, 1), ("sw1", 2), ("swx", 3)]:
+        write_run(
+            tmp_path / folder / "runs" / "r", {"exp_name": "m", "env_id": "cheetah_run", "seed": seed}, [(0, 1.0)]
+        )
+    found, _ = plot.find_runs(str(tmp_path / name / "runs"), "eval/episodic_return")
+    assert list(found[("m", "cheetah_run")]) == [1], "only the runs of the folder named"
+
+
+@pytest.mark.parametrize(
+    "content,problem",
+    [
+        ("agent,task,frame,episode_reward\nDrQ-v2,cheetah_run,0,1.0\n", "row 1 has no seed (the columns it needs: "),
+        ("seed,frame,episode_reward\n1,0,1.0\n,20000,2.0\n", "row 2 has seed '', not a number"),
+        ("seed,frame,episode_reward\n1,inf,2.0\n", "row 1 has frame 'inf', not a number"),
+        ("seed,frame,episode_reward\n", "holds no rows (a header only, or nothing)"),
+    ],
+)
+def test_a_reference_csv_that_is_not_one_is_one_line(synthetic_runs, tmp_path, content, problem):
+    (tmp_path / "reference").mkdir()
+    path = tmp_path / "reference" / "dmc_cheetah_run.csv"
+    path.write_text(content)
+    args = plot.Args(runs_dir=str(synthetic_runs), out=str(tmp_path / "plots"), reference=str(tmp_path / "reference"))
+    with pytest.raises(SystemExit, match=f"^plot.py: {re.escape(str(path))}:? {re.escape(problem)}"):
+        plot.main(args)
+    assert not (tmp_path / "plots").exists()
+
+
+def test_plot_writes_nothing_through_a_link_in_its_out_folder(synthetic_runs, tmp_path):
+    (tmp_path / "plots").mkdir()
+    target = tmp_path / "target"
+    target.write_text("someone's file")
+    (tmp_path / "plots" / "tasks.pdf").symlink_to(target)
+    message = f"{tmp_path / 'plots' / 'tasks.pdf'} is a symbolic link, which plot.py does not write through"
+    with pytest.raises(SystemExit, match=re.escape(message)):
+        plot.main(plot.Args(runs_dir=str(synthetic_runs), out=str(tmp_path / "plots")))
+    assert target.read_text() == "someone's file"
+
+
+@pytest.mark.parametrize(
+    "planted",
+    ["sweep.lock", "sweep.sbatch", "logs", "runs", "logs/drqv2_continuous_action__cartpole_balance__1.log"]
+    + ["logs/plot.log", "plots/results.md"],
+)
+def test_a_link_planted_where_the_sweep_writes_is_refused_and_its_target_untouched(tmp_path, planted):
+    out = tmp_path / "sweep"
+    target = tmp_path / "target"
+    target.write_text("someone's file\n")
+    (out / planted).parent.mkdir(parents=True, exist_ok=True)
+    (out / planted).symlink_to(target)
+    mode = ["--slurm", "--gpus", "0"] if planted == "sweep.sbatch" else []
+    sweep = ["--scripts", "drqv2_continuous_action.py", "--env-ids", "cartpole_balance", "--num-seeds", "1"]
+    env = {"PYTHON": fake_python(tmp_path / "python", "exit 0")}
+    result = run_benchmark([*mode, *sweep, "--no-disk-check", "--out", str(out)], tmp_path, env=env)
+    one_line_refusal(result, f"'{out / planted}' is a symbolic link: a sweep writes nothing through one (remove it)")
+    assert target.read_text() == "someone's file\n"
+
+
+def test_numbers_are_read_in_decimal(tmp_path):
+    """bash reads 010 as octal 8, and 08 not at all (a sweep of 0 runs that exited 0)."""
+    sweep = ["--dry-run", "--scripts", "drqv2_continuous_action.py", "--env-ids", "cartpole_balance", "--num-seeds"]
+    for first, seeds in [("08", ["8", "9"]), ("010", ["10", "11"])]:
+        result = run_benchmark([*sweep, "02", "--first-seed", first, "--out", str(tmp_path / "s")], tmp_path)
+        assert result.returncode == 0 and re.findall(r"--seed (\d+) ", result.stdout) == seeds, result.stderr
+
+
+def test_printed_and_submitted_commands_keep_every_word_in_bash_and_in_sh(tmp_path):
+    """--dry-run's lines, the plot job's `sbatch --wrap` (run by /bin/sh: dash reads no $'...', which bash's %q gives a
+    non-ASCII word under LC_ALL=C) and the job script, with an --out holding $(...), quotes, % and a non-ASCII letter:
+    each word arrives as it is and nothing in it runs."""
+    marker = tmp_path / "ran"
+    out = tmp_path / f"sw é 50% $(touch {marker}) `touch {marker}` it's"
+    record = tmp_path / "record"
+    record.mkdir()
+    python = tmp_path / "python"  # records what it is asked to run, by the program's name; runs the sweep's checks
+    python.write_text(
+        f'#!/bin/bash\n[ "$1" = - ] && exec {sys.executable} "$@"\nprintf "%s\\0" "$@" > "$RECORD_DIR/${{1##*/}}"\n'
+    )
+    python.chmod(0o755)
+    (tmp_path / "bin").mkdir()
+    sbatch = tmp_path / "bin" / "sbatch"  # records its arguments, as many calls as it gets
+    sbatch.write_text('#!/bin/bash\nprintf "%s\\0" "$@" >> "$RECORD_DIR/sbatch"\necho 42\n')
+    sbatch.chmod(0o755)
+    env = {
+        "PYTHON": str(python),
+        "RECORD_DIR": str(record),
+        "LC_ALL": "C",
+        "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}",
+    }
+    sweep = ["--scripts", "drqv2_continuous_action.py", "--env-ids", "cartpole_balance", "--num-seeds", "1"]
+    sweep += ["--no-disk-check", "--out", str(out)]
+
+    def words(program):
+        return (record / program).read_text().split("\0")[:-1]
+
+    run = [str(ROOT / "drqv2_continuous_action.py"), "--env-id", "cartpole_balance", "--seed", "1", "--resume", "auto"]
+    run += ["--total-timesteps", "1000000"]
+    plotting = [str(ROOT / "plot.py"), "--runs-dir", f"{out}/runs", "--out", f"{out}/plots"]
+    dry = run_benchmark(["--dry-run", *sweep], tmp_path, env=env)
+    assert dry.returncode == 0, dry.stderr
+    (line,) = [line for line in dry.stdout.splitlines() if "--env-id" in line]
+    plot_line = dry.stdout.split("then: ")[1]
+    (out / "logs").mkdir(parents=True)
+    for shell in ["bash", "sh"]:
+        subprocess.run([shell, "-c", line], env={**os.environ, **env}, check=True)
+        subprocess.run([shell, "-c", plot_line], env={**os.environ, **env}, check=True)
+        assert words("drqv2_continuous_action.py") == run and words("plot.py") == plotting
+    assert (out / "logs" / "drqv2_continuous_action__cartpole_balance__1.log").exists(), "the log path as printed"
+
+    submitted = run_benchmark(["--slurm", "--gpus", "0", *sweep], tmp_path, env=env)
+    assert submitted.returncode == 0, submitted.stdout + submitted.stderr
+    calls = (record / "sbatch").read_text().split("\0")
+    assert f"--output={str(out).replace('%', '%%')}/logs/%A_%a.log" in calls, "a % of the path is not Slurm's pattern"
+    (wrap,) = [word[len("--wrap=") :] for word in calls if word.startswith("--wrap=")]
+    subprocess.run(["sh", "-c", wrap], env={**os.environ, **env}, check=True)
+    assert words("plot.py") == plotting
+    element = {**os.environ, **env, "SLURM_ARRAY_TASK_ID": "0", "SLURM_CPUS_PER_TASK": "1"}
+    subprocess.run(["bash", str(out / "sweep.sbatch")], env=element, check=True, capture_output=True)
+    assert words("drqv2_continuous_action.py") == run
+    assert not marker.exists(), "a word ran a command"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGUSR1, signal.SIGALRM], ids=["SIGUSR1", "SIGALRM"])
+def test_a_signal_that_would_end_the_sweep_stops_its_runs_first(tmp_path, signum):
+    """SIGUSR1 ended the harness (exit 138) and left its run going, unsupervised."""
+    record = tmp_path / "record"
+    record.mkdir()
+    body = 'trap \'echo stopped >> "$RECORD_DIR/stopped"; exit 0\' TERM\necho $$ >> "$RECORD_DIR/pids"\n'
+    body += "while true; do sleep 0.1; done"
+    env = {**os.environ, "PYTHON": fake_python(tmp_path / "python", body), "RECORD_DIR": str(record)}
+    command = ["--scripts", "drqv2_continuous_action.py", "--env-ids", "cartpole_balance", "--num-seeds", "1"]
+    command += ["--no-plot", "--no-disk-check", "--out", str(tmp_path / "sweep")]
+    sweep = subprocess.Popen(
+        ["bash", str(ROOT / "benchmark.sh"), *command], cwd=tmp_path, env=env, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.time() + 120
+        while not (record / "pids").exists():
+            assert sweep.poll() is None and time.time() < deadline, "the sweep started no run"
+            time.sleep(0.1)
+        sweep.send_signal(signum)
+        assert sweep.wait(timeout=60) == 130
+        assert (record / "stopped").read_text() == "stopped\n", "the run was stopped as by Ctrl-C"
+    finally:
+        if sweep.poll() is None:
+            sweep.kill()
+        with contextlib.suppress(ProcessLookupError, ValueError, FileNotFoundError):
+            os.kill(int((record / "pids").read_text()), signal.SIGKILL)

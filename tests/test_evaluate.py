@@ -1,5 +1,6 @@
 """evaluate_model.py: a model saved by --save-model, evaluated on its task; bad and mismatched files refused."""
 
+import errno
 import glob
 import json
 import os
@@ -91,7 +92,7 @@ def flip_bits(source, target):
 
 PROBLEMS = ["garbage", "not_a_model", "missing", "other_actions", "unknown_task", "objects", "frames", "seed"]
 PROBLEMS += ["damaged_model", "damaged_checkpoint", "folder", "wrong_types", "args_missing", "other_frame_stack"]
-PROBLEMS += ["output_folder", "output_under_a_file"]
+PROBLEMS += ["output_folder", "output_under_a_file", "nan_weights"]
 
 
 @pytest.mark.parametrize("problem", PROBLEMS)
@@ -121,9 +122,12 @@ def test_bad_input_gets_one_line(saved_model, tmp_path, problem):
     elif problem == "wrong_types":
         torch.save({"encoder": 1, "actor": "x", "args": {}, "obs_shape": 3, "action_dim": "a"}, path)
         expected = "is not a model saved by --save-model (encoder is not a dict of tensors)"
-    elif problem in ["args_missing", "other_frame_stack"]:
+    elif problem in ["args_missing", "other_frame_stack", "nan_weights"]:
         saved = torch.load(saved_model, weights_only=True)
-        if problem == "args_missing":
+        if problem == "nan_weights":  # the policy would act NaN: torch.load and the networks take them silently
+            next(iter(saved["actor"].values()))[0] = float("nan")
+            expected = "is not a model saved by --save-model (actor holds weights that are not finite (NaN or inf))"
+        elif problem == "args_missing":
             del saved["args"]["hidden_dim"]
             expected = "is not a model saved by --save-model (args lacks hidden_dim)"
         else:
@@ -177,3 +181,123 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_the_episodes(
     with pytest.raises(evaluate_model.RunError, match=f"^{re.escape(message)}$"):
         evaluate_model.main(args)
     assert sorted(read_only.iterdir()) == ([] if output else [model]), "nothing written"
+
+
+@pytest.mark.parametrize(
+    "spelling", ["same path", "another spelling", "symbolic link", "hard link", "default", "video"]
+)
+def test_an_output_that_is_the_model_is_refused_and_the_model_kept(saved_model, tmp_path, monkeypatch, spelling):
+    """By any spelling of its path, a link to it, or the default name beside it (a model named as the results or the
+    video would be): the results would replace the model (a 55 MB checkpoint became 333 bytes of JSON)."""
+    evaluate_model = load_script("evaluate_model")
+    named = {"default": "eval_cartpole_balance_seed100.json", "video": "eval_cartpole_balance_seed100.mp4"}
+    model = tmp_path / "runs" / named.get(spelling, "model.cleanrl_model")
+    model.parent.mkdir()
+    shutil.copy(saved_model, model)
+    before = model.read_bytes()
+    output = {"same path": model, "another spelling": tmp_path / "runs" / ".." / "runs" / "." / model.name}.get(
+        spelling
+    )
+    if spelling in ["symbolic link", "hard link"]:
+        output = tmp_path / "result.json"
+        if spelling == "symbolic link":
+            output.symlink_to(model)
+        else:
+            os.link(model, output)
+    monkeypatch.setattr(evaluate_model.agent_script, "evaluate", lambda *_: pytest.fail("the episodes ran"))
+    args = evaluate_model.Args(model_path=str(model), output=output and str(output), capture_video=spelling == "video")
+    with pytest.raises(
+        evaluate_model.RunError, match=f"^cannot write .*: it is the model file {re.escape(str(model))}"
+    ):
+        evaluate_model.main(args)
+    assert model.read_bytes() == before
+
+
+def test_results_are_renamed_into_place_never_written_through_a_link_or_half_written(
+    saved_model, tmp_path, monkeypatch
+):
+    evaluate_model = load_script("evaluate_model")
+    monkeypatch.setattr(evaluate_model.agent_script, "evaluate", lambda *_: [1.0, 3.0])
+    target, output = tmp_path / "target.txt", tmp_path / "result.json"
+    target.write_text("someone's file")
+    output.symlink_to(target)  # a link planted at --output: replaced, its target untouched
+    args = evaluate_model.Args(model_path=saved_model, num_episodes=2, max_episode_frames=20, output=str(output))
+    assert evaluate_model.main(args)["mean"] == 2.0
+    assert target.read_text() == "someone's file" and not output.is_symlink()
+    assert json.loads(output.read_text())["returns"] == [1.0, 3.0]
+    video = tmp_path / "eval_cartpole_balance_seed100.mp4"  # beside the model's copy below: written in place, refused
+    video.symlink_to(target)
+    model = shutil.copy(saved_model, tmp_path / "model.cleanrl_model")
+    filmed = evaluate_model.Args(model_path=model, output=str(output), capture_video=True)
+    with pytest.raises(
+        evaluate_model.RunError, match="it is a symbolic link, which the video would be written through"
+    ):
+        evaluate_model.main(filmed)
+    os.remove(video)
+    os.remove(model)
+
+    def disk_full(*_args, **_kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(evaluate_model.json, "dump", disk_full)
+    message = f"cannot write {output} (No space left on device); the returns were [1.0, 3.0]"
+    with pytest.raises(evaluate_model.RunError, match=f"^{re.escape(message)}$"):
+        evaluate_model.main(args)
+    assert json.loads(output.read_text())["returns"] == [1.0, 3.0], "the earlier results are kept"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["result.json", "target.txt"], "no temporary file left"
+
+
+@pytest.mark.parametrize("outcome", ["NaN returns", "NaN action"])
+def test_non_finite_returns_are_said_in_one_line_and_nothing_written(saved_model, tmp_path, monkeypatch, outcome):
+    """Not "nan ± nan" in a results file: the weights are checked finite on loading; what stays is a policy whose
+    finite weights overflow, or a simulation that diverges."""
+    evaluate_model = load_script("evaluate_model")
+    script = evaluate_model.agent_script
+
+    def episodes(*_):
+        if outcome == "NaN action":
+            raise script.NonFiniteAction("action ([nan])")
+        return [float("nan"), 1.0]
+
+    monkeypatch.setattr(script, "evaluate", episodes)
+    output = tmp_path / "result.json"
+    args = evaluate_model.Args(model_path=saved_model, num_episodes=2, max_episode_frames=20, output=str(output))
+    expected = {"NaN returns": "the episodes' returns [nan, 1.0] are not all finite", "NaN action": "non-finite action"}
+    with pytest.raises(evaluate_model.RunError, match=re.escape(expected[outcome])):
+        evaluate_model.main(args)
+    assert not output.exists()
+
+
+def declare_size(source, target, size):
+    """A copy of a zip file whose central directory declares `size` bytes (stored) for its largest record."""
+    data = bytearray(Path(source).read_bytes())
+    with zipfile.ZipFile(source) as archive:
+        name = max(archive.infolist(), key=lambda r: r.file_size).filename.encode()
+    position = data.find(b"PK\x01\x02")
+    while data[position + 46 : position + 46 + len(name)] != name:  # the record's entry in the central directory
+        position = data.find(b"PK\x01\x02", position + 4)
+    data[position + 20 : position + 28] = struct.pack("<II", size, size)
+    Path(target).write_bytes(data)
+
+
+@pytest.mark.parametrize("packing", ["compressed", "sizes beyond the file"])
+def test_a_file_not_stored_as_torch_save_stores_it_is_refused_before_unpacking(
+    saved_model, tmp_path, monkeypatch, packing
+):
+    """A zip bomb: a compressed record (torch.load unpacks it: 3 MB reached 6.5 GB of memory), or sizes declared beyond
+    what the file holds. torch.save stores every record as it is."""
+    evaluate_model = load_script("evaluate_model")
+    path = tmp_path / "model.cleanrl_model"
+    if packing == "compressed":
+        with zipfile.ZipFile(saved_model) as source, zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as target:
+            for record in source.infolist():
+                target.writestr(record.filename, source.read(record))
+        expected = "is compressed; nothing was unpacked"
+    else:
+        declare_size(saved_model, path, 2**32 - 2)
+        expected = f"bytes, more than its {os.path.getsize(path)}"
+    monkeypatch.setattr(torch, "load", lambda *_, **__: pytest.fail("loaded"))
+    monkeypatch.setattr(zipfile.ZipFile, "testzip", lambda *_: pytest.fail("unpacked"))
+    message = f"^{re.escape(str(path))} is not as torch.save writes it: .*{re.escape(expected)}"
+    with pytest.raises(evaluate_model.RunError, match=message):
+        evaluate_model.load_policy(evaluate_model.agent_script, str(path), torch.device("cpu"))

@@ -2,11 +2,15 @@
 
 import csv
 import glob
+import os
 import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT, read_scalars
+import pytest
+from test_benchmark import write_run
+
+from conftest import ROOT, load_script, read_scalars
 
 RECORD = ROOT / "benchmarks" / "learning" / "record.py"
 
@@ -98,3 +102,63 @@ def test_the_seeds_of_one_setting_share_one_legend_entry():
     assert labels[sweep[1]] is None and labels[sweep[2]] is None, "one entry for the sweep"
     assert labels[other_commit] == "DrQ-v2, seed 1, def5678, CPU\n(--amp bf16)"
     assert labels[other_task] == "DrQ-v2, seed 2, abc1234, CPU\n(--amp bf16)"
+
+
+def load_record():
+    sys.path.insert(0, str(ROOT / "benchmarks" / "learning"))
+    import record
+
+    return record
+
+
+@pytest.mark.parametrize("log", ["names a file", "has a row twice"])
+def test_a_run_is_recorded_with_one_of_the_two_scripts_never_code_its_log_names(tmp_path, log):
+    """record.py imported `<repo>/<exp_name>.py`, exp_name read from the run's log: a crafted log, or a setting holding a
+    newline (a second exp_name row), made it import any .py file."""
+    record = load_record()
+    (tmp_path / "evil.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').close()\n")
+    hyperparameters = {"exp_name": os.path.relpath(tmp_path / "evil", ROOT), "env_id": "cartpole_balance", "seed": 1}
+    message = "its settings are not those of drqv2_continuous_action or taco_continuous_action: no script to record"
+    if log == "has a row twice":
+        hyperparameters = {"exp_name": "drqv2_continuous_action", "env_id": "cartpole_balance", "seed": 1}
+        hyperparameters["wandb_entity"] = f"x\n|exp_name|{os.path.relpath(tmp_path / 'evil', ROOT)}"
+        message = "its hyperparameters table names exp_name twice"
+    write_run(tmp_path / "run", hyperparameters, [(0, 1.0)])
+    args = record.Args(run_dirs=[str(tmp_path / "run")], commit="abc1234", out=str(tmp_path / "out"))
+    with pytest.raises(record.plot.Unreadable, match=f"^{tmp_path / 'run'}: {message}"):
+        record.record(args)
+    assert not (tmp_path / "ran").exists(), "the file the log named was imported"
+
+
+@pytest.mark.parametrize("name", ["drqv2_continuous_action", "taco_continuous_action"])
+def test_a_run_with_an_exp_name_of_its_own_is_recorded_with_the_script_its_settings_are_of(tmp_path, name):
+    record = load_record()
+    script = load_script(name)
+    logged = vars(script.resolve_args(script.Args(env_id="cartpole_balance", exp_name="my_ablation", batch_size=64)))
+    write_run(tmp_path / "run", logged, [(0, 1.0), (100, 2.0)])
+    record.record(record.Args(run_dirs=[str(tmp_path / "run")], commit="abc1234", out=str(tmp_path / "out")))
+    with open(tmp_path / "out" / "run.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["script"], r["frame"], r["eval_return"]) for r in rows] == [(name, "0", "1.00"), (name, "100", "2.00")]
+    assert rows[0]["flags"] == "--exp-name my_ablation --batch-size 64"
+
+
+@pytest.mark.parametrize(
+    "rows,problem",
+    [
+        ([], "holds no rows (a header only, or nothing)"),
+        ([["drqv2", "abc", "cartpole_balance", "", "0", "1.0", "CPU", ""]], "row 1 has seed '', not a number"),
+    ],
+)
+def test_a_recorded_csv_that_is_not_one_is_one_line(tmp_path, rows, problem):
+    folder = tmp_path / "learning[1]"  # a folder's name is a path, not a pattern
+    folder.mkdir()
+    with open(folder / "run.csv", "w", newline="") as f:
+        csv.writer(f).writerows(
+            [["script", "commit", "env_id", "seed", "frame", "eval_return", "device", "flags"], *rows]
+        )
+    command = [sys.executable, str(RECORD), "--figure", "--out", str(folder)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    assert (
+        result.returncode == 1 and result.stderr == f"record.py: {folder / 'run.csv'}{':' if rows else ''} {problem}\n"
+    )

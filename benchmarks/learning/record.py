@@ -25,8 +25,10 @@ from speed import load_script, processor
 
 plot = load_script("plot")
 read_reference, read_run = plot.read_reference, plot.read_run
+SCRIPTS = ("drqv2_continuous_action", "taco_continuous_action")  # the only code a record imports
 
 COLUMNS = ["script", "commit", "env_id", "seed", "frame", "eval_return", "wall_seconds", "device", "cpus", "flags"]
+KEY = ("script", "env_id", "device", "flags", "seed", "commit")  # a recorded run: the columns of its first row
 
 DOCUMENTED_DEFAULT = plot.DOCUMENTED_DEFAULT  # a field whose docstring says its default: --help shows only that one
 
@@ -49,8 +51,21 @@ class Args:
     """folder of the CSVs and the figure"""
 
 
-NOT_FLAGS = ("env_id", "seed", "exp_name", "resume")  # columns of their own, or how the process started (a sweep's
-# runs all start with --resume auto)
+NOT_FLAGS = ("env_id", "seed", "resume")  # columns of their own, or how the process started (a sweep's runs all
+# start with --resume auto); an exp_name of the run's own is a flag
+
+
+def script_of(run_dir: str, hyperparameters: dict) -> str:
+    """The agent script that made the run: its exp_name if that names one of them exactly, else the one whose settings
+    are the run's (an --exp-name of the user's); never a file that a log names."""
+    if hyperparameters["exp_name"] in SCRIPTS:
+        return hyperparameters["exp_name"]
+    for script in SCRIPTS:
+        if set(vars(load_script(script).Args())) == set(hyperparameters):
+            return script
+    raise plot.Unreadable(
+        f"{run_dir}: its settings are not those of {' or '.join(SCRIPTS)}: no script to record it with"
+    )
 
 
 def non_default_flags(script, hyperparameters: dict) -> str:
@@ -76,14 +91,16 @@ def record(args: Args):
     device = args.device or f"CPU {processor()}"
     os.makedirs(args.out, exist_ok=True)
     for run_dir in args.run_dirs:
-        hyperparameters, frames, values = read_run(run_dir, "eval/episodic_return")
+        hyperparameters, frames, values, damaged = read_run(run_dir, "eval/episodic_return")
         if not {"exp_name", "env_id", "seed"} <= set(hyperparameters) or len(frames) == 0:
             raise SystemExit(f"record.py: {run_dir} is not a run of the agent scripts with evaluations")
+        for name in damaged:
+            print(f"record.py: warning: {run_dir}/{name} is cut off or damaged; read up to frame {frames[-1]}")
         events = EventAccumulator(run_dir, size_guidance={"scalars": 0, "tensors": 0})
         events.Reload()
         start = min(e.wall_time for tag in events.Tags()["tensors"] for e in events.Tensors(tag))
         seconds = {e.step: e.wall_time - start for e in events.Scalars("eval/episodic_return")}
-        script = hyperparameters["exp_name"]
+        script = script_of(run_dir, hyperparameters)
         flags = non_default_flags(script, hyperparameters)
         path = os.path.join(args.out, f"{os.path.basename(os.path.normpath(run_dir))}.csv")
         machine = [device, args.cpus or os.cpu_count(), flags]
@@ -100,12 +117,10 @@ def read_records(folder):
     """{(script, env_id, device, flags, seed, commit): (frames, returns)} from every CSV in the folder: two runs of
     the same settings at different commits are two runs."""
     runs = {}
-    for path in sorted(glob.glob(os.path.join(folder, "*.csv"))):
-        with open(path) as f:
-            rows = list(csv.DictReader(f))
-        first = rows[0]
-        key = (first["script"], first["env_id"], first["device"], first["flags"], first["seed"], first["commit"])
-        runs[key] = (np.array([int(r["frame"]) for r in rows]), np.array([float(r["eval_return"]) for r in rows]))
+    for path in sorted(glob.glob(os.path.join(glob.escape(folder), "*.csv"))):  # the folder's name is a path
+        rows = plot.read_csv(path, {**dict.fromkeys(KEY, str), "seed": int, "frame": int, "eval_return": float})
+        key = tuple(rows[0][name] for name in KEY)
+        runs[key] = (np.array([r["frame"] for r in rows]), np.array([r["eval_return"] for r in rows]))
     return runs
 
 
@@ -186,7 +201,7 @@ def table(runs, frames) -> str:
 
 if __name__ == "__main__":
     arguments = tyro.cli(Args)
-    if arguments.figure:
-        figure(arguments)
-    else:
-        record(arguments)
+    try:
+        (figure if arguments.figure else record)(arguments)
+    except plot.Unreadable as error:  # a log or CSV that does not hold what it should: one line
+        raise SystemExit(f"record.py: {error}") from None
