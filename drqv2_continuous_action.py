@@ -1174,8 +1174,8 @@ class Run:
             wandb.init(**where, config=vars(args), resume="allow", sync_tensorboard=True, save_code=True)
         # resumed, TensorBoard drops what the run logged after its checkpoint: each step appears once
         writer = SummaryWriter(self.run_dir, purge_step=self.start_frame + 1 if self.start_frame else None)
-        rows = [f"|{key}|" + str(value).replace("|", "\\|") + "|" for key, value in vars(args).items()]  # "|": escaped
-        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(rows))  # at each start: a log lost
+        rows = [f"|{key}|" + re.sub(r"([\\|])", r"\\\1", str(value)) + "|" for key, value in vars(args).items()]
+        writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(rows))  # \ and | escaped; each start
         self.stop_signal = None
         catch_stop_signals(self.on_stop_signal)
         transitions = min(args.buffer_size, args.total_timesteps // args.action_repeat)

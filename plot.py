@@ -62,19 +62,19 @@ class Unreadable(ValueError):
 
 
 def parse_hyperparameters(markdown: str, run_dir: str) -> dict:
-    """The `|param|value|` table the agent scripts log as text, back into a dict of strings (`\\|` in a cell is a `|`
-    of the value). A key given twice is refused: a row added by a value holding a newline must not pass for the run's
-    own."""
+    """The `|param|value|` table the agent scripts log as text, back into a dict of strings (in a cell, `\\|` is a `|`
+    and `\\\\` a backslash of the value). A key given twice is refused: a row added by a value holding a newline must
+    not pass for the run's own."""
     table = {}
+    cell = r"((?:[^\\|]|\\.)*)"  # up to a | that no backslash escapes
     for line in markdown.split("\n")[2:]:  # lines as the scripts write them (splitlines() also splits at \x1c...)
-        cells = [cell.replace("\\|", "|") for cell in re.split(r"(?<!\\)\|", line.strip())]
-        if len(cells) != 4 or cells[0] or cells[3]:  # not a |key|value| row
+        row = re.fullmatch(rf"\|{cell}\|{cell}\|", line.strip())
+        if not row:  # not a |key|value| row
             continue
-        if cells[1] in table:
-            raise Unreadable(
-                f"{run_dir}: its hyperparameters table names {cells[1]} twice (a value holding a newline?)"
-            )
-        table[cells[1]] = cells[2]
+        key, value = (re.sub(r"\\(.)", r"\1", text) for text in row.groups())
+        if key in table:
+            raise Unreadable(f"{run_dir}: its hyperparameters table names {key} twice (a value holding a newline?)")
+        table[key] = value
     return table
 
 

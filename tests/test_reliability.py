@@ -660,17 +660,22 @@ def test_resume_auto_takes_the_newest_run_and_names_it(tmp_path):
 
 
 def test_a_bar_in_a_setting_stays_in_its_cell_of_the_settings_table(tmp_path):
-    """The logs' settings table (what plot.py and record.py read a run's settings from) escapes a | in a value."""
+    """The logs' settings table (what plot.py and record.py read a run's settings from) escapes a | and a backslash
+    in a value, and plot.py reads every value back as it was."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_in_process(
-        "drqv2_continuous_action", [*TINY_RUN, "--total-timesteps", "40", "--wandb-project-name", "a|b"], tmp_path
-    )
+    import plot
+
+    texts = ["--wandb-project-name", "a|b", "--wandb-entity", "c\\"]
+    run_in_process("drqv2_continuous_action", [*TINY_RUN, "--total-timesteps", "40", *texts], tmp_path)
     (run_dir,) = glob.glob(str(tmp_path / "runs" / "*"))
     accumulator = EventAccumulator(run_dir)
     accumulator.Reload()
     table = accumulator.Tensors("hyperparameters/text_summary")[0].tensor_proto.string_val[0].decode()
-    assert "\n|wandb_project_name|a\\|b|\n" in table and table.count("\n") == len(vars(machinery.Args())) + 1
+    assert "\n|wandb_project_name|a\\|b|\n" in table and "\n|wandb_entity|c\\\\|\n" in table, table
+    settings = plot.parse_hyperparameters(table, run_dir)
+    assert (settings["wandb_project_name"], settings["wandb_entity"]) == ("a|b", "c\\")
+    assert len(settings) == len(vars(machinery.Args())) and settings["env_id"] == "cartpole_balance"
 
 
 def test_a_checkpoint_holds_the_stored_transitions_not_the_replay_capacity(script):
