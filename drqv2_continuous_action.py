@@ -443,13 +443,13 @@ def weight_init(m):
 
 def random_shift(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
     """Shifts each image by a random whole number of pixels in [-pad, pad] per axis, replicating the border: what the
-    published replicate padding and bilinear grid_sample compute, as one gather that also works on uint8 images."""
+    published replicate padding and bilinear grid_sample compute, as one copy of whole pixels: channels-last images."""
     n, c, h, w = x.shape
     shift = torch.randint(0, 2 * pad + 1, (n, 2), device=x.device) - pad
     rows = (torch.arange(h, device=x.device) + shift[:, :1]).clamp(0, h - 1)  # clamping = replicate padding
     cols = (torch.arange(w, device=x.device) + shift[:, 1:]).clamp(0, w - 1)
-    pixels = (rows[:, :, None] * w + cols[:, None, :]).reshape(n, 1, h * w)  # source pixel of each output pixel
-    return x.reshape(n, c, h * w).gather(2, pixels.expand(n, c, h * w)).reshape(n, c, h, w)
+    pixels = rows[:, :, None] * w + cols[:, None, :] + h * w * torch.arange(n, device=x.device)[:, None, None]
+    return x.permute(0, 2, 3, 1).flatten(0, 2).index_select(0, pixels.flatten()).view(n, h, w, c).permute(0, 3, 1, 2)
 
 
 class Encoder(nn.Module):
@@ -464,6 +464,7 @@ class Encoder(nn.Module):
             nn.Conv2d(32, 32, 3, stride=1),
             nn.ReLU(inplace=True),
             nn.Conv2d(32, 32, 3, stride=1),
+            nn.Flatten(),  # before the last ReLU, the same numbers: its backward then reads one memory layout (faster)
             nn.ReLU(inplace=True),
         )
         self.repr_dim = 32 * ((obs_shape[-1] - 3) // 2 + 1 - 6) ** 2  # 39 200 for 84x84 inputs
@@ -472,11 +473,11 @@ class Encoder(nn.Module):
 
     def forward(self, obs):
         """uint8 (or float) images in [0, 255] -> features in the usual (channel, row, column) order."""
-        # under --amp bf16 the images go straight to bfloat16, without a float32 copy for the convolutions to cast
+        # under --amp bf16 the images go straight to bfloat16: a cast anywhere else costs 4-9% more (docs/speed.md)
         autocast = torch.is_autocast_enabled(obs.device.type)
         dtype = torch.get_autocast_dtype(obs.device.type) if autocast else torch.float32
         x = obs.contiguous(memory_format=torch.channels_last).to(dtype, copy=True)
-        return self.convnet(x.div_(255.0).sub_(0.5)).flatten(1)  # in place: the same numbers, no new buffers
+        return self.convnet(x.div_(255.0).sub_(0.5))  # in place: the same numbers, no new buffers
 
 
 def trunk(repr_dim, feature_dim):
@@ -561,8 +562,7 @@ class Agent:
     def autocast(self):
         """bf16 autocast under --amp bf16. Each region ends before an optimizer step and keeps no cache of bf16
         weights: with one, a forward after a step would use the weights from before it."""
-        enabled = self.args.amp == "bf16"
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled, cache_enabled=False)
+        return torch.autocast(self.device.type, torch.bfloat16, enabled=self.args.amp == "bf16", cache_enabled=False)
 
     @torch.no_grad()
     def act(self, obs: np.ndarray, step: int, eval_mode: bool) -> np.ndarray:
@@ -595,7 +595,7 @@ class Agent:
                 target_q1, target_q2 = self.critic_target(next_obs, next_action)
                 target_q = reward + discount * torch.min(target_q1, target_q2)
             q1, q2 = self.critic(obs, action)
-        critic_loss = F.mse_loss(q1.float(), target_q.float()) + F.mse_loss(q2.float(), target_q.float())
+        critic_loss = F.mse_loss(q1.float(), target_q) + F.mse_loss(q2.float(), target_q)  # fp32: bf16 keeps 3 digits
         self.encoder_opt.zero_grad(set_to_none=True)
         self.critic_opt.zero_grad(set_to_none=True)
         critic_loss.backward()
@@ -607,9 +607,9 @@ class Agent:
         with self.autocast():
             action = sample_action(self.actor(obs), std, self.args.stddev_clip)
             q1, q2 = self.critic(obs, action)
-            actor_loss = -torch.min(q1, q2).float().mean()
+            actor_loss = -torch.min(q1, q2).float().mean()  # fp32: bf16 keeps 3 significant digits
         self.actor_opt.zero_grad(set_to_none=True)
-        actor_loss.backward()
+        actor_loss.backward(inputs=list(self.actor.parameters()))  # the actor's gradients only (the critic's unused)
         self.actor_opt.step()
         return {"losses/actor_loss": actor_loss.detach()}
 

@@ -343,8 +343,8 @@ MUTATIONS = {
     "no discount in the critic target": [("reward + discount * torch.min", "reward + torch.min")],
     "one critic head in the critic loss": [
         (
-            "critic_loss = F.mse_loss(q1.float(), target_q.float()) + F.mse_loss(q2.float(), target_q.float())",
-            "critic_loss = 2 * F.mse_loss(q1.float(), target_q.float())",
+            "critic_loss = F.mse_loss(q1.float(), target_q) + F.mse_loss(q2.float(), target_q)",
+            "critic_loss = 2 * F.mse_loss(q1.float(), target_q)",
         )
     ],
     "max for min in the actor loss": [("-torch.min(q1, q2).float().mean()", "-torch.max(q1, q2).float().mean()")],

@@ -1,5 +1,6 @@
 """The default speed-ups change no numbers: the update equals the straightforward computation (plain float NCHW
-convolutions, out-of-place ReLUs, augmentation by padding and cropping float images) to float tolerance."""
+convolutions, out-of-place ReLUs, the flatten after the last ReLU, augmentation by padding and cropping float images) to
+float tolerance."""
 
 import copy
 
@@ -14,9 +15,9 @@ def plain_encoder_forward(self, obs):
     for layer in self.convnet:
         if isinstance(layer, torch.nn.Conv2d):
             x = F.conv2d(x, layer.weight.contiguous(), layer.bias, stride=layer.stride)
-        else:
+        elif isinstance(layer, torch.nn.ReLU):
             x = F.relu(x)
-    return x.flatten(1)
+    return x.flatten(1)  # the last ReLU before the flatten, as published
 
 
 def padded_crop_shift(x, pad=4):
