@@ -313,9 +313,6 @@ class ReplayBuffer:
         """Bytes a replay of `capacity` transitions allocates: frame slots, each with an action, reward and discount."""
         return cls.slots(capacity) * (int(np.prod(frame_shape)) + 4 * (action_dim + 2))
 
-    def nbytes_per_transition(self) -> float:
-        return sum(x.nbytes for x in (self.frames, self.actions, self.rewards, self.discounts)) / self.capacity
-
     def _claim_slot(self, frame):
         while self.episodes and self.episodes[0][0] <= self._next_slot - self.num_slots:
             self._evict_oldest()  # the slot still holds the oldest episode
@@ -609,7 +606,7 @@ class Agent:
             q1, q2 = self.critic(obs, action)
             actor_loss = -torch.min(q1, q2).float().mean()  # fp32: bf16 keeps 3 significant digits
         self.actor_opt.zero_grad(set_to_none=True)
-        actor_loss.backward(inputs=list(self.actor.parameters()))  # the actor's gradients only (the critic's unused)
+        actor_loss.backward()
         self.actor_opt.step()
         return {"losses/actor_loss": actor_loss.detach()}
 

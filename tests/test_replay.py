@@ -143,5 +143,7 @@ def test_bytes_per_transition_is_one_frame(script):
     replay = script.ReplayBuffer(10_000, (3, 84, 84), 6, frame_stack=3, nstep=3, gamma=0.99)
     frame_bytes = 3 * 84 * 84
     assert replay.frames.shape[1:] == (3, 84, 84), "frames are stored one render at a time, not stacked"
-    assert frame_bytes <= replay.nbytes_per_transition() <= 1.02 * frame_bytes + 64
-    assert replay.nbytes_per_transition() < 22_000
+    allocated = sum(array.nbytes for array in (replay.frames, replay.actions, replay.rewards, replay.discounts))
+    assert allocated == script.ReplayBuffer.memory(10_000, (3, 84, 84), 6), "what the memory check counts"
+    assert frame_bytes <= allocated / 10_000 <= 1.02 * frame_bytes + 64
+    assert allocated / 10_000 < 22_000
