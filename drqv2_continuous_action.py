@@ -1029,7 +1029,7 @@ def resumed_settings(args, checkpoint: dict, path: str):
     if checkpoint.get("algorithm") != ALGORITHM:
         raise RunError(
             f"{path} is of another algorithm, or another version of it (the code of {os.path.basename(__file__)} above "
-            "its run machinery differs): put back the file that started the run, or start one (an ablation: --exp-name)"
+            "its run machinery differs): put back the file that started the run, or start a new one (with a new --exp-name)"
         )
     saved = checkpoint["args"]
     named = {word[2:].split("=")[0].replace("-", "_") for word in sys.argv[1:] if word.startswith("--")}

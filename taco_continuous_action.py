@@ -116,11 +116,11 @@ class Args:
     gamma: float = 0.99
     """the discount factor gamma"""
     learning_rate: Annotated[float | None, PRESET] = None
-    """Adam learning rate of the encoder, actor and critic (default: 1e-4; 8e-5 for humanoid_*)"""
+    """Adam learning rate of every optimizer: encoder, actor, critic, TACO step (default: 1e-4; 8e-5 for humanoid_*)"""
     feature_dim: Annotated[int | None, PRESET] = None
-    """width of the actor's and critic's trunk output (default: 50; 100 for humanoid_*)"""
+    """width of the trunks' output: actor's, critic's, TACO's projection h (default: 50; 100 for humanoid_*)"""
     hidden_dim: int = 1024
-    """width of the hidden layers of the actor and critic MLPs"""
+    """width of the hidden layers of the MLPs: actor, critic, TACO's predictor and reward head"""
     tau: float = 0.01
     """Polyak averaging rate of the target critic"""
     update_every_steps: int = 2
@@ -1151,7 +1151,7 @@ def resumed_settings(args, checkpoint: dict, path: str):
     if checkpoint.get("algorithm") != ALGORITHM:
         raise RunError(
             f"{path} is of another algorithm, or another version of it (the code of {os.path.basename(__file__)} above "
-            "its run machinery differs): put back the file that started the run, or start one (an ablation: --exp-name)"
+            "its run machinery differs): put back the file that started the run, or start a new one (with a new --exp-name)"
         )
     saved = checkpoint["args"]
     named = {word[2:].split("=")[0].replace("-", "_") for word in sys.argv[1:] if word.startswith("--")}
