@@ -458,13 +458,13 @@ def weight_init(m):
 
 def random_shift(x: torch.Tensor, pad: int = 4) -> torch.Tensor:
     """Shifts each image by a random whole number of pixels in [-pad, pad] per axis, replicating the border: what the
-    published replicate padding and bilinear grid_sample compute, as one copy of whole pixels: channels-last images."""
+    published replicate padding and bilinear grid_sample compute, as one gather that also works on uint8 images."""
     n, c, h, w = x.shape
     shift = torch.randint(0, 2 * pad + 1, (n, 2), device=x.device) - pad
     rows = (torch.arange(h, device=x.device) + shift[:, :1]).clamp(0, h - 1)  # clamping = replicate padding
     cols = (torch.arange(w, device=x.device) + shift[:, 1:]).clamp(0, w - 1)
-    pixels = rows[:, :, None] * w + cols[:, None, :] + h * w * torch.arange(n, device=x.device)[:, None, None]
-    return x.permute(0, 2, 3, 1).flatten(0, 2).index_select(0, pixels.flatten()).view(n, h, w, c).permute(0, 3, 1, 2)
+    pixels = (rows[:, :, None] * w + cols[:, None, :]).reshape(n, 1, h * w)  # source pixel of each output pixel
+    return x.reshape(n, c, h * w).gather(2, pixels.expand(n, c, h * w)).reshape(n, c, h, w)
 
 
 class Encoder(nn.Module):
