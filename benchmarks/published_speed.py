@@ -1,12 +1,15 @@
-# Seconds per update of the published DrQ-v2 and TACO agents and of this project's, timed side by side in one process
-# on one machine, from copies of the published repositories that you point to (nothing of them is kept here):
+# Seconds per update of the published DrQ-v2 and TACO agents and of this project's (default fp32, and --amp bf16), timed
+# side by side in one process on one machine, from copies of the published repositories that you point to (nothing of
+# them is kept here):
 #   git clone https://github.com/facebookresearch/drqv2 /tmp/drqv2
 #   git clone https://github.com/FrankZheng2022/TACO /tmp/taco
 #   python benchmarks/published_speed.py --drqv2-repo /tmp/drqv2 --taco-repo /tmp/taco
 # Every update gets the same random batch of cartpole_balance's shapes (9x84x84 uint8 observations, 1-d actions) at
 # the published batch sizes (DrQ-v2 256, TACO 1024) and the published settings; the published agents' `update` draws
-# it from an iterator, as from their replay loader. Prints a Markdown table of medians and the ratios, and appends it,
-# with the commit, the command and the machine, to benchmarks/RESULTS.md.
+# it from an iterator, as from their replay loader. The three updates of an agent are timed in turn, round after
+# round, so that they see the same machine. Prints a Markdown table of medians and the ratios, and appends it, with
+# the commit, the command and the machine (its CPU model, and whether it has AMX and avx512_bf16), to
+# benchmarks/RESULTS.md.
 import importlib
 import importlib.util
 import os
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 import tyro
-from speed import commit, load_script, machine, random_batch, timed
+from speed import commit, load_script, machine, random_batch, synchronize
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -29,7 +32,7 @@ class Args:
     taco_repo: str
     """a clone of FrankZheng2022/TACO"""
     repeats: int = 5
-    """timed updates per agent, after one warm-up"""
+    """timed updates per agent and precision, after one warm-up"""
     results: str = os.path.join(ROOT, "benchmarks", "RESULTS.md")
     """Markdown file the results are appended to; empty to only print them"""
 
@@ -96,38 +99,52 @@ def published_taco(repo: str, device):
     return lambda: agent.update(iter([published]), step=100_000)
 
 
-def ours(name: str, batch_size: int, device):
+def ours(name: str, batch_size: int, device, amp: str = "none"):
     module = load_script(name)
-    args = module.resolve_args(tyro.cli(module.Args, args=["--env-id", "cartpole_balance"]))
+    args = module.resolve_args(tyro.cli(module.Args, args=["--env-id", "cartpole_balance", "--amp", amp]))
     agent = module.Agent((9, 84, 84), 1, args, device)
     batch = random_batch(module, batch_size, 1, device)
     return lambda: agent.update(batch, 100_000)
 
 
+def timed_in_turn(functions: list, repeats: int, device) -> list[float]:
+    """Median seconds of each function over `repeats` rounds that call each once in turn, after one warm-up round."""
+    times = [[] for _ in functions]
+    for round_ in range(repeats + 1):
+        for function, seconds in zip(functions, times):
+            start = time.perf_counter()
+            function()
+            synchronize(device)
+            if round_ > 0:
+                seconds.append(time.perf_counter() - start)
+    return [sorted(seconds)[len(seconds) // 2] for seconds in times]
+
+
 def main(args: Args):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     measured = commit()
-    pairs = [
-        ("DrQ-v2", 256, published_drqv2(args.drqv2_repo, device), ours("drqv2_continuous_action", 256, device)),
-        ("TACO", 1024, published_taco(args.taco_repo, device), ours("taco_continuous_action", 1024, device)),
+    agents = [
+        ("DrQ-v2", 256, published_drqv2(args.drqv2_repo, device), "drqv2_continuous_action"),
+        ("TACO", 1024, published_taco(args.taco_repo, device), "taco_continuous_action"),
     ]
     rows = [
-        "| agent | batch | published s / update | ours s / update | published / ours |",
-        "| --- | --- | --- | --- | --- |",
+        "| agent | batch | s / update: published (fp32) | ours fp32 | ours bf16 | published / ours: fp32 | bf16 |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
-    for name, batch_size, published, mine in pairs:
-        published_seconds, _ = timed(published, args.repeats, device)
-        our_seconds, _ = timed(mine, args.repeats, device)
+    for name, batch_size, published, script in agents:
+        mine = [ours(script, batch_size, device, amp) for amp in ["none", "bf16"]]
+        published_seconds, fp32, bf16 = timed_in_turn([published, *mine], args.repeats, device)
         rows.append(
-            f"| {name} | {batch_size} | {published_seconds:.3f} | {our_seconds:.3f} | "
-            f"{published_seconds / our_seconds:.2f}x |"
+            f"| {name} | {batch_size} | {published_seconds:.3f} | {fp32:.3f} | {bf16:.3f} | "
+            f"{published_seconds / fp32:.2f}x | {published_seconds / bf16:.2f}x |"
         )
         print(rows[-1], flush=True)
     header = f"## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {measured}, {device.type}: published "
     header += "updates side by side\n\n"
     header += f"- command: `python {' '.join(sys.argv)}`\n- machine: {machine(device)}\n"
-    header += f"- updates: median of {args.repeats} after one warm-up, one random batch of cartpole_balance's shapes, "
-    header += "the published settings; the published agents' own code, from the clones named in the command\n\n"
+    header += f"- updates: median of {args.repeats} rounds after a warm-up round, each round timing the published, "
+    header += "our fp32 and our bf16 update in turn; one random batch of cartpole_balance's shapes, the published "
+    header += "settings; the published agents' own code, from the clones named in the command\n\n"
     table = "\n".join(rows) + "\n"
     print("\n" + header + table)
     if args.results:

@@ -1,6 +1,7 @@
 # Speed and memory of the agent scripts, on random data of the right shapes:
 #   seconds per update at each script's default batch, with default flags and with each speed option,
-#   the update's floating-point work (counted by torch from the layer shapes) against a measured matmul peak,
+#   the update's floating-point work (counted by torch from the layer shapes) as a fraction of the rate of large
+#   matmuls in the update's dtype (fp32 or bf16), measured in turn with the updates in this process,
 #   seconds to sample a batch from a filled replay, bytes per stored transition and the memory of a filled replay,
 #   and environment frames per second (step + render).
 # Prints a Markdown table and appends it, with the commit, the command and the machine, to benchmarks/RESULTS.md.
@@ -31,6 +32,7 @@ OPTIONS = {
     "cudagraphs+amp-bf16": {"cudagraphs": True, "amp": "bf16"},
     "cudagraphs+no-tf32": {"cudagraphs": True, "tf32": False},
     "compile": {"compile": True},
+    "compile+amp-bf16": {"compile": True, "amp": "bf16"},
 }
 CUDA_ONLY = ("cudagraphs", "tf32")  # flags that need CUDA (TF32 changes nothing on a CPU)
 SAME_WORK = ("compile", "cudagraphs", "tf32")  # flags that change how the update runs, not its FLOPs
@@ -44,6 +46,8 @@ class Args:
     """speed options to time (see OPTIONS); cudagraphs and tf32 need CUDA: skipped elsewhere"""
     repeats: int = 5
     """timed updates per configuration, after one untimed warm-up (which includes compilation)"""
+    batch_size: int | None = None
+    """batch of the timed updates (default: each script's, 256 DrQ-v2, 1024 TACO); the replay is sampled at it too"""
     env_id: str = "cheetah_run"
     """task whose shapes (6-dimensional actions) the update uses, and whose frames per second are measured"""
     replay_transitions: int = 100_000
@@ -109,12 +113,36 @@ def random_batch(module, batch_size, action_dim, device=None):
     return batch
 
 
-def matmul_peak(device, dtype, size):
-    """FLOP/s of a square matmul, the practical limit of the device for this dtype (and the current TF32 setting)."""
+def timed_beside_matmuls(function, repeats, device, dtype):
+    """Like timed(), each call right after a round of 8 square matmuls in `dtype` (2048 on a CPU, 4096 on a GPU):
+    returns the median and minimum seconds of the calls and the median FLOP/s of the rounds, the practical limit of
+    the device for this dtype. Timed in turn, in one process, the two see the same machine (other processes, clock)."""
+    size = 4096 if device.type == "cuda" else 2048
     a = torch.randn(size, size, device=device, dtype=dtype)
     b = torch.randn(size, size, device=device, dtype=dtype)
-    median, _ = timed(lambda: a @ b, 3, device)
-    return 2 * size**3 / median
+
+    def matmuls():
+        for _ in range(8):
+            a @ b
+
+    rates = []
+
+    def rated_matmuls():
+        start = time.perf_counter()
+        matmuls()
+        synchronize(device)
+        rates.append(8 * 2 * size**3 / (time.perf_counter() - start))
+
+    rated_matmuls()  # warm-up: a cold first round runs at about half the rate
+    function()
+    times = []
+    for _ in range(repeats):
+        rated_matmuls()
+        start = time.perf_counter()
+        function()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)), float(np.min(times)), float(np.median(rates[1:]))
 
 
 def update_flops(agent, batch):
@@ -166,12 +194,20 @@ def environment_fps(module, env_id, steps):
 
 
 def processor() -> str:
-    """This machine's CPU model as /proc/cpuinfo names it (platform.processor() says only "x86_64" on Linux)."""
+    """This machine's CPU model as /proc/cpuinfo names it (platform.processor() says only "x86_64" on Linux), and
+    whether it has the bf16 matrix units (AMX) and bf16 vector instructions (avx512_bf16) that --amp bf16 uses."""
+    model, flags = platform.processor() or platform.machine(), None
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
         for line in cpuinfo:
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags" and flags is None:
+                flags = set(value.split())
+    if flags is None:  # not Linux, or not x86
+        return model
+    amx, avx512_bf16 = ("yes" if flag in flags else "no" for flag in ["amx_bf16", "avx512_bf16"])
+    return f"{model} (AMX bf16: {amx}, avx512_bf16: {avx512_bf16})"
 
 
 def machine(device):
@@ -192,15 +228,14 @@ def main(args: Args):
     os.environ.setdefault("MUJOCO_GL", "egl")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     measured = commit()  # the code as it is when the measurement starts
-    peaks = {}
     rows = [
-        "| script | batch | option | s / update (median) | min | GFLOP / update | achieved | share of matmul peak |",
+        "| script | batch | option | s / update (median) | min | GFLOP / update | achieved | of the matmul rate |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     memory_rows = []
     for name in args.scripts:
         module = load_script(name)
-        base = module.resolve_args(module.Args(env_id=args.env_id))
+        base = module.resolve_args(module.Args(env_id=args.env_id, batch_size=args.batch_size))
         action_dim = 6
         batch = random_batch(module, base.batch_size, action_dim, device)
         flops = {}  # FLOPs of one update by the options that change the computation (compiling changes none)
@@ -210,7 +245,7 @@ def main(args: Args):
             if (needs_cuda and device.type != "cuda") or not set(flags) <= set(vars(base)):
                 continue
             work = {key: value for key, value in flags.items() if key not in SAME_WORK}
-            module.configure_torch(base)  # FLOPs counted and peaks measured under the default settings
+            module.configure_torch(base)  # FLOPs counted under the default settings
             if str(work) not in flops:
                 torch.manual_seed(0)
                 plain = module.Agent((9, 84, 84), action_dim, dataclasses.replace(base, **work), device)
@@ -218,14 +253,13 @@ def main(args: Args):
                 del plain
             dtype = torch.bfloat16 if flags.get("amp") == "bf16" else torch.float32
             configured = dataclasses.replace(base, **flags)
-            module.configure_torch(configured)
-            if dtype not in peaks:  # matmuls run in full fp32 or bf16 (--tf32 is about convolutions)
-                peaks[dtype] = matmul_peak(device, dtype, 4096 if device.type == "cuda" else 2048)
+            module.configure_torch(configured)  # matmuls run in full fp32 or bf16 (--tf32 is about convolutions)
             torch.manual_seed(0)
             agent = module.Agent((9, 84, 84), action_dim, configured, device)
             print(f"{name}: timing {option} at batch {base.batch_size} ...", flush=True)
             try:
-                median, best = timed(lambda a=agent, b=batch: a.update(b, step=10_000), args.repeats, device)
+                update = lambda a=agent, b=batch: a.update(b, step=10_000)
+                median, best, rate = timed_beside_matmuls(update, args.repeats, device, dtype)
             except Exception as error:  # noqa: BLE001 (one failing option is reported, the others still measured)
                 rows.append(
                     f"| {name} | {base.batch_size} | {option} | failed: {type(error).__name__}: "
@@ -236,8 +270,8 @@ def main(args: Args):
             achieved = flops[str(work)] / median
             rows.append(
                 f"| {name} | {base.batch_size} | {option} | {median:.3f} | {best:.3f} | {flops[str(work)] / 1e9:.0f} | "
-                f"{achieved / 1e9:.1f} GFLOP/s | {100 * achieved / peaks[dtype]:.0f}% of {peaks[dtype] / 1e9:.0f} "
-                f"GFLOP/s ({str(dtype).split('.')[-1]}) |"
+                f"{achieved / 1e9:.1f} GFLOP/s | {100 * achieved / rate:.0f}% of {rate / 1e9:.0f} GFLOP/s "
+                f"({str(dtype).split('.')[-1]}) |"
             )
             print(rows[-1], flush=True)
             del agent
@@ -269,7 +303,8 @@ def main(args: Args):
     header = f"## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {measured}, {device.type}\n\n"
     header += f"- command: `python {' '.join(sys.argv)}`\n- machine: {machine(device)}\n"
     header += f"- updates: median and minimum of {args.repeats} after one warm-up, random data of the shapes of "
-    header += f"{args.env_id}; FLOPs counted by torch.utils.flop_counter over one update\n\n"
+    header += f"{args.env_id}; FLOPs counted by torch.utils.flop_counter over one update; the matmul rate of the "
+    header += "update's dtype: median of rounds of 8 square matmuls, one before each timed update\n\n"
     print("\n" + header + table)
     if args.results:
         with open(args.results, "a") as f:
