@@ -278,15 +278,16 @@ def main(args: Args):
 
         for replay_device in ["cpu", "cuda"] if device.type == "cuda" else ["cpu"]:
             replay, replay_rss = fill_replay(module, base, args.replay_transitions, action_dim, replay_device)
+            allocated = module.ReplayBuffer.memory(replay.capacity, replay.frames.shape[1:], replay.actions.shape[1])
             if replay_device == "cuda":
-                replay_rss = replay.frames.nbytes + sum(getattr(replay, a).nbytes for a in replay.ARRAYS[1:])
-                where = "GPU memory"
+                replay_rss = allocated
+                where = "frames in GPU memory"
             else:
                 where = f"{replay_rss / replay.num_transitions:.0f} B / transition resident"
             # a batch sampled and on the training device, as the update receives it
             sample, _ = timed(lambda: sample_to(replay, base.batch_size, device), max(args.repeats, 20), device)  # noqa: B023
             memory_rows.append(
-                f"| {name} | {replay_device} | {replay.num_transitions} | {replay.nbytes_per_transition():.0f} | "
+                f"| {name} | {replay_device} | {replay.num_transitions} | {allocated / replay.capacity:.0f} | "
                 f"{replay_rss / 1e6:.0f} MB ({where}) | {base.batch_size} | {1000 * sample:.1f} |"
             )
             print(memory_rows[-1], flush=True)
