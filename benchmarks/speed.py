@@ -193,28 +193,30 @@ def environment_fps(module, env_id, steps):
     return frames / (time.perf_counter() - start)
 
 
+def cpuinfo(key: str) -> str:
+    """The first value of `key` in /proc/cpuinfo ("" where there is none: not Linux)."""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as lines:
+        return next(
+            (value.strip() for name, _, value in (line.partition(":") for line in lines) if name.strip() == key), ""
+        )
+    return ""
+
+
 def processor() -> str:
-    """This machine's CPU model as /proc/cpuinfo names it (platform.processor() says only "x86_64" on Linux), and
-    whether it has the bf16 matrix units (AMX) and bf16 vector instructions (avx512_bf16) that --amp bf16 uses."""
-    model, flags = platform.processor() or platform.machine(), None
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
-        for line in cpuinfo:
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags" and flags is None:
-                flags = set(value.split())
-    if flags is None:  # not Linux, or not x86
-        return model
-    amx, avx512_bf16 = ("yes" if flag in flags else "no" for flag in ["amx_bf16", "avx512_bf16"])
-    return f"{model} (AMX bf16: {amx}, avx512_bf16: {avx512_bf16})"
+    """This machine's CPU model as /proc/cpuinfo names it (platform.processor() says only "x86_64" on Linux)."""
+    return cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def machine(device):
-    cpu = processor()
+    flags = set(cpuinfo("flags").split())
+    # the bf16 matrix units (AMX) and bf16 vector instructions (avx512_bf16) that --amp bf16 uses on the CPU
+    bf16 = ", ".join(f"{name}: {'yes' if flag in flags else 'no'}" for name, flag in BF16_UNITS.items())
     gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "none"
     threads = torch.get_num_threads()
-    return f"CPU {cpu}, {os.cpu_count()} cores ({threads} torch threads); GPU {gpu}; torch {torch.__version__}"
+    return f"CPU {processor()} ({bf16}), {os.cpu_count()} cores ({threads} torch threads); GPU {gpu}; torch {torch.__version__}"
+
+
+BF16_UNITS = {"AMX bf16": "amx_bf16", "avx512_bf16": "avx512_bf16"}
 
 
 def commit():

@@ -481,14 +481,15 @@ def test_slurm_time_and_memory_in_each_of_slurms_formats_are_taken(tmp_path):
         assert ("#SBATCH --partition=" in result.stdout) == bool(partition)
 
 
-def test_slurm_job_script_keeps_arguments_with_newlines_and_quotes_as_words(tmp_path):
-    """The job script, run here as Slurm would run an element, passes each argument after -- as one word: a newline,
-    a quote or $(...) inside one runs nothing."""
+def test_slurm_job_script_keeps_arguments_with_quotes_and_substitutions_as_words(tmp_path):
+    """The job script, run here as Slurm would run an element, passes each argument after -- as one word: a quote,
+    $(...) or backquotes inside one run nothing. (A newline is refused up front: the scripts refuse control characters
+    in free-text settings.)"""
     marker = tmp_path / "ran"
     # free-text settings (the scripts check their arguments before the sweep starts; a flag given twice: the last wins)
     project = "--wandb-project-name"
-    tricky = [project, f"x\ntouch {marker}", "--wandb-entity", f"$(touch {marker})", project, f"'; touch {marker}; '"]
-    tricky += ["--wandb-entity", f'"\n touch {marker} #', project, f"`touch {marker}`"]
+    tricky = [project, f"x; touch {marker}", "--wandb-entity", f"$(touch {marker})", project, f"'; touch {marker}; '"]
+    tricky += ["--wandb-entity", f'"; touch {marker} #', project, f"`touch {marker}`"]
     record = tmp_path / "record"
     record.mkdir()
     recorder = fake_python(tmp_path / "python", 'printf "%s\\0" "$@" > "$RECORD_DIR/$SLURM_ARRAY_TASK_ID"; exit 0')
@@ -496,6 +497,8 @@ def test_slurm_job_script_keeps_arguments_with_newlines_and_quotes_as_words(tmp_
     out = tmp_path / "sweep"
     sweep = ["--slurm", "--dry-run", "--no-disk-check", "--scripts", "drqv2_continuous_action.py"]
     sweep += ["--env-ids", "cartpole_balance", "--num-seeds", "1", "--out", str(out)]
+    newline = run_benchmark([*sweep, "--", project, f"x\ntouch {marker}"], tmp_path, env=env)
+    assert newline.returncode == 2 and "--wandb-project-name must hold no newline" in newline.stderr, newline.stderr
     result = run_benchmark([*sweep, "--", *tricky], tmp_path, env=env)
     assert result.returncode == 0, result.stderr
     out.mkdir()  # the job script starts in it
