@@ -1139,6 +1139,8 @@ class Run:
         self.device = torch.device("cuda" if torch.cuda.is_available() and self.args.cuda else "cpu")
         if self.args.cuda and self.device.type == "cpu":
             print("warning: no CUDA device is available; running on the CPU")
+        if self.args.amp == "bf16" and self.device.type == "cpu" and not torch.cpu._is_avx512_bf16_supported():
+            print("warning: this CPU has no avx512_bf16: --amp bf16 is slower than fp32 on such CPUs (docs/speed.md)")
         if self.args.cudagraphs and self.device.type != "cuda":
             raise RunError("--cudagraphs needs a CUDA device")
         configure_torch(self.args)

@@ -10,6 +10,7 @@
 # round, so that they see the same machine. Prints a Markdown table of medians and the ratios, and appends it, with
 # the commit, the command and the machine (its CPU model, and whether it has AMX and avx512_bf16), to
 # benchmarks/RESULTS.md.
+import dataclasses
 import importlib
 import importlib.util
 import os
@@ -17,6 +18,7 @@ import sys
 import time
 import types
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import tyro
@@ -33,6 +35,9 @@ class Args:
     """a clone of FrankZheng2022/TACO"""
     repeats: int = 5
     """timed updates per agent and precision, after one warm-up"""
+    amp: list[Literal["none", "bf16"]] = dataclasses.field(default_factory=lambda: ["none", "bf16"])
+    """our --amp settings to time beside the published fp32 update (on a CPU without bf16 instructions, avx512_bf16
+    or AMX, bf16 runs several times slower than fp32: `--amp none` leaves it out)"""
     results: str = os.path.join(ROOT, "benchmarks", "RESULTS.md")
     """Markdown file the results are appended to; empty to only print them"""
 
@@ -127,24 +132,32 @@ def main(args: Args):
         ("DrQ-v2", 256, published_drqv2(args.drqv2_repo, device), "drqv2_continuous_action"),
         ("TACO", 1024, published_taco(args.taco_repo, device), "taco_continuous_action"),
     ]
+    ours_named = {"none": "ours fp32", "bf16": "ours bf16"}
     rows = [
-        "| agent | batch | s / update: published (fp32) | ours fp32 | ours bf16 | published / ours: fp32 | bf16 |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "| agent | batch | s / update: published (fp32) | "
+        + " | ".join(ours_named[amp] for amp in args.amp)
+        + " | "
+        + " | ".join(f"published / {ours_named[amp]}" for amp in args.amp)
+        + " |",
+        "| --- | --- | --- |" + " --- | --- |" * len(args.amp),
     ]
     for name, batch_size, published, script in agents:
-        mine = [ours(script, batch_size, device, amp) for amp in ["none", "bf16"]]
-        published_seconds, fp32, bf16 = timed_in_turn([published, *mine], args.repeats, device)
+        mine = [ours(script, batch_size, device, amp) for amp in args.amp]
+        published_seconds, *seconds = timed_in_turn([published, *mine], args.repeats, device)
         rows.append(
-            f"| {name} | {batch_size} | {published_seconds:.3f} | {fp32:.3f} | {bf16:.3f} | "
-            f"{published_seconds / fp32:.2f}x | {published_seconds / bf16:.2f}x |"
+            f"| {name} | {batch_size} | {published_seconds:.3f} | "
+            + " | ".join(f"{value:.3f}" for value in seconds)
+            + " | "
+            + " | ".join(f"{published_seconds / value:.2f}x" for value in seconds)
+            + " |"
         )
         print(rows[-1], flush=True)
     header = f"## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {measured}, {device.type}: published "
     header += "updates side by side\n\n"
     header += f"- command: `python {' '.join(sys.argv)}`\n- machine: {machine(device)}\n"
-    header += f"- updates: median of {args.repeats} rounds after a warm-up round, each round timing the published, "
-    header += "our fp32 and our bf16 update in turn; one random batch of cartpole_balance's shapes, the published "
-    header += "settings; the published agents' own code, from the clones named in the command\n\n"
+    header += f"- updates: median of {args.repeats} rounds after a warm-up round, each round timing the published "
+    header += f"update and ours (--amp {' / '.join(args.amp)}) in turn; one random batch of cartpole_balance's shapes, "
+    header += "the published settings; the published agents' own code, from the clones named in the command\n\n"
     table = "\n".join(rows) + "\n"
     print("\n" + header + table)
     if args.results:

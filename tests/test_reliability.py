@@ -377,6 +377,25 @@ def test_bad_input_fails_fast_naming_the_problem(case, tmp_path, monkeypatch, ca
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("has_bf16_instructions", [False, True])
+def test_amp_bf16_on_a_cpu_without_bf16_instructions_is_warned_of(has_bf16_instructions, tmp_path, monkeypatch, capsys):
+    """Without avx512_bf16 (or AMX, which comes with it) bf16 runs in software: 9x slower than fp32 (docs/speed.md)."""
+    drqv2 = load_script("drqv2_continuous_action")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: has_bf16_instructions)
+
+    def stop_after_the_warnings(*_):
+        raise drqv2.RunError("stopped here")
+
+    monkeypatch.setattr(drqv2, "check_memory", stop_after_the_warnings)
+    with pytest.raises(drqv2.RunError, match="stopped here"):
+        drqv2.main(parse(drqv2, [*TINY_RUN, "--amp", "bf16", "--no-cuda"]))
+    warned = (
+        "warning: this CPU has no avx512_bf16: --amp bf16 is slower than fp32 on such CPUs" in capsys.readouterr().out
+    )
+    assert warned == (not has_bf16_instructions)
+
+
 def test_a_taco_horizon_longer_than_an_episode_is_refused(tmp_path, monkeypatch):
     taco = load_script("taco_continuous_action")
     monkeypatch.chdir(tmp_path)
