@@ -86,7 +86,7 @@ class Args:
 
     # Speed options: off by default until a GPU learning run shows they do no harm (docs/speed.md)
     amp: Literal["none", "bf16"] = "none"
-    """`bf16`: the update's forward passes under bfloat16 autocast; not yet shown to learn like fp32 (README, Results)"""
+    """`bf16`: forward passes in bfloat16 autocast (a CPU needs avx512_bf16); not yet shown to learn like fp32"""
     compile: bool = False
     """if toggled, compiles the networks with torch.compile"""
     cudagraphs: bool = False
@@ -1262,7 +1262,7 @@ class Run:
         if self.args.cuda and self.device.type == "cpu":
             print("warning: no CUDA device is available; running on the CPU")
         if self.args.amp == "bf16" and self.device.type == "cpu" and not torch.cpu._is_avx512_bf16_supported():
-            print("warning: this CPU has no avx512_bf16: --amp bf16 is slower than fp32 on such CPUs (docs/speed.md)")
+            print("warning: this CPU has no avx512_bf16: --amp bf16 runs ~10x slower than fp32 here; leave it out")
         if self.args.cudagraphs and self.device.type != "cuda":
             raise RunError("--cudagraphs needs a CUDA device")
         configure_torch(self.args)

@@ -1,19 +1,22 @@
-# Seconds per update of the published DrQ-v2 and TACO agents and of this project's (default fp32, and --amp bf16), timed
-# side by side in one process on one machine, from copies of the published repositories that you point to (nothing of
-# them is kept here):
-#   git clone https://github.com/facebookresearch/drqv2 /tmp/drqv2
-#   git clone https://github.com/FrankZheng2022/TACO /tmp/taco
-#   python benchmarks/published_speed.py --drqv2-repo /tmp/drqv2 --taco-repo /tmp/taco
-# Every update gets the same random batch of cartpole_balance's shapes (9x84x84 uint8 observations, 1-d actions) at
-# the published batch sizes (DrQ-v2 256, TACO 1024) and the published settings; the published agents' `update` draws
-# it from an iterator, as from their replay loader. The three updates of an agent are timed in turn, round after
-# round, so that they see the same machine. Prints a Markdown table of medians and the ratios, and appends it, with
-# the commit, the command and the machine (its CPU model, and whether it has AMX and avx512_bf16), to
-# benchmarks/RESULTS.md.
+"""Seconds per update of the published DrQ-v2 and TACO agents and of this project's (default fp32, and --amp bf16), timed
+side by side in one process on one machine, from copies of the published repositories that you point to (nothing of
+them is kept here):
+  git clone https://github.com/facebookresearch/drqv2 /tmp/drqv2
+  git clone https://github.com/FrankZheng2022/TACO /tmp/taco
+  python benchmarks/published_speed.py --drqv2-repo /tmp/drqv2 --taco-repo /tmp/taco
+
+Every update gets the same random batch of cartpole_balance's shapes (9x84x84 uint8 observations, 1-d actions) at
+the published batch sizes (DrQ-v2 256, TACO 1024) and the published settings; the published agents' `update` draws
+it from an iterator, as from their replay loader. The updates of an agent are timed in turn, round after
+round, so that they see the same machine. Prints a Markdown table of medians and the ratios, and appends it, with
+the commit, the command and the machine (its CPU model, and whether it has AMX and avx512_bf16), to
+benchmarks/RESULTS.md."""
+
 import dataclasses
 import importlib
 import importlib.util
 import os
+import shlex
 import sys
 import time
 import types
@@ -37,7 +40,7 @@ class Args:
     """timed updates per agent and precision, after one warm-up"""
     amp: list[Literal["none", "bf16"]] = dataclasses.field(default_factory=lambda: ["none", "bf16"])
     """our --amp settings to time beside the published fp32 update (on a CPU without bf16 instructions, avx512_bf16
-    or AMX, bf16 runs several times slower than fp32: `--amp none` leaves it out)"""
+    or AMX, bf16 runs 9-10x slower than fp32: `--amp none` leaves it out)"""
     results: str = os.path.join(ROOT, "benchmarks", "RESULTS.md")
     """Markdown file the results are appended to; empty to only print them"""
 
@@ -154,7 +157,7 @@ def main(args: Args):
         print(rows[-1], flush=True)
     header = f"## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {measured}, {device.type}: published "
     header += "updates side by side\n\n"
-    header += f"- command: `python {' '.join(sys.argv)}`\n- machine: {machine(device)}\n"
+    header += f"- command: `python {shlex.join(sys.argv)}`\n- machine: {machine(device)}\n"
     header += f"- updates: median of {args.repeats} rounds after a warm-up round, each round timing the published "
     header += f"update and ours (--amp {' / '.join(args.amp)}) in turn; one random batch of cartpole_balance's shapes, "
     header += "the published settings; the published agents' own code, from the clones named in the command\n\n"
@@ -167,4 +170,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(tyro.cli(Args, description=__doc__))

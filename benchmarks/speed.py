@@ -1,16 +1,19 @@
-# Speed and memory of the agent scripts, on random data of the right shapes:
-#   seconds per update at each script's default batch, with default flags and with each speed option,
-#   the update's floating-point work (counted by torch from the layer shapes) as a fraction of the rate of large
-#   matmuls in the update's dtype (fp32 or bf16), measured in turn with the updates in this process,
-#   seconds to sample a batch from a filled replay, bytes per stored transition and the memory of a filled replay,
-#   and environment frames per second (step + render).
-# Prints a Markdown table and appends it, with the commit, the command and the machine, to benchmarks/RESULTS.md.
-#   python benchmarks/speed.py                   # CPU here; the same command uses CUDA where a GPU is present
+"""Speed and memory of the agent scripts, on random data of the right shapes:
+  seconds per update at each script's default batch, with default flags and with each speed option,
+  the update's floating-point work (counted by torch from the layer shapes) as a fraction of the rate of large
+  matmuls in the update's dtype (fp32 or bf16), measured in turn with the updates in this process,
+  seconds to sample a batch from a filled replay, bytes per stored transition and the memory of a filled replay,
+  and environment frames per second (step + render).
+Prints a Markdown table and appends it, with the commit, the command and the machine, to benchmarks/RESULTS.md.
+  python benchmarks/speed.py                   # CPU here; the same command uses CUDA where a GPU is present
+"""
+
 import contextlib
 import dataclasses
 import importlib.util
 import os
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -43,11 +46,11 @@ class Args:
     scripts: list[str] = field(default_factory=lambda: ["drqv2_continuous_action", "taco_continuous_action"])
     """agent scripts to measure (file names without .py)"""
     options: list[str] = field(default_factory=lambda: list(OPTIONS))
-    """speed options to time (see OPTIONS); cudagraphs and tf32 need CUDA: skipped elsewhere"""
+    """speed options to time (the default names them all); cudagraphs and tf32 need CUDA: skipped elsewhere"""
     repeats: int = 5
     """timed updates per configuration, after one untimed warm-up (which includes compilation)"""
     batch_size: int | None = None
-    """batch of the timed updates (default: each script's, 256 DrQ-v2, 1024 TACO); the replay is sampled at it too"""
+    """batch of the timed updates, None for each script's (256 DrQ-v2, 1024 TACO); the replay is sampled at it too"""
     env_id: str = "cheetah_run"
     """task whose shapes (6-dimensional actions) the update uses, and whose frames per second are measured"""
     replay_transitions: int = 100_000
@@ -320,7 +323,7 @@ def main(args: Args):
     table += f"\n\nEnvironment: {args.env_id}, {fps:.0f} frames / s (step and 84x84 render, MUJOCO_GL="
     table += f"{os.environ['MUJOCO_GL']}, one process).\n"
     header = f"## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {measured}, {device.type}\n\n"
-    header += f"- command: `python {' '.join(sys.argv)}`\n- machine: {machine(device)}\n"
+    header += f"- command: `python {shlex.join(sys.argv)}`\n- machine: {machine(device)}\n"
     header += f"- updates: median and minimum of {args.repeats} after one warm-up, random data of the shapes of "
     header += f"{args.env_id}; FLOPs counted by torch.utils.flop_counter over one update; the matmul rate of the "
     header += "update's dtype: median of rounds of 8 square matmuls, one before each timed update\n\n"
@@ -332,4 +335,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(tyro.cli(Args, description=__doc__))

@@ -1,10 +1,13 @@
-# Seconds per update of an agent script as it is now against the same script at an earlier commit (a change's
-# "before" and "after"), timed in turn, round after round, in one process, so that both see the same machine:
-#   python benchmarks/speed_versions.py --before 5f7f1cd --amp bf16
-# Same weights (seed 0) and the same random batch for both. Prints a Markdown table of medians and the ratio, and
-# appends it, with the commits, the command and the machine, to benchmarks/RESULTS.md.
+"""Seconds per update of an agent script as it is now against the same script at an earlier commit (a change's
+"before" and "after"), timed in turn, round after round, in one process, so that both see the same machine:
+  python benchmarks/speed_versions.py --before 5f7f1cd --amp bf16
+
+Same weights (seed 0) and the same random batch for both. Prints a Markdown table of medians and the ratio, and
+appends it, with the commits, the command and the machine, to benchmarks/RESULTS.md."""
+
 import importlib.util
 import os
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -59,8 +62,13 @@ def updater(module, amp: str, batch_size: int, action_dim: int):
 
 
 def main(args: Args):
+    rev_parse = ["git", "rev-parse", "--short", "--verify", "--quiet", f"{args.before}^{{commit}}"]
+    before = subprocess.run(rev_parse, cwd=ROOT, capture_output=True, text=True, check=False)
+    if before.returncode != 0:
+        sys.exit(f"error: --before {args.before!r} is not a commit of this repository")
+    args.before = before.stdout.strip()  # the commit id, which the record keeps meaning
     rows = [
-        "| script | --amp | batch | before: s / update | now | now / before |",
+        "| script | --amp | batch | before: s / update | now: s / update | now / before |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     with tempfile.TemporaryDirectory() as folder:
@@ -83,8 +91,8 @@ def main(args: Args):
     header = (
         f"## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit()} against {args.before}, cpu\n\n"
     )
-    header += f"- command: `python {' '.join(sys.argv)}`\n- machine: {machine(torch.device('cpu'))}\n"
-    header += f"- updates: medians of {args.rounds} rounds after one warm-up, each round one update of each version "
+    header += f"- command: `python {shlex.join(sys.argv)}`\n- machine: {machine(torch.device('cpu'))}\n"
+    header += f"- updates: median of {args.rounds} round(s) after one warm-up, each round one update of each version "
     header += "in turn; same weights and random batch\n\n"
     print("\n" + header + "\n".join(rows))
     if args.results:
@@ -94,4 +102,4 @@ def main(args: Args):
 
 
 if __name__ == "__main__":
-    main(tyro.cli(Args))
+    main(tyro.cli(Args, description=__doc__))

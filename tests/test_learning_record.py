@@ -75,6 +75,25 @@ def test_records_a_run_with_its_provenance_and_draws_the_figure(tiny_run, tmp_pa
     assert result["states"] == "states the policy visits", "a finished run's checkpoint holds no replay"
 
 
+def test_the_figure_has_a_panel_for_each_task_agent_and_precision(tmp_path, monkeypatch):
+    """DrQ-v2 in fp32, DrQ-v2 in bf16 and TACO side by side, each panel with its own few legend entries."""
+    record = load_record()
+    learning = ROOT / "benchmarks" / "learning"
+    for name in ["drqv2_continuous_action__1__1795711990", "drqv2_continuous_action__1__1795705547"]:
+        (tmp_path / f"{name}.csv").write_text((learning / f"cartpole_balance__{name}.csv").read_text())
+    (tmp_path / "taco.csv").write_text(
+        (learning / "cartpole_balance__taco_continuous_action__1__1796283300.csv").read_text()
+    )
+    drawn = []
+    monkeypatch.setattr(record.plot, "save_figure", lambda fig, path: drawn.append(fig))
+    record.figure(record.Args(figure=True, out=str(tmp_path), frames=[10_000, 20_000]))
+    (fig,) = drawn
+    titles = [ax.get_title() for ax in fig.axes]
+    assert titles == [f"cartpole_balance: {name}" for name in ["DrQ-v2, fp32", "DrQ-v2, --amp bf16", "TACO, fp32"]]
+    for ax in fig.axes:  # the published curve and the panel's one run
+        assert len(ax.get_legend().get_texts()) == 2
+
+
 def test_provenance_names_the_cpu_model_and_leaves_out_how_the_process_started():
     """A sweep's runs all start with --resume auto: not a setting of the run. The default device is the CPU's model
     (platform.processor() gave "x86_64" on Linux)."""

@@ -9,6 +9,7 @@
 import csv
 import glob
 import os
+import re
 import subprocess
 import sys
 from collections import defaultdict
@@ -133,11 +134,12 @@ def figure(args: Args):
     runs = read_records(args.out)
     if not runs:
         raise SystemExit(f"record.py: no CSV in {args.out}")
-    tasks = sorted({key[1] for key in runs})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 3.6), squeeze=False)
-    colours = defaultdict(lambda: f"C{len(colours)}")
+    # one panel per task, agent and precision, each over the published DrQ-v2 curves: a few legend entries each
+    panels = sorted({(key[1], key[0], precision(key[3])) for key in runs}, key=lambda p: (*p[:2], p[2] != "fp32"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.6), squeeze=False, sharey=True)
     labels = legend_labels(runs)
-    for ax, task in zip(axes.flat, tasks):
+    for ax, (task, agent, amp) in zip(axes.flat, panels):
+        colours = defaultdict(lambda: f"C{len(colours)}")  # noqa: B023 (each panel's own)
         reference = read_reference(os.path.join(ROOT, "reference", "drqv2_curves"), task)
         last = max(int(frames[-1]) for key, (frames, _) in runs.items() if key[1] == task)
         if reference:
@@ -145,20 +147,24 @@ def figure(args: Args):
             ax.fill_between(grid, lowest, highest, color="0.85")
             ax.plot(grid, mean, "--", color="0.4", label=f"DrQ-v2 published (mean and range of {len(reference)} seeds)")
         for (script, env_id, device, flags, seed, commit), (frames, values) in runs.items():
-            if env_id == task:
+            if (env_id, script, precision(flags)) == (task, agent, amp):
                 colour = colours[(script, device, flags, commit)]  # the seeds of one setting share a colour
                 marker = "os^Dvp*X"[int(colour[1:]) % 8]  # and a marker: runs that coincide stay visible
                 label = labels[(script, env_id, device, flags, seed, commit)]
                 ax.plot(frames, values, "-" + marker, ms=9 - int(colour[1:]) % 8, color=colour, label=label, alpha=0.85)
         ax.set_xlim(0, last)
-        ax.set_title(task, fontsize=10)
+        ax.set_title(f"{task}: {plot.display_name(agent)}, {amp}", fontsize=10)
         plot.figure_style(ax)
         ax.set_ylabel("evaluation return")
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=2)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.22), ncol=1)
     path = os.path.join(args.out, "learning.png")
     plot.save_figure(fig, path)
     print(f"record.py: wrote {path}")
     print(table(runs, args.frames))
+
+
+def precision(flags: str) -> str:
+    return "--amp bf16" if re.search(r"--amp[= ]bf16", flags) else "fp32"
 
 
 def legend_labels(runs) -> dict:
