@@ -94,6 +94,14 @@ def test_the_figure_has_a_panel_for_each_task_agent_and_precision(tmp_path, monk
         assert len(ax.get_legend().get_texts()) == 2
 
 
+def test_a_run_folder_that_is_not_there_is_one_line(tmp_path):
+    missing = tmp_path / "runs" / "gone"
+    recorded = subprocess.run(
+        [sys.executable, str(RECORD), str(missing), "--out", str(tmp_path)], capture_output=True, text=True, check=False
+    )
+    assert recorded.returncode != 0 and recorded.stderr == f"record.py: {missing} is not a folder\n", recorded.stderr
+
+
 def test_provenance_names_the_cpu_model_and_leaves_out_how_the_process_started():
     """A sweep's runs all start with --resume auto: not a setting of the run. The default device is the CPU's model
     (platform.processor() gave "x86_64" on Linux)."""

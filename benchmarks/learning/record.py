@@ -92,6 +92,8 @@ def record(args: Args):
     device = args.device or f"CPU {processor()}"
     os.makedirs(args.out, exist_ok=True)
     for run_dir in args.run_dirs:
+        if not os.path.isdir(run_dir):
+            raise SystemExit(f"record.py: {run_dir} is not a folder")
         hyperparameters, frames, values, damaged = read_run(run_dir, "eval/episodic_return")
         if not {"exp_name", "env_id", "seed"} <= set(hyperparameters) or len(frames) == 0:
             raise SystemExit(f"record.py: {run_dir} is not a run of the agent scripts with evaluations")
