@@ -25,7 +25,7 @@ from typing import Literal
 
 import torch
 import tyro
-from speed import commit, load_script, machine, random_batch, synchronize
+from speed import commit, load_script, machine, random_batch, timed_in_turn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -113,19 +113,6 @@ def ours(name: str, batch_size: int, device, amp: str = "none"):
     agent = module.Agent((9, 84, 84), 1, args, device)
     batch = random_batch(module, batch_size, 1, device)
     return lambda: agent.update(batch, 100_000)
-
-
-def timed_in_turn(functions: list, repeats: int, device) -> list[float]:
-    """Median seconds of each function over `repeats` rounds that call each once in turn, after one warm-up round."""
-    times = [[] for _ in functions]
-    for round_ in range(repeats + 1):
-        for function, seconds in zip(functions, times):
-            start = time.perf_counter()
-            function()
-            synchronize(device)
-            if round_ > 0:
-                seconds.append(time.perf_counter() - start)
-    return [sorted(seconds)[len(seconds) // 2] for seconds in times]
 
 
 def main(args: Args):

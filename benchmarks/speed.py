@@ -94,6 +94,19 @@ def timed(function, repeats, device):
     return float(np.median(times)), float(np.min(times))
 
 
+def timed_in_turn(functions: list, repeats: int, device) -> list[float]:
+    """Median seconds of each function over `repeats` rounds that call each once in turn, after one warm-up round."""
+    times = [[] for _ in functions]
+    for round_ in range(repeats + 1):
+        for function, seconds in zip(functions, times):
+            start = time.perf_counter()
+            function()
+            synchronize(device)
+            if round_ > 0:
+                seconds.append(time.perf_counter() - start)
+    return [sorted(seconds)[len(seconds) // 2] for seconds in times]
+
+
 def random_batch(module, batch_size, action_dim, device=None):
     """A replay batch of the script's keys with random values (TACO's adds action_seq and future_obs, K = 3)."""
     rng = np.random.default_rng(0)

@@ -14,10 +14,9 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 import tyro
-from speed import ROOT, commit, load_script, machine, random_batch
+from speed import ROOT, commit, load_script, machine, random_batch, timed_in_turn
 
 
 @dataclass
@@ -76,16 +75,8 @@ def main(args: Args):
             versions = {"before": script_at(args.before, name, folder), "now": load_script(name)}
             for amp in args.amp:
                 updates = {label: updater(module, amp, args.batch_size, 6) for label, module in versions.items()}
-                times = {label: [] for label in updates}
                 print(f"{name}: timing --amp {amp} at batch {args.batch_size} ...", flush=True)
-                for round_number in range(args.rounds + 1):
-                    for label, update in updates.items():
-                        start = time.perf_counter()
-                        update()
-                        if round_number > 0:  # the first round warms up
-                            times[label].append(time.perf_counter() - start)
-                before = float(np.median(times["before"]))
-                now = float(np.median(times["now"]))
+                before, now = timed_in_turn([updates["before"], updates["now"]], args.rounds, torch.device("cpu"))
                 rows.append(f"| {name} | {amp} | {args.batch_size} | {before:.3f} | {now:.3f} | {now / before:.2f} |")
                 print(rows[-1], flush=True)
     header = (
