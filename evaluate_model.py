@@ -5,7 +5,7 @@
 # episode's return, to a JSON file next to the model (where a sweep's plotting step or a script can read them).
 #   python evaluate_model.py runs/<run_name>/drqv2_continuous_action.cleanrl_model --num-episodes 10
 #   python evaluate_model.py runs/<run_name>/checkpoint.pt
-# The policy (encoder and actor) is the same in both scripts; TACO's latent actions only enter its critic.
+# The networks are built by the script that trained the model, as that file is now (a researcher's edits included).
 import contextlib
 import importlib.util
 import json
@@ -53,11 +53,26 @@ class Args:
     """if toggled, runs the networks on the GPU when there is one"""
 
 
-def load_agent_script():
-    """The DrQ-v2 script as a module (its main() does not run): the environment, networks and evaluation loop."""
-    spec = importlib.util.spec_from_file_location("drqv2_continuous_action", f"{ROOT}/drqv2_continuous_action.py")
+def load_agent_script(name: str):
+    """An agent script of this folder as a module (its main() does not run): its environment, networks and evaluation."""
+    spec = importlib.util.spec_from_file_location(name, f"{ROOT}/{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def script_of(saved: dict):
+    """The agent script that trained the model: the one whose algorithm (its code above the run machinery, which
+    models and checkpoints record) it names; else, with a warning, the one whose settings it holds, or DrQ-v2's."""
+    for module in SCRIPTS.values():
+        if saved.get("algorithm") == module.ALGORITHM:
+            return module
+    holding = [module for module in SCRIPTS.values() if set(vars(module.Args())) == set(saved["args"])]
+    module = (holding or [SCRIPTS["drqv2_continuous_action"]])[0]
+    print(
+        f"warning: the model was not trained by {module.__name__}.py as it is now (the file changed above its run "
+        "machinery since, or the model is of another version): its networks are built as that file builds them today"
+    )
     return module
 
 
@@ -87,6 +102,7 @@ def model_of_checkpoint(checkpoint: dict) -> dict:
         "encoder": encoder,
         "actor": actor,
         "args": checkpoint["args"],
+        "algorithm": checkpoint.get("algorithm"),
         "obs_shape": obs_shape,
         "action_dim": action_dim,
     }
@@ -128,8 +144,8 @@ def unlike_torch_save(records: list, file_size: int) -> str | None:
     return None
 
 
-def load_policy(module, path: str, device):
-    """(policy, saved dict), or a RunError naming what is wrong with the file."""
+def load_policy(path: str, device):
+    """(policy, saved dict, the agent script as a module), or a RunError naming what is wrong with the file."""
     if os.path.isdir(path):
         raise RunError(f"{path} is a folder, not a model file: pass the .cleanrl_model or checkpoint.pt in it")
     if not os.path.isfile(path):
@@ -163,6 +179,7 @@ def load_policy(module, path: str, device):
     if problem:
         raise RunError(f"{path} is not a model saved by --save-model ({problem})")
     trained = saved["args"]
+    module = script_of(saved)
     try:
         encoder = module.Encoder(saved["obs_shape"]).to(device)
         actor = module.Actor(encoder.repr_dim, saved["action_dim"], trained["feature_dim"], trained["hidden_dim"])
@@ -171,7 +188,7 @@ def load_policy(module, path: str, device):
     except (RuntimeError, ValueError) as error:
         detail = " ".join(str(error).split())[:300]  # torch's first line names no tensor
         raise RunError(f"{path}: the weights do not fit the networks ({detail})") from error
-    return Policy(encoder.eval(), actor.to(device).eval(), device), saved
+    return Policy(encoder.eval(), actor.to(device).eval(), device), saved, module
 
 
 def same_file(a: str, b: str) -> bool:
@@ -198,13 +215,13 @@ def write_results(result: dict, output: str):
             os.remove(temporary)
 
 
-agent_script = load_agent_script()  # sets MUJOCO_GL=egl unless it is set
+SCRIPTS = {name: load_agent_script(name) for name in ["drqv2_continuous_action", "taco_continuous_action"]}
+agent_script = SCRIPTS["drqv2_continuous_action"]  # sets MUJOCO_GL=egl unless it is set
 RunError = agent_script.RunError
 first_line = agent_script.first_line
 
 
 def main(args: Args):
-    module = agent_script
     if args.num_episodes < 1:
         raise RunError(f"--num-episodes must be positive, got {args.num_episodes}")
     if args.max_episode_frames is not None and args.max_episode_frames < 1:
@@ -212,7 +229,7 @@ def main(args: Args):
     if not 0 <= args.seed < 2**32:
         raise RunError(f"--seed must be in [0, 2**32), as numpy's seeds, got {args.seed}")
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    policy, saved = load_policy(module, args.model_path, device)
+    policy, saved, module = load_policy(args.model_path, device)
     trained = saved["args"]
     env_id = args.env_id or trained["env_id"]
     if env_id not in module.TASK_PRESET:
@@ -251,7 +268,9 @@ def main(args: Args):
             where = " (--output writes the results elsewhere)" if path == output and not args.output else ""
             raise RunError(f"cannot write {path}: {problem}{where}")
     module.make_folder(os.path.dirname(os.path.abspath(output)))
-    print(f"evaluating {args.model_path} ({trained['exp_name']}, trained on {trained['env_id']}) on {env_id}: ", end="")
+    named = "" if trained["exp_name"] == module.__name__ else f" as {trained['exp_name']}"
+    trainer = f"{module.__name__}.py{named}, trained on {trained['env_id']}"
+    print(f"evaluating {args.model_path} ({trainer}) on {env_id}: ", end="")
     print(f"{args.num_episodes} episode{'s' if args.num_episodes > 1 else ''}, seed {args.seed}", flush=True)
     try:
         returns = [float(r) for r in module.evaluate(policy, env, args.num_episodes, video_path)]
@@ -284,5 +303,5 @@ if __name__ == "__main__":
     arguments = tyro.cli(Args)
     try:
         main(arguments)
-    except RunError as error:  # one clear line and a non-zero exit
+    except tuple(script.RunError for script in SCRIPTS.values()) as error:  # one clear line and a non-zero exit
         raise SystemExit(f"error: {error}") from None

@@ -41,8 +41,7 @@ class Args:
     tag: str = "eval/episodic_return"
     """the scalar to plot and tabulate"""
     budgets: Annotated[list[int] | None, DOCUMENTED_DEFAULT] = None
-    """frame budgets of the table's columns (default: from the runs read: the largest frame that all runs of some task
-    reached, and a tenth and a half of it, as the paper's 100k / 500k / 1M)"""
+    """the table's columns, in frames (default: the most frames all runs of a task reached, its half and its tenth)"""
     reference: str | None = DEFAULT_REFERENCE
     """folder of published curves (`dmc_<task>.csv`) to overlay and tabulate; `None` for none"""
     score_scale: float = 1000.0

@@ -98,13 +98,11 @@ class Args:
 
     # Checkpoints (see docs/long-runs.md)
     checkpoint_every: int = 100_000
-    """write runs/{run_name}/checkpoint.pt every this many frames, at the end, and on a stop signal (SIGTERM, SIGINT,
-    SIGUSR1, SIGHUP); 0: off"""
+    """write runs/{run_name}/checkpoint.pt every this many frames, at the end and on a stop signal; 0: off"""
     checkpoint_replay: bool = True
     """if toggled, checkpoints hold the replay (21.4 kB a transition); else a resumed run refills it first"""
     resume: str | None = None
-    """continue a run: its directory, or `auto` for the newest of this env_id, exp_name and seed (else a new run); its
-    settings come from its checkpoint, and the flags given may change some of them (docs/long-runs.md)"""
+    """continue a run with its settings: its folder, or `auto` (newest of this env_id, exp_name, seed, or a new one)"""
 
     # Algorithm
     buffer_size: Annotated[int | None, PRESET] = None
@@ -1256,7 +1254,7 @@ class Run:
         self.total_frames = self.total_steps * self.args.action_repeat  # --total-timesteps in whole agent steps
         self.finished = self.start_step >= self.total_steps
         if self.finished:
-            print(f"{self.run_dir} already ran {self.start_frame} frames: nothing to do")
+            print(f"{self.run_dir} already ran {self.start_frame} frames (for more: --total-timesteps): nothing to do")
             return
         self.device = torch.device("cuda" if torch.cuda.is_available() and self.args.cuda else "cpu")
         if self.args.cuda and self.device.type == "cpu":
@@ -1368,6 +1366,7 @@ class Run:
         if (due or self.stop_signal and every) and not last:
             write_checkpoint(self, step, self.replay)
             self.checkpoint_frame = frame
+            print(f"frame {frame}: checkpoint written to {self.run_dir}/{CHECKPOINT}", flush=True)
         self.episode_start_frame = frame
         if self.stop_signal and not last:
             resume = f"with a checkpoint at frame {frame}; resume it with --resume {self.run_dir}"
@@ -1394,7 +1393,8 @@ class Run:
             optimizers = {name for name, part in vars(self.agent).items() if isinstance(part, torch.optim.Optimizer)}
             learned = {name: state for name, state in agent_state(self.agent).items() if name not in optimizers}
             shapes = {"obs_shape": list(self.envs[0].observation_shape), "action_dim": self.envs[0].action_dim}
-            save_checkpoint(path, {"args": vars(args), **shapes, **learned}, kept=f"{CHECKPOINT} is kept")
+            model = {"args": vars(args), "algorithm": ALGORITHM, **shapes, **learned}  # evaluate_model.py reads it
+            save_checkpoint(path, model, kept=f"{CHECKPOINT} is kept")
             print(f"model saved to {path}")
 
 

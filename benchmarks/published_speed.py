@@ -39,8 +39,7 @@ class Args:
     repeats: int = 5
     """timed updates per agent and precision, after one warm-up"""
     amp: list[Literal["none", "bf16"]] = dataclasses.field(default_factory=lambda: ["none", "bf16"])
-    """our --amp settings to time beside the published fp32 update (on a CPU without bf16 instructions, avx512_bf16
-    or AMX, bf16 runs 9-10x slower than fp32: `--amp none` leaves it out)"""
+    """our --amp settings timed beside the published fp32 (bf16 is 9-10x slower on a CPU without avx512_bf16 or AMX)"""
     results: str = os.path.join(ROOT, "benchmarks", "RESULTS.md")
     """Markdown file the results are appended to; empty to only print them"""
 

@@ -1,6 +1,7 @@
 """The markdown files: every relative link leads to a file of the repository, and every #anchor to a heading there;
 the tools' --help."""
 
+import ast
 import re
 import subprocess
 import sys
@@ -51,3 +52,19 @@ def test_the_tools_help_shows_one_default_per_flag():
         assert helped.returncode == 0 and "(default: " in helped.stdout, helped.stderr[-2000:]
         flat = " ".join(helped.stdout.replace("│", " ").split())
         assert ") (default: None)" not in flat, f"{tool}: two defaults for one flag"
+
+
+def test_every_flag_is_described_in_one_unbroken_line():
+    """tyro keeps a field docstring's line breaks, so a docstring wrapped in the source breaks --help mid-sentence."""
+    tools = ["drqv2_continuous_action.py", "taco_continuous_action.py", "evaluate_model.py", "plot.py"]
+    tools += [str(path.relative_to(ROOT)) for path in sorted((ROOT / "benchmarks").rglob("*.py"))]
+    broken = []
+    for tool in tools:
+        for node in ast.walk(ast.parse((ROOT / tool).read_text())):
+            if isinstance(node, ast.ClassDef) and node.name == "Args":
+                fields = zip(node.body, node.body[1:])
+                for field, text in fields:
+                    described = isinstance(text, ast.Expr) and isinstance(text.value, ast.Constant)
+                    if isinstance(field, ast.AnnAssign) and described and "\n" in text.value.value:
+                        broken.append(f"{tool}: --{field.target.id.replace('_', '-')}")
+    assert len(tools) > 8 and not broken, broken

@@ -171,7 +171,9 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_the_episodes(
         output = read_only / "results" / "result.json"
     access = os.access
     monkeypatch.setattr(os, "access", lambda path, mode: "read-only" not in str(path) and access(path, mode))
-    monkeypatch.setattr(evaluate_model.agent_script, "evaluate", lambda *_: pytest.fail("the episodes ran first"))
+    monkeypatch.setattr(
+        evaluate_model.SCRIPTS["taco_continuous_action"], "evaluate", lambda *_: pytest.fail("the episodes ran first")
+    )
     args = evaluate_model.Args(
         model_path=str(model), num_episodes=1, max_episode_frames=20, output=output and str(output)
     )
@@ -204,7 +206,9 @@ def test_an_output_that_is_the_model_is_refused_and_the_model_kept(saved_model, 
             output.symlink_to(model)
         else:
             os.link(model, output)
-    monkeypatch.setattr(evaluate_model.agent_script, "evaluate", lambda *_: pytest.fail("the episodes ran"))
+    monkeypatch.setattr(
+        evaluate_model.SCRIPTS["taco_continuous_action"], "evaluate", lambda *_: pytest.fail("the episodes ran")
+    )
     args = evaluate_model.Args(model_path=str(model), output=output and str(output), capture_video=spelling == "video")
     with pytest.raises(
         evaluate_model.RunError, match=f"^cannot write .*: it is the model file {re.escape(str(model))}"
@@ -217,7 +221,7 @@ def test_results_are_renamed_into_place_never_written_through_a_link_or_half_wri
     saved_model, tmp_path, monkeypatch
 ):
     evaluate_model = load_script("evaluate_model")
-    monkeypatch.setattr(evaluate_model.agent_script, "evaluate", lambda *_: [1.0, 3.0])
+    monkeypatch.setattr(evaluate_model.SCRIPTS["taco_continuous_action"], "evaluate", lambda *_: [1.0, 3.0])
     target, output = tmp_path / "target.txt", tmp_path / "result.json"
     target.write_text("someone's file")
     output.symlink_to(target)  # a link planted at --output: replaced, its target untouched
@@ -252,7 +256,7 @@ def test_non_finite_returns_are_said_in_one_line_and_nothing_written(saved_model
     """Not "nan ± nan" in a results file: the weights are checked finite on loading; what stays is a policy whose
     finite weights overflow, or a simulation that diverges."""
     evaluate_model = load_script("evaluate_model")
-    script = evaluate_model.agent_script
+    script = evaluate_model.SCRIPTS["taco_continuous_action"]
 
     def episodes(*_):
         if outcome == "NaN action":
@@ -300,4 +304,28 @@ def test_a_file_not_stored_as_torch_save_stores_it_is_refused_before_unpacking(
     monkeypatch.setattr(zipfile.ZipFile, "testzip", lambda *_: pytest.fail("unpacked"))
     message = f"^{re.escape(str(path))} is not as torch.save writes it: .*{re.escape(expected)}"
     with pytest.raises(evaluate_model.RunError, match=message):
-        evaluate_model.load_policy(evaluate_model.agent_script, str(path), torch.device("cpu"))
+        evaluate_model.load_policy(str(path), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("record", ["its algorithm", "another version's algorithm", "no algorithm, DrQ-v2's settings"])
+def test_the_networks_are_those_of_the_script_that_trained_the_model(saved_model, tmp_path, capsys, record):
+    """A researcher's edit to a script's networks is what evaluates its models: TACO's model is built by TACO's
+    classes, not by DrQ-v2's. A model the script as it is now did not train is built all the same, with a warning."""
+    evaluate_model = load_script("evaluate_model")
+    saved = torch.load(saved_model, weights_only=True)
+    expected = "taco_continuous_action"
+    if record == "another version's algorithm":
+        saved["algorithm"] = "0" * 16
+    elif record.startswith("no algorithm"):  # a model of another version, or of an edited copy of the DrQ-v2 script
+        del saved["algorithm"]
+        saved["args"] = {name: saved["args"][name] for name in vars(evaluate_model.agent_script.Args())}
+        expected = "drqv2_continuous_action"
+    path = tmp_path / "model.cleanrl_model"
+    torch.save(saved, path)
+    policy, _, module = evaluate_model.load_policy(str(path), torch.device("cpu"))
+    assert module is evaluate_model.SCRIPTS[expected] and module.__name__ == expected
+    assert type(policy.actor) is module.Actor and type(policy.encoder) is module.Encoder
+    scripts = evaluate_model.SCRIPTS.values()
+    assert len({script.Actor for script in scripts}) == 2, "each script's classes are its own"
+    warned = f"warning: the model was not trained by {expected}.py as it is now" in capsys.readouterr().out
+    assert warned == (record != "its algorithm")

@@ -517,7 +517,7 @@ def test_resume_with_other_settings_names_the_differences(finished_run, monkeypa
     with pytest.raises(drqv2.RunError, match=r"^cannot resume .*: --hidden-dim is 32 in the checkpoint but 1024 now$"):
         drqv2.main(parse(drqv2, [*argv, "--resume", run_dir, "--hidden-dim=1024"]))
     done = run_in_process("drqv2_continuous_action", [*argv, "--resume", "auto"], cwd)
-    assert "already ran 80 frames: nothing to do" in done
+    assert "already ran 80 frames (for more: --total-timesteps): nothing to do" in done
 
 
 def test_a_non_finite_policy_stops_the_run_and_keeps_the_last_checkpoint(tmp_path):
@@ -655,6 +655,8 @@ def test_resume_auto_takes_the_newest_run_and_names_it(tmp_path):
     # a user who left out --env-id sees which task starts
     message = "--resume auto: no run of cartpole_balance, seed 1 (drqv2_continuous_action) under runs/; starting one"
     assert message in first
+    # each periodic checkpoint is said (the final one is in the done line)
+    assert re.findall(r"^frame (\d+): checkpoint written to runs/\S+/checkpoint.pt$", first, re.MULTILINE) == ["40"]
     time.sleep(1.1)  # run names hold the second they started
     second = run_in_process("drqv2_continuous_action", short, tmp_path)
     newest = max(glob.glob(str(tmp_path / "runs" / "*")))
@@ -670,7 +672,9 @@ def test_resume_auto_takes_the_newest_run_and_names_it(tmp_path):
     )
 
     checkpoint_file = run_in_process("drqv2_continuous_action", [*short, "--resume", f"{name}/checkpoint.pt"], tmp_path)
-    assert "already ran 160 frames: nothing to do" in checkpoint_file, "the checkpoint named was read"
+    assert "already ran 160 frames (for more: --total-timesteps): nothing to do" in checkpoint_file, (
+        "the checkpoint named was read"
+    )
     # a newer run of another experiment whose name holds "__1" (exp_name drqv2_continuous_action__1, seed 7) is not one
     other = tmp_path / "runs" / "cartpole_balance__drqv2_continuous_action__1__7__2000000000"
     shutil.copytree(newest, other)
