@@ -5,7 +5,8 @@
 # episode's return, to a JSON file next to the model (where a sweep's plotting step or a script can read them).
 #   python evaluate_model.py runs/<run_name>/drqv2_continuous_action.cleanrl_model --num-episodes 10
 #   python evaluate_model.py runs/<run_name>/checkpoint.pt
-# The networks are built by the script that trained the model, as that file is now (a researcher's edits included).
+# The networks, the environment and the evaluation loop are those of the script that trained the model, as that file
+# is now (a researcher's edits included; a warning when it is not the code that trained the model).
 import contextlib
 import importlib.util
 import json
@@ -24,6 +25,10 @@ import tyro
 from plot import unwritable  # why a folder cannot be written, or None
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+AGENT_SCRIPTS = ["drqv2_continuous_action", "taco_continuous_action"]
+# what this file uses of an agent script
+AGENT_PARTS = ["ALGORITHM", "Args", "Encoder", "Actor", "DMCPixelEnv", "TASK_PRESET", "evaluate", "NonFiniteAction"]
+AGENT_PARTS += ["make_folder"]
 SAVED_KEYS = {"encoder", "actor", "args", "obs_shape", "action_dim"}
 # the training settings read here, and their types
 TRAINED_ARGS = {"env_id": str, "exp_name": str, "seed": int}
@@ -37,6 +42,8 @@ DOCUMENTED_DEFAULT = tyro.conf.arg(help_behavior_hint="")
 class Args:
     model_path: tyro.conf.Positional[str]
     """the `.cleanrl_model` file that `--save-model` wrote, or a run's `checkpoint.pt`"""
+    script: Annotated[str | None, DOCUMENTED_DEFAULT] = None
+    """the agent script that trained the model (default: its `{exp_name}.py` here, else the one of the two it matches)"""
     env_id: Annotated[str | None, DOCUMENTED_DEFAULT] = None
     """task to evaluate on (default: the one the model was trained on); it must have the same action size"""
     num_episodes: int = 10
@@ -46,33 +53,62 @@ class Args:
     max_episode_frames: Annotated[int | None, DOCUMENTED_DEFAULT] = None
     """cut episodes after this many frames (default: the task's time limit); for quick checks only"""
     capture_video: bool = False
-    """if toggled, films the first episode to `eval_{env_id}_seed{seed}.mp4` next to the model"""
+    """if toggled, films the first episode to `{model}_eval_{env_id}_seed{seed}.mp4` next to the model"""
     output: Annotated[str | None, DOCUMENTED_DEFAULT] = None
-    """JSON file for the results (default: `eval_{env_id}_seed{seed}.json` next to the model)"""
+    """JSON file for the results (default: `{model}_eval_{env_id}_seed{seed}.json` next to the model file {model})"""
     cuda: bool = True
     """if toggled, runs the networks on the GPU when there is one"""
 
 
-def load_agent_script(name: str):
-    """An agent script of this folder as a module (its main() does not run): its environment, networks and evaluation."""
-    spec = importlib.util.spec_from_file_location(name, f"{ROOT}/{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+class RunError(Exception):
+    """Bad input or a file that cannot be used: said in one line, with a non-zero exit."""
 
 
-def script_of(saved: dict):
-    """The agent script that trained the model: the one whose algorithm (its code above the run machinery, which
-    models and checkpoints record) it names; else, with a warning, the one whose settings it holds, or DrQ-v2's."""
-    for module in SCRIPTS.values():
-        if saved.get("algorithm") == module.ALGORITHM:
-            return module
-    holding = [module for module in SCRIPTS.values() if set(vars(module.Args())) == set(saved["args"])]
-    module = (holding or [SCRIPTS["drqv2_continuous_action"]])[0]
-    print(
-        f"warning: the model was not trained by {module.__name__}.py as it is now (the file changed above its run "
-        "machinery since, or the model is of another version): its networks are built as that file builds them today"
-    )
+def first_line(error: Exception) -> str:
+    return str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+
+
+LOADED = {}  # agent scripts loaded, by path
+
+
+def agent_script(path: str):
+    """An agent script as a module (its main() does not run): its environment, networks and evaluation loop."""
+    if path not in LOADED:
+        spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+        module = importlib.util.module_from_spec(spec)
+        try:
+            spec.loader.exec_module(module)  # sets MUJOCO_GL=egl unless it is set
+        except Exception as error:  # no such file, a syntax error, an import that fails
+            raise RunError(f"cannot load the agent script {path} ({first_line(error)})") from error
+        missing = [part for part in AGENT_PARTS if not hasattr(module, part)]
+        if missing:
+            raise RunError(f"{path} is not an agent script (it lacks {', '.join(missing)})")
+        LOADED[path] = module
+    return LOADED[path]
+
+
+def script_of(saved: dict, script: str | None):
+    """The script that trained the model, as a module: --script; else `{exp_name}.py` beside this file (the default
+    exp_name is the script's own name); else the one of the two agent scripts whose algorithm or settings the model
+    records. A warning when the model records another algorithm (a script's code above its run machinery's banner)."""
+    path = script or os.path.join(ROOT, f"{saved['args']['exp_name']}.py")
+    if script or os.path.isfile(path):
+        module = agent_script(path)
+    else:
+        modules = [agent_script(os.path.join(ROOT, f"{name}.py")) for name in AGENT_SCRIPTS]
+        same = [module for module in modules if module.ALGORITHM == saved.get("algorithm")]
+        same = same or [module for module in modules if set(vars(module.Args())) == set(saved["args"])]
+        if not same:
+            exp_name = saved["args"]["exp_name"]
+            raise RunError(
+                f"no {exp_name}.py here, and neither agent script matches the model: name its script with --script"
+            )
+        module = same[0]
+    if module.ALGORITHM != saved.get("algorithm"):
+        print(
+            f"warning: {os.path.relpath(module.__file__)} is not the code that trained the model (it changed above its "
+            "run machinery since, or the model is of another version): its networks are built as the file builds them now"
+        )
     return module
 
 
@@ -103,6 +139,7 @@ def model_of_checkpoint(checkpoint: dict) -> dict:
         "actor": actor,
         "args": checkpoint["args"],
         "algorithm": checkpoint.get("algorithm"),
+        "global_step": checkpoint["global_step"],
         "obs_shape": obs_shape,
         "action_dim": action_dim,
     }
@@ -144,7 +181,7 @@ def unlike_torch_save(records: list, file_size: int) -> str | None:
     return None
 
 
-def load_policy(path: str, device):
+def load_policy(path: str, device, script: str | None = None):
     """(policy, saved dict, the agent script as a module), or a RunError naming what is wrong with the file."""
     if os.path.isdir(path):
         raise RunError(f"{path} is a folder, not a model file: pass the .cleanrl_model or checkpoint.pt in it")
@@ -179,15 +216,20 @@ def load_policy(path: str, device):
     if problem:
         raise RunError(f"{path} is not a model saved by --save-model ({problem})")
     trained = saved["args"]
-    module = script_of(saved)
+    module = script_of(saved, script)
     try:
         encoder = module.Encoder(saved["obs_shape"]).to(device)
         actor = module.Actor(encoder.repr_dim, saved["action_dim"], trained["feature_dim"], trained["hidden_dim"])
         encoder.load_state_dict(saved["encoder"])
         actor.load_state_dict(saved["actor"])
-    except (RuntimeError, ValueError) as error:
-        detail = " ".join(str(error).split())[:300]  # torch's first line names no tensor
-        raise RunError(f"{path}: the weights do not fit the networks ({detail})") from error
+    except (RuntimeError, ValueError) as error:  # torch's first line names no tensor: its first mismatch does
+        found = re.search(
+            r"(size mismatch for \S+|(?:Missing|Unexpected) key\(s\) in state_dict: [^.]*?\.)", str(error)
+        )
+        detail = found.group(1).rstrip(":.") if found else first_line(error)
+        raise RunError(
+            f"{path}: the weights do not fit the networks of {os.path.relpath(module.__file__)} ({detail})"
+        ) from error
     return Policy(encoder.eval(), actor.to(device).eval(), device), saved, module
 
 
@@ -215,12 +257,6 @@ def write_results(result: dict, output: str):
             os.remove(temporary)
 
 
-SCRIPTS = {name: load_agent_script(name) for name in ["drqv2_continuous_action", "taco_continuous_action"]}
-agent_script = SCRIPTS["drqv2_continuous_action"]  # sets MUJOCO_GL=egl unless it is set
-RunError = agent_script.RunError
-first_line = agent_script.first_line
-
-
 def main(args: Args):
     if args.num_episodes < 1:
         raise RunError(f"--num-episodes must be positive, got {args.num_episodes}")
@@ -229,7 +265,7 @@ def main(args: Args):
     if not 0 <= args.seed < 2**32:
         raise RunError(f"--seed must be in [0, 2**32), as numpy's seeds, got {args.seed}")
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
-    policy, saved, module = load_policy(args.model_path, device)
+    policy, saved, module = load_policy(args.model_path, device, args.script)
     trained = saved["args"]
     env_id = args.env_id or trained["env_id"]
     if env_id not in module.TASK_PRESET:
@@ -247,7 +283,7 @@ def main(args: Args):
             f"{trained['frame_stack']} gives {tuple(env.observation_shape)}"
         )
     folder = os.path.dirname(os.path.abspath(args.model_path))
-    name = f"eval_{env_id}_seed{args.seed}"
+    name = f"{os.path.splitext(os.path.basename(args.model_path))[0]}_eval_{env_id}_seed{args.seed}"
     video_path = os.path.join(folder, f"{name}.mp4") if args.capture_video else None
     output = args.output or os.path.join(folder, f"{name}.json")
     # what will be written, checked before the evaluation, not after it
@@ -269,7 +305,10 @@ def main(args: Args):
             raise RunError(f"cannot write {path}: {problem}{where}")
     module.make_folder(os.path.dirname(os.path.abspath(output)))
     named = "" if trained["exp_name"] == module.__name__ else f" as {trained['exp_name']}"
-    trainer = f"{module.__name__}.py{named}, trained on {trained['env_id']}"
+    total = trained.get("total_timesteps")  # a model is saved at the end of its run; a checkpoint records its step
+    steps = saved.get("global_step", total // trained["action_repeat"] if type(total) is int else None)
+    frame = steps * trained["action_repeat"] if type(steps) is int else None
+    trainer = f"{os.path.relpath(module.__file__)}{named}, trained on {trained['env_id']} for {frame} frames"
     print(f"evaluating {args.model_path} ({trainer}) on {env_id}: ", end="")
     print(f"{args.num_episodes} episode{'s' if args.num_episodes > 1 else ''}, seed {args.seed}", flush=True)
     try:
@@ -281,6 +320,9 @@ def main(args: Args):
     result = {
         "model": os.path.abspath(args.model_path),
         "exp_name": trained["exp_name"],
+        "script": module.__file__,
+        "script_trained_it": module.ALGORITHM == saved.get("algorithm"),
+        "trained_frames": frame,
         "trained_env_id": trained["env_id"],
         "trained_seed": trained["seed"],
         "env_id": env_id,
@@ -303,5 +345,7 @@ if __name__ == "__main__":
     arguments = tyro.cli(Args)
     try:
         main(arguments)
-    except tuple(script.RunError for script in SCRIPTS.values()) as error:  # one clear line and a non-zero exit
+    except Exception as error:  # one clear line and a non-zero exit: this file's RunError, or an agent script's
+        if type(error).__name__ != "RunError":
+            raise
         raise SystemExit(f"error: {error}") from None

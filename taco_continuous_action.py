@@ -98,7 +98,7 @@ class Args:
 
     # Checkpoints (see docs/long-runs.md)
     checkpoint_every: int = 100_000
-    """write runs/{run_name}/checkpoint.pt every this many frames, at the end and on a stop signal; 0: off"""
+    """write runs/{run_name}/checkpoint.pt every this many frames, at the end and on a stop signal; 0: never"""
     checkpoint_replay: bool = True
     """if toggled, checkpoints hold the replay (21.4 kB a transition); else a resumed run refills it first"""
     resume: str | None = None
@@ -1117,7 +1117,7 @@ def find_run_to_resume(args) -> str | None:
     if args.resume != "auto":
         run_dir = os.path.dirname(args.resume) if os.path.basename(args.resume) == CHECKPOINT else args.resume
         if not args.resume or not os.path.isfile(os.path.join(run_dir, CHECKPOINT)):
-            raise RunError(f"--resume {args.resume!r}: no {CHECKPOINT} there (pass runs/<run_name> or auto)")
+            raise RunError(f"--resume {args.resume!r}: no {CHECKPOINT} there (none written yet, or checkpoints off)")
         return os.path.normpath(run_dir)
     name = re.escape(f"{args.env_id}__{args.exp_name}__{args.seed}__") + r"\d+"  # exactly: exp_name may hold "__1"
     found = [path for path in glob.glob(f"runs/*/{CHECKPOINT}") if re.fullmatch(name, path.split(os.sep)[-2])]

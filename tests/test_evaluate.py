@@ -27,6 +27,11 @@ def saved_model(tiny_run):
     return path
 
 
+def taco_of(evaluate_model):
+    """The TACO script as evaluate_model.py loads it to evaluate a TACO model: its evaluate() is what tests replace."""
+    return evaluate_model.agent_script(os.path.join(evaluate_model.ROOT, "taco_continuous_action.py"))
+
+
 def evaluate(*args):
     command = [sys.executable, str(ROOT / "evaluate_model.py"), *map(str, args)]
     return subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
@@ -44,7 +49,7 @@ def test_evaluates_a_saved_model_and_writes_its_returns(saved_model, tmp_path):
     assert len(returns) == 3 and np.all((returns >= 0) & (returns <= 40)), "at most 1 per frame on cartpole"
     assert saved["mean"] == pytest.approx(returns.mean()) and saved["std"] == pytest.approx(returns.std())
     assert f"return {returns.mean():.1f} ± {returns.std():.1f}" in result.stdout
-    video = glob.glob(saved_model.rsplit("/", 1)[0] + "/eval_cartpole_balance_seed100.mp4")
+    video = glob.glob(saved_model.rsplit("/", 1)[0] + "/taco_continuous_action_eval_cartpole_balance_seed100.mp4")
     assert video, "the first episode is filmed next to the model"
 
     again = evaluate(saved_model, "--num-episodes", 3, "--max-episode-frames", 40, "--output", tmp_path / "b.json")
@@ -67,7 +72,7 @@ def test_a_checkpoint_is_evaluated_as_the_model_saved_beside_it(saved_model, tmp
 def test_another_task_with_the_same_action_size_is_allowed(saved_model, tmp_path):
     result = evaluate(saved_model, "--env-id", "pendulum_swingup", "--num-episodes", 1, "--max-episode-frames", 20)
     assert result.returncode == 0, result.stderr[-3000:]
-    (written,) = glob.glob(saved_model.rsplit("/", 1)[0] + "/eval_pendulum_swingup_seed100.json")
+    (written,) = glob.glob(saved_model.rsplit("/", 1)[0] + "/taco_continuous_action_eval_pendulum_swingup_seed100.json")
     with open(written) as f:
         assert json.load(f)["trained_env_id"] == "cartpole_balance"
 
@@ -171,13 +176,11 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_the_episodes(
         output = read_only / "results" / "result.json"
     access = os.access
     monkeypatch.setattr(os, "access", lambda path, mode: "read-only" not in str(path) and access(path, mode))
-    monkeypatch.setattr(
-        evaluate_model.SCRIPTS["taco_continuous_action"], "evaluate", lambda *_: pytest.fail("the episodes ran first")
-    )
+    monkeypatch.setattr(taco_of(evaluate_model), "evaluate", lambda *_: pytest.fail("the episodes ran first"))
     args = evaluate_model.Args(
         model_path=str(model), num_episodes=1, max_episode_frames=20, output=output and str(output)
     )
-    written = output or read_only / "eval_cartpole_balance_seed100.json"
+    written = output or read_only / "taco_continuous_action_eval_cartpole_balance_seed100.json"
     hint = " (--output writes the results elsewhere)" if output is None else ""
     message = f"cannot write {written}: {read_only} is not writable{hint}"
     with pytest.raises(evaluate_model.RunError, match=f"^{re.escape(message)}$"):
@@ -185,15 +188,12 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_the_episodes(
     assert sorted(read_only.iterdir()) == ([] if output else [model]), "nothing written"
 
 
-@pytest.mark.parametrize(
-    "spelling", ["same path", "another spelling", "symbolic link", "hard link", "default", "video"]
-)
+@pytest.mark.parametrize("spelling", ["same path", "another spelling", "symbolic link", "hard link"])
 def test_an_output_that_is_the_model_is_refused_and_the_model_kept(saved_model, tmp_path, monkeypatch, spelling):
-    """By any spelling of its path, a link to it, or the default name beside it (a model named as the results or the
-    video would be): the results would replace the model (a 55 MB checkpoint became 333 bytes of JSON)."""
+    """By any spelling of its path or a link to it: the results would replace the model (a 55 MB checkpoint became
+    333 bytes of JSON). The default names, the model's own name followed by `_eval_...`, are never the model's."""
     evaluate_model = load_script("evaluate_model")
-    named = {"default": "eval_cartpole_balance_seed100.json", "video": "eval_cartpole_balance_seed100.mp4"}
-    model = tmp_path / "runs" / named.get(spelling, "model.cleanrl_model")
+    model = tmp_path / "runs" / "model.cleanrl_model"
     model.parent.mkdir()
     shutil.copy(saved_model, model)
     before = model.read_bytes()
@@ -206,10 +206,8 @@ def test_an_output_that_is_the_model_is_refused_and_the_model_kept(saved_model, 
             output.symlink_to(model)
         else:
             os.link(model, output)
-    monkeypatch.setattr(
-        evaluate_model.SCRIPTS["taco_continuous_action"], "evaluate", lambda *_: pytest.fail("the episodes ran")
-    )
-    args = evaluate_model.Args(model_path=str(model), output=output and str(output), capture_video=spelling == "video")
+    monkeypatch.setattr(taco_of(evaluate_model), "evaluate", lambda *_: pytest.fail("the episodes ran"))
+    args = evaluate_model.Args(model_path=str(model), output=output and str(output))
     with pytest.raises(
         evaluate_model.RunError, match=f"^cannot write .*: it is the model file {re.escape(str(model))}"
     ):
@@ -221,7 +219,7 @@ def test_results_are_renamed_into_place_never_written_through_a_link_or_half_wri
     saved_model, tmp_path, monkeypatch
 ):
     evaluate_model = load_script("evaluate_model")
-    monkeypatch.setattr(evaluate_model.SCRIPTS["taco_continuous_action"], "evaluate", lambda *_: [1.0, 3.0])
+    monkeypatch.setattr(taco_of(evaluate_model), "evaluate", lambda *_: [1.0, 3.0])
     target, output = tmp_path / "target.txt", tmp_path / "result.json"
     target.write_text("someone's file")
     output.symlink_to(target)  # a link planted at --output: replaced, its target untouched
@@ -229,7 +227,9 @@ def test_results_are_renamed_into_place_never_written_through_a_link_or_half_wri
     assert evaluate_model.main(args)["mean"] == 2.0
     assert target.read_text() == "someone's file" and not output.is_symlink()
     assert json.loads(output.read_text())["returns"] == [1.0, 3.0]
-    video = tmp_path / "eval_cartpole_balance_seed100.mp4"  # beside the model's copy below: written in place, refused
+    video = (
+        tmp_path / "model_eval_cartpole_balance_seed100.mp4"
+    )  # beside the model's copy below: written in place, refused
     video.symlink_to(target)
     model = shutil.copy(saved_model, tmp_path / "model.cleanrl_model")
     filmed = evaluate_model.Args(model_path=model, output=str(output), capture_video=True)
@@ -256,7 +256,7 @@ def test_non_finite_returns_are_said_in_one_line_and_nothing_written(saved_model
     """Not "nan ± nan" in a results file: the weights are checked finite on loading; what stays is a policy whose
     finite weights overflow, or a simulation that diverges."""
     evaluate_model = load_script("evaluate_model")
-    script = evaluate_model.SCRIPTS["taco_continuous_action"]
+    script = taco_of(evaluate_model)
 
     def episodes(*_):
         if outcome == "NaN action":
@@ -307,25 +307,46 @@ def test_a_file_not_stored_as_torch_save_stores_it_is_refused_before_unpacking(
         evaluate_model.load_policy(str(path), torch.device("cpu"))
 
 
-@pytest.mark.parametrize("record", ["its algorithm", "another version's algorithm", "no algorithm, DrQ-v2's settings"])
-def test_the_networks_are_those_of_the_script_that_trained_the_model(saved_model, tmp_path, capsys, record):
-    """A researcher's edit to a script's networks is what evaluates its models: TACO's model is built by TACO's
-    classes, not by DrQ-v2's. A model the script as it is now did not train is built all the same, with a warning."""
+CASES = ["its own", "an edited script", "a custom exp_name", "drqv2's settings", "settings of neither"]
+CASES += ["--script", "a broken script"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_networks_are_those_of_the_script_that_trained_the_model(saved_model, tmp_path, capsys, case):
+    """A researcher's edit to a script's networks is what evaluates its models: a TACO model is built by the classes of
+    the script it names (its exp_name, or --script), else of the script whose algorithm or settings it records, with
+    a warning when that script is not the code that trained it; never, silently, by another script."""
     evaluate_model = load_script("evaluate_model")
     saved = torch.load(saved_model, weights_only=True)
-    expected = "taco_continuous_action"
-    if record == "another version's algorithm":
+    expected, script, warned = f"{evaluate_model.ROOT}/taco_continuous_action.py", None, case != "its own"
+    if case == "an edited script":  # its algorithm, as it records, is not the one the script has now
         saved["algorithm"] = "0" * 16
-    elif record.startswith("no algorithm"):  # a model of another version, or of an edited copy of the DrQ-v2 script
+    elif case == "a custom exp_name":  # no such file: the script whose algorithm the model records
+        saved["args"]["exp_name"], warned = "taco_k3", False
+    elif case in ["drqv2's settings", "settings of neither"]:  # a model of another version: found by its settings
         del saved["algorithm"]
-        saved["args"] = {name: saved["args"][name] for name in vars(evaluate_model.agent_script.Args())}
-        expected = "drqv2_continuous_action"
+        drqv2 = evaluate_model.agent_script(f"{evaluate_model.ROOT}/drqv2_continuous_action.py")
+        saved["args"] = {name: saved["args"][name] for name in vars(drqv2.Args())} | {"exp_name": "mine"}
+        saved["args"] |= {"surprise": 1} if case == "settings of neither" else {}
+        expected = drqv2.__file__
+    elif case in ["--script", "a broken script"]:  # a copy elsewhere, edited: its networks are used
+        expected = script = str(tmp_path / "taco_half.py")
+        text = (ROOT / "taco_continuous_action.py").read_text()
+        edited = text.replace("class Actor(nn.Module):", "class Actor(nn.Module):\n    edited = True", 1)
+        Path(script).write_text(edited if case == "--script" else text.replace("import", "imp ort", 1))
     path = tmp_path / "model.cleanrl_model"
     torch.save(saved, path)
-    policy, _, module = evaluate_model.load_policy(str(path), torch.device("cpu"))
-    assert module is evaluate_model.SCRIPTS[expected] and module.__name__ == expected
-    assert type(policy.actor) is module.Actor and type(policy.encoder) is module.Encoder
-    scripts = evaluate_model.SCRIPTS.values()
-    assert len({script.Actor for script in scripts}) == 2, "each script's classes are its own"
-    warned = f"warning: the model was not trained by {expected}.py as it is now" in capsys.readouterr().out
-    assert warned == (record != "its algorithm")
+    if case in ["settings of neither", "a broken script"]:
+        message = (
+            "name its script with --script"
+            if case == "settings of neither"
+            else f"cannot load the agent script {script}"
+        )
+        with pytest.raises(evaluate_model.RunError, match=re.escape(message)):
+            evaluate_model.load_policy(str(path), torch.device("cpu"), script)
+        return
+    policy, _, module = evaluate_model.load_policy(str(path), torch.device("cpu"), script)
+    assert module.__file__ == expected and type(policy.actor) is module.Actor and type(policy.encoder) is module.Encoder
+    assert getattr(policy.actor, "edited", False) == (case == "--script")
+    warning = f"warning: {os.path.relpath(expected)} is not the code that trained the model"
+    assert (warning in capsys.readouterr().out) == warned

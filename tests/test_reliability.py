@@ -336,7 +336,10 @@ def bad_input_cases():
             ["--wandb-project-name", "x\n|exp_name|taco_continuous_action|"],
             "--wandb-project-name must hold no newline or other control character, got 'x\\n|exp_name|",
         ),
-        "empty resume": (["--resume", ""], "--resume '': no checkpoint.pt there (pass runs/<run_name> or auto)"),
+        "empty resume": (
+            ["--resume", ""],
+            "--resume '': no checkpoint.pt there (none written yet, or checkpoints off)",
+        ),
         "budget under one agent step": (
             ["--total-timesteps", "1"],
             "--total-timesteps must be at least --action-repeat",
