@@ -2,11 +2,11 @@
 # CleanRL's cleanrl_utils/evals do: N episodes
 # acting with the policy's mean action on the task it was trained on (or another task with the same action size),
 # the first one filmed if asked. Prints the mean and standard deviation of the return and writes them, with each
-# episode's return, to a JSON file next to the model (where a sweep's plotting step or a script can read them).
+# episode's return, to a JSON file next to the model (for a script of yours to read).
 #   python evaluate_model.py runs/<run_name>/drqv2_continuous_action.cleanrl_model --num-episodes 10
 #   python evaluate_model.py runs/<run_name>/checkpoint.pt
-# The networks, the environment and the evaluation loop are those of the script that trained the model, as that file
-# is now (a researcher's edits included; a warning when it is not the code that trained the model).
+# The networks, the environment and the evaluation loop are those of the script that trained the model, found by the
+# algorithm the model records (a script's code above its `# Run machinery.` banner, hashed): edits to it are used.
 import contextlib
 import importlib.util
 import json
@@ -43,7 +43,7 @@ class Args:
     model_path: tyro.conf.Positional[str]
     """the `.cleanrl_model` file that `--save-model` wrote, or a run's `checkpoint.pt`"""
     script: Annotated[str | None, DOCUMENTED_DEFAULT] = None
-    """the agent script that trained the model (default: its `{exp_name}.py` here, else the one of the two it matches)"""
+    """the agent script to build the networks with (default: the one the model records, if its code is still that)"""
     env_id: Annotated[str | None, DOCUMENTED_DEFAULT] = None
     """task to evaluate on (default: the one the model was trained on); it must have the same action size"""
     num_episodes: int = 10
@@ -53,11 +53,11 @@ class Args:
     max_episode_frames: Annotated[int | None, DOCUMENTED_DEFAULT] = None
     """cut episodes after this many frames (default: the task's time limit); for quick checks only"""
     capture_video: bool = False
-    """if toggled, films the first episode to `{model}_eval_{env_id}_seed{seed}.mp4` next to the model"""
+    """if toggled, films the first episode to a `.mp4` file named as the results"""
     output: Annotated[str | None, DOCUMENTED_DEFAULT] = None
-    """JSON file for the results (default: `{model}_eval_{env_id}_seed{seed}.json` next to the model file {model})"""
+    """JSON file for the results (default: next to the model, `<model's name>_eval_<env_id>_seed<seed>.json`)"""
     cuda: bool = True
-    """if toggled, runs the networks on the GPU when there is one"""
+    """runs the networks on the GPU when there is one (--no-cuda: on the CPU)"""
 
 
 class RunError(Exception):
@@ -69,12 +69,15 @@ def first_line(error: Exception) -> str:
 
 
 LOADED = {}  # agent scripts loaded, by path
+DIFFERS = "its networks are built as that file builds them now, which may differ from the ones trained"
 
 
 def agent_script(path: str):
     """An agent script as a module (its main() does not run): its environment, networks and evaluation loop."""
     if path not in LOADED:
         spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+        if spec is None or not os.path.isfile(path):
+            raise RunError(f"cannot load the agent script {path}: it is not a Python file")
         module = importlib.util.module_from_spec(spec)
         try:
             spec.loader.exec_module(module)  # sets MUJOCO_GL=egl unless it is set
@@ -87,36 +90,47 @@ def agent_script(path: str):
     return LOADED[path]
 
 
-def script_of(saved: dict, script: str | None):
-    """The script that trained the model, as a module: --script; else `{exp_name}.py` beside this file (the default
-    exp_name is the script's own name); else the one of the two agent scripts whose algorithm or settings the model
-    records. A warning when the model records another algorithm (a script's code above its run machinery's banner)."""
-    path = script or os.path.join(ROOT, f"{saved['args']['exp_name']}.py")
-    if script or os.path.isfile(path):
-        module = agent_script(path)
-    else:
-        modules = [agent_script(os.path.join(ROOT, f"{name}.py")) for name in AGENT_SCRIPTS]
-        same = [module for module in modules if module.ALGORITHM == saved.get("algorithm")]
-        same = same or [module for module in modules if set(vars(module.Args())) == set(saved["args"])]
-        if not same:
-            exp_name = saved["args"]["exp_name"]
-            raise RunError(
-                f"no {exp_name}.py here, and neither agent script matches the model: name its script with --script"
-            )
-        module = same[0]
-    if module.ALGORITHM != saved.get("algorithm"):
-        print(
-            f"warning: {os.path.relpath(module.__file__)} is not the code that trained the model (it changed above its "
-            "run machinery since, or the model is of another version): its networks are built as the file builds them now"
-        )
-    return module
+def script_of(saved: dict, model_path: str, script: str | None):
+    """The agent script to build the model's networks with, as a module: --script (a warning when its code is not
+    the model's); else the first of these whose algorithm the model records: the script it records (models do),
+    `{exp_name}.py` in the folder holding its runs/ and beside this file, the two agent scripts here. A model of an
+    older version records no algorithm: the first of them that holds its settings, with a warning."""
+    algorithm = saved.get("algorithm")
+    if script:
+        module = agent_script(script)
+        if module.ALGORITHM != algorithm:
+            print(f"warning: {os.path.relpath(module.__file__)} is not the code that trained the model: {DIFFERS}")
+        return module
+    exp_name = saved["args"]["exp_name"]
+    runs_folder = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(model_path))))  # <it>/runs/<run>/
+    paths = [saved.get("script"), os.path.join(runs_folder, f"{exp_name}.py"), os.path.join(ROOT, f"{exp_name}.py")]
+    paths += [os.path.join(ROOT, f"{name}.py") for name in AGENT_SCRIPTS]
+    tried = []
+    for path in dict.fromkeys(path for path in paths if isinstance(path, str) and os.path.isfile(path)):
+        try:
+            module = agent_script(path)
+        except RunError as error:  # not an agent script, or one that does not load: said if none fits
+            tried.append(f"{os.path.relpath(path)} ({error})")
+            continue
+        if algorithm is None and set(vars(module.Args())) == set(saved["args"]):
+            print(f"warning: the model records no algorithm (an older version saved it): {DIFFERS}")
+            return module
+        if module.ALGORITHM == algorithm:
+            return module
+        tried.append(f"{os.path.relpath(path)} (another algorithm)")
+    raise RunError(
+        f"no script at hand is the code that trained the model ({saved.get('script') or exp_name}; tried "
+        f"{', '.join(tried) or 'none'}): put it back, or name one with --script to build the networks as it does"
+    )
 
 
 class Policy:
     """The saved encoder and actor, acting with the mean action (the scripts' `evaluate` calls `act`)."""
 
     def __init__(self, encoder, actor, device):
-        self.encoder, self.actor, self.device = encoder, actor, device
+        self.encoder = encoder
+        self.actor = actor
+        self.device = device
 
     @torch.no_grad()
     def act(self, obs, step, eval_mode=True):
@@ -129,11 +143,13 @@ def model_of_checkpoint(checkpoint: dict) -> dict:
     encoder, actor = agent.get("encoder", {}), agent.get("actor", {})
     if not isinstance(encoder, dict) or not isinstance(actor, dict):
         return {}
-    if not all(isinstance(w, torch.Tensor) for w in [encoder.get("convnet.0.weight"), actor.get("policy.4.weight")]):
+    convolutions = [w for w in encoder.values() if isinstance(w, torch.Tensor) and w.ndim == 4]
+    layers = [w for w in actor.values() if isinstance(w, torch.Tensor) and w.ndim == 2]
+    if not convolutions or not layers:
         return {}
     image_size = 84  # the scripts' DMCPixelEnv renders 84x84 pixels
-    obs_shape = [encoder["convnet.0.weight"].shape[1], image_size, image_size]
-    action_dim = actor["policy.4.weight"].shape[0]
+    obs_shape = [convolutions[0].shape[1], image_size, image_size]  # the first convolution takes the stacked frames
+    action_dim = layers[-1].shape[0]  # the actor's last linear layer gives the action
     return {
         "encoder": encoder,
         "actor": actor,
@@ -216,17 +232,15 @@ def load_policy(path: str, device, script: str | None = None):
     if problem:
         raise RunError(f"{path} is not a model saved by --save-model ({problem})")
     trained = saved["args"]
-    module = script_of(saved, script)
+    module = script_of(saved, path, script)
     try:
         encoder = module.Encoder(saved["obs_shape"]).to(device)
         actor = module.Actor(encoder.repr_dim, saved["action_dim"], trained["feature_dim"], trained["hidden_dim"])
         encoder.load_state_dict(saved["encoder"])
         actor.load_state_dict(saved["actor"])
-    except (RuntimeError, ValueError) as error:  # torch's first line names no tensor: its first mismatch does
-        found = re.search(
-            r"(size mismatch for \S+|(?:Missing|Unexpected) key\(s\) in state_dict: [^.]*?\.)", str(error)
-        )
-        detail = found.group(1).rstrip(":.") if found else first_line(error)
+    except (RuntimeError, ValueError) as error:  # torch's first line names no tensor: the next ones do
+        lines = [line.strip() for line in str(error).splitlines()[1:] if line.strip()] or [first_line(error)]
+        detail = lines[0][:300]
         raise RunError(
             f"{path}: the weights do not fit the networks of {os.path.relpath(module.__file__)} ({detail})"
         ) from error
@@ -248,6 +262,7 @@ def write_results(result: dict, output: str):
     try:
         with os.fdopen(descriptor, "w") as f:
             json.dump(result, f, indent=2)
+            f.write("\n")
         os.chmod(temporary, 0o644)  # as open() makes a file (mkstemp's are private)
         os.replace(temporary, output)
     except OSError as error:
@@ -283,7 +298,9 @@ def main(args: Args):
             f"{trained['frame_stack']} gives {tuple(env.observation_shape)}"
         )
     folder = os.path.dirname(os.path.abspath(args.model_path))
-    name = f"{os.path.splitext(os.path.basename(args.model_path))[0]}_eval_{env_id}_seed{args.seed}"
+    model_name = os.path.splitext(os.path.basename(args.model_path))[0]
+    at = f"_frame{saved['global_step'] * trained['action_repeat']}" if "global_step" in saved else ""  # a checkpoint's
+    name = f"{model_name}{at}_eval_{env_id}_seed{args.seed}"
     video_path = os.path.join(folder, f"{name}.mp4") if args.capture_video else None
     output = args.output or os.path.join(folder, f"{name}.json")
     # what will be written, checked before the evaluation, not after it
@@ -333,9 +350,10 @@ def main(args: Args):
         "std": float(np.std(returns)),
         "returns": returns,
     }
+    replaced = " (replacing the results that were there)" if os.path.exists(output) else ""
     write_results(result, output)
     episodes = f"{len(returns)} episode{'s' if len(returns) > 1 else ''}"
-    print(f"return {result['mean']:.1f} ± {result['std']:.1f} (mean ± std over {episodes}); {output}")
+    print(f"return {result['mean']:.1f} ± {result['std']:.1f} (mean ± std over {episodes}); {output}{replaced}")
     if video_path:
         print(f"video: {video_path}")
     return result

@@ -1392,8 +1392,8 @@ class Run:
             path = f"{self.run_dir}/{args.exp_name}.cleanrl_model"
             optimizers = {name for name, part in vars(self.agent).items() if isinstance(part, torch.optim.Optimizer)}
             learned = {name: state for name, state in agent_state(self.agent).items() if name not in optimizers}
-            shapes = {"obs_shape": list(self.envs[0].observation_shape), "action_dim": self.envs[0].action_dim}
-            model = {"args": vars(args), "algorithm": ALGORITHM, **shapes, **learned}  # evaluate_model.py reads it
+            model = {"args": vars(args), "algorithm": ALGORITHM, "script": os.path.abspath(__file__), **learned}
+            model |= {"obs_shape": list(self.envs[0].observation_shape), "action_dim": self.envs[0].action_dim}
             save_checkpoint(path, model, kept=f"{CHECKPOINT} is kept")
             print(f"model saved to {path}")
 

@@ -307,46 +307,87 @@ def test_a_file_not_stored_as_torch_save_stores_it_is_refused_before_unpacking(
         evaluate_model.load_policy(str(path), torch.device("cpu"))
 
 
-CASES = ["its own", "an edited script", "a custom exp_name", "drqv2's settings", "settings of neither"]
-CASES += ["--script", "a broken script"]
+CASES = ["its own", "an edited script", "a custom exp_name", "an older version's", "settings of neither"]
+CASES += ["--script", "a broken --script", "the script it records", "beside its runs folder", "exp_name plot"]
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_the_networks_are_those_of_the_script_that_trained_the_model(saved_model, tmp_path, capsys, case):
-    """A researcher's edit to a script's networks is what evaluates its models: a TACO model is built by the classes of
-    the script it names (its exp_name, or --script), else of the script whose algorithm or settings it records, with
-    a warning when that script is not the code that trained it; never, silently, by another script."""
+    """A researcher's edit to a script's networks is what evaluates its models: a model is built by the script whose
+    algorithm (its code above the run machinery, hashed) it records: the one it names, `{exp_name}.py` beside its runs/
+    folder or here, or one of the two agent scripts; never, silently, by another. --script overrides, with a warning
+    when its code is not the trainer's; a model older than that record is built by the script with its settings."""
     evaluate_model = load_script("evaluate_model")
     saved = torch.load(saved_model, weights_only=True)
-    expected, script, warned = f"{evaluate_model.ROOT}/taco_continuous_action.py", None, case != "its own"
-    if case == "an edited script":  # its algorithm, as it records, is not the one the script has now
+    stock = f"{evaluate_model.ROOT}/taco_continuous_action.py"
+    assert saved["script"] == stock, "a model records the script that saved it"
+    path = tmp_path / "model.cleanrl_model"
+    expected, script, warning = stock, None, None
+    copy = tmp_path / "runs_here" / "taco_half.py"  # an edited copy of the TACO script
+    copy.parent.mkdir()
+    text = (ROOT / "taco_continuous_action.py").read_text()
+    copy.write_text(text.replace("class Actor(nn.Module):", "class Actor(nn.Module):\n    edited = True", 1))
+    if case == "an edited script":  # its code is not what trained the model: refused, unless named with --script
         saved["algorithm"] = "0" * 16
-    elif case == "a custom exp_name":  # no such file: the script whose algorithm the model records
-        saved["args"]["exp_name"], warned = "taco_k3", False
-    elif case in ["drqv2's settings", "settings of neither"]:  # a model of another version: found by its settings
-        del saved["algorithm"]
+        expected = "no script at hand is the code that trained the model"
+    elif case in ["a custom exp_name", "exp_name plot"]:  # no such script, or not an agent script: passed over
+        saved["args"]["exp_name"] = "taco_k3" if case == "a custom exp_name" else "plot"
+        del saved["script"]
+    elif case in ["an older version's", "settings of neither"]:  # no algorithm recorded: found by its settings
+        del saved["algorithm"], saved["script"]
         drqv2 = evaluate_model.agent_script(f"{evaluate_model.ROOT}/drqv2_continuous_action.py")
         saved["args"] = {name: saved["args"][name] for name in vars(drqv2.Args())} | {"exp_name": "mine"}
         saved["args"] |= {"surprise": 1} if case == "settings of neither" else {}
-        expected = drqv2.__file__
-    elif case in ["--script", "a broken script"]:  # a copy elsewhere, edited: its networks are used
-        expected = script = str(tmp_path / "taco_half.py")
-        text = (ROOT / "taco_continuous_action.py").read_text()
-        edited = text.replace("class Actor(nn.Module):", "class Actor(nn.Module):\n    edited = True", 1)
-        Path(script).write_text(edited if case == "--script" else text.replace("import", "imp ort", 1))
-    path = tmp_path / "model.cleanrl_model"
+        expected = drqv2.__file__ if case == "an older version's" else "no script at hand is the code that trained"
+        warning = "warning: the model records no algorithm (an older version saved it)"
+    elif case in ["--script", "a broken --script"]:  # a copy elsewhere: its networks are used
+        expected = script = str(copy)
+        warning = f"warning: {os.path.relpath(copy)} is not the code that trained the model"
+        if case == "a broken --script":
+            copy.write_text(text.replace("import", "imp ort", 1))
+            expected = f"cannot load the agent script {copy} (invalid syntax"
+    elif case in ["the script it records", "beside its runs folder"]:  # a model of the edited copy
+        saved["algorithm"] = evaluate_model.agent_script(str(copy)).ALGORITHM
+        saved["args"]["exp_name"] = "taco_half"
+        expected = str(copy)
+        if case == "beside its runs folder":
+            del saved["script"]
+            path = copy.parent / "runs" / "taco_half__1" / "taco_half.cleanrl_model"
+            path.parent.mkdir(parents=True)
+        else:
+            saved["script"] = str(copy)
     torch.save(saved, path)
-    if case in ["settings of neither", "a broken script"]:
-        message = (
-            "name its script with --script"
-            if case == "settings of neither"
-            else f"cannot load the agent script {script}"
-        )
-        with pytest.raises(evaluate_model.RunError, match=re.escape(message)):
+    if not os.path.isfile(expected):  # a message: refused in one line
+        with pytest.raises(evaluate_model.RunError, match=re.escape(expected)):
             evaluate_model.load_policy(str(path), torch.device("cpu"), script)
         return
     policy, _, module = evaluate_model.load_policy(str(path), torch.device("cpu"), script)
     assert module.__file__ == expected and type(policy.actor) is module.Actor and type(policy.encoder) is module.Encoder
-    assert getattr(policy.actor, "edited", False) == (case == "--script")
-    warning = f"warning: {os.path.relpath(expected)} is not the code that trained the model"
-    assert (warning in capsys.readouterr().out) == warned
+    assert getattr(policy.actor, "edited", False) == (expected == str(copy))
+    printed = capsys.readouterr().out
+    assert (warning in printed) if warning else "warning" not in printed, printed
+
+
+def test_a_checkpoints_results_are_named_with_its_frame_and_say_what_built_it(
+    saved_model, tmp_path, monkeypatch, capsys
+):
+    """Results beside a checkpoint name its frame, so a later checkpoint's do not replace them silently; a replaced
+    file is said. The JSON records the script used and whether it is the code that trained the policy."""
+    evaluate_model = load_script("evaluate_model")
+    monkeypatch.setattr(taco_of(evaluate_model), "evaluate", lambda *_: [1.0, 3.0])
+    checkpoint = tmp_path / "checkpoint.pt"
+    shutil.copy(Path(saved_model).parent / "checkpoint.pt", checkpoint)
+    results = []
+    for _ in range(2):
+        results.append(evaluate_model.main(evaluate_model.Args(model_path=str(checkpoint), num_episodes=2)))
+    printed = capsys.readouterr().out.splitlines()
+    written = tmp_path / "checkpoint_frame240_eval_cartpole_balance_seed100.json"
+    assert json.loads(written.read_text()) == results[1] and written.read_text().endswith("}\n")
+    assert results[1]["trained_frames"] == 240 and results[1]["script_trained_it"] is True
+    assert results[1]["script"] == f"{evaluate_model.ROOT}/taco_continuous_action.py"
+    assert [line.endswith("(replacing the results that were there)") for line in printed if "return" in line] == [
+        False,
+        True,
+    ]
+    with pytest.raises(evaluate_model.RunError, match="it is not a Python file"):
+        evaluate_model.agent_script(str(tmp_path))
