@@ -1,7 +1,6 @@
 # Evaluates a model saved by either agent script's --save-model (or the policy in a run's checkpoint.pt), as
-# CleanRL's cleanrl_utils/evals do: N episodes
-# acting with the policy's mean action on the task it was trained on (or another task with the same action size),
-# the first one filmed if asked. Prints the mean and standard deviation of the return and writes them, with each
+# CleanRL's cleanrl_utils/evals do: N episodes acting with the policy's mean action on the task it was trained on (or
+# another task with the same action size), the first one filmed if asked. Prints the mean and standard deviation of the return and writes them, with each
 # episode's return, to a JSON file next to the model (for a script of yours to read).
 #   python evaluate_model.py runs/<run_name>/drqv2_continuous_action.cleanrl_model --num-episodes 10
 #   python evaluate_model.py runs/<run_name>/checkpoint.pt
