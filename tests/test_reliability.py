@@ -307,7 +307,7 @@ def bad_input_cases():
         "malformed schedule": (["--stddev-schedule", "linear(1.0,0.1)"], "--stddev-schedule must be"),
         "no run to resume": (
             ["--resume", "runs/nothing"],
-            "--resume 'runs/nothing': no checkpoint.pt there (pass runs/",
+            "--resume 'runs/nothing': no checkpoint.pt there (none written yet, or checkpoints off)",
         ),
         "gamma above 1": (["--gamma", "1.5"], "--gamma must be in (0, 1], got 1.5"),
         "no discount": (["--gamma", "0"], "--gamma must be in (0, 1], got 0.0"),
