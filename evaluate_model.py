@@ -5,7 +5,7 @@
 #   python evaluate_model.py runs/<run_name>/drqv2_continuous_action.cleanrl_model --num-episodes 10
 #   python evaluate_model.py runs/<run_name>/checkpoint.pt
 # The networks, the environment and the evaluation loop are those of the script that trained the model, found by the
-# algorithm the model records (a script's code above its `# Run machinery.` banner, hashed): edits to it are used.
+# algorithm the model records (a script's code above its `# Run machinery.` banner, hashed); --script names another.
 import contextlib
 import importlib.util
 import json
@@ -42,7 +42,7 @@ class Args:
     model_path: tyro.conf.Positional[str]
     """the `.cleanrl_model` file that `--save-model` wrote, or a run's `checkpoint.pt`"""
     script: Annotated[str | None, DOCUMENTED_DEFAULT] = None
-    """the agent script to build the networks with (default: the one the model records, if its code is still that)"""
+    """the agent script to build the networks with (default: the one whose code trained the model; docs/running.md)"""
     env_id: Annotated[str | None, DOCUMENTED_DEFAULT] = None
     """task to evaluate on (default: the one the model was trained on); it must have the same action size"""
     num_episodes: int = 10
@@ -52,7 +52,7 @@ class Args:
     max_episode_frames: Annotated[int | None, DOCUMENTED_DEFAULT] = None
     """cut episodes after this many frames (default: the task's time limit); for quick checks only"""
     capture_video: bool = False
-    """if toggled, films the first episode to a `.mp4` file named as the results"""
+    """if toggled, films the first episode to a `.mp4` next to the model, named as the default results file"""
     output: Annotated[str | None, DOCUMENTED_DEFAULT] = None
     """JSON file for the results (default: next to the model, `<model's name>_eval_<env_id>_seed<seed>.json`)"""
     cuda: bool = True
@@ -68,7 +68,6 @@ def first_line(error: Exception) -> str:
 
 
 LOADED = {}  # agent scripts loaded, by path
-DIFFERS = "its networks are built as that file builds them now, which may differ from the ones trained"
 
 
 def agent_script(path: str):
@@ -95,14 +94,18 @@ def script_of(saved: dict, model_path: str, script: str | None):
     `{exp_name}.py` in the folder holding its runs/ and beside this file, the two agent scripts here. A model of an
     older version records no algorithm: the first of them that holds its settings, with a warning."""
     algorithm = saved.get("algorithm")
+    recorded = saved.get("script") if isinstance(saved.get("script"), str) else None
     if script:
         module = agent_script(script)
         if module.ALGORITHM != algorithm:
-            print(f"warning: {os.path.relpath(module.__file__)} is not the code that trained the model: {DIFFERS}")
+            name = os.path.relpath(module.__file__)
+            print(
+                f"warning: {name} is not the code that trained the model: its networks are built as {name} builds them"
+            )
         return module
     exp_name = saved["args"]["exp_name"]
     runs_folder = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(model_path))))  # <it>/runs/<run>/
-    paths = [saved.get("script"), os.path.join(runs_folder, f"{exp_name}.py"), os.path.join(ROOT, f"{exp_name}.py")]
+    paths = [recorded, os.path.join(runs_folder, f"{exp_name}.py"), os.path.join(ROOT, f"{exp_name}.py")]
     paths += [os.path.join(ROOT, f"{name}.py") for name in AGENT_SCRIPTS]
     tried = []
     for path in dict.fromkeys(path for path in paths if isinstance(path, str) and os.path.isfile(path)):
@@ -111,16 +114,23 @@ def script_of(saved: dict, model_path: str, script: str | None):
         except RunError as error:  # not an agent script, or one that does not load: said if none fits
             tried.append(f"{os.path.relpath(path)} ({error})")
             continue
+        name = os.path.relpath(path)
         if algorithm is None and set(vars(module.Args())) == set(saved["args"]):
-            print(f"warning: the model records no algorithm (an older version saved it): {DIFFERS}")
+            print(f"warning: the model records no algorithm (an older version saved it): built as {name} builds it now")
             return module
         if module.ALGORITHM == algorithm:
+            if recorded and path != recorded:
+                print(f"note: {recorded}, which saved the model, is gone or changed; {name} holds the code that did")
             return module
-        tried.append(f"{os.path.relpath(path)} (another algorithm)")
-    raise RunError(
-        f"no script at hand is the code that trained the model ({saved.get('script') or exp_name}; tried "
-        f"{', '.join(tried) or 'none'}): put it back, or name one with --script to build the networks as it does"
-    )
+        tried.append(f"{name} (another algorithm)")
+    if recorded and os.path.isfile(recorded):
+        name = os.path.relpath(recorded)
+        raise RunError(
+            f"{name}, which saved the model, changed above its `# Run machinery.` banner since: undo that, or pass "
+            f"--script {name} to build the networks as it does now"
+        )
+    gone = f"{recorded}, which saved the model, is not there any more" if recorded else "no script records the model"
+    raise RunError(f"{gone}, and no other is its code (tried {', '.join(tried) or 'none'}): name one with --script")
 
 
 class Policy:
@@ -155,6 +165,7 @@ def model_of_checkpoint(checkpoint: dict) -> dict:
         "args": checkpoint["args"],
         "algorithm": checkpoint.get("algorithm"),
         "global_step": checkpoint["global_step"],
+        "script": checkpoint.get("script"),
         "obs_shape": obs_shape,
         "action_dim": action_dim,
     }
@@ -300,6 +311,12 @@ def main(args: Args):
     model_name = os.path.splitext(os.path.basename(args.model_path))[0]
     at = f"_frame{saved['global_step'] * trained['action_repeat']}" if "global_step" in saved else ""  # a checkpoint's
     name = f"{model_name}{at}_eval_{env_id}_seed{args.seed}"
+    if args.num_episodes != Args.num_episodes:  # results of other settings do not replace the default's
+        name += f"_{args.num_episodes}episode{'s' if args.num_episodes > 1 else ''}"
+    if args.max_episode_frames:
+        name += f"_cut{args.max_episode_frames}"
+    if module.ALGORITHM != saved.get("algorithm"):  # --script of other code than the trainer's
+        name += f"_built-by-{module.__name__}"
     video_path = os.path.join(folder, f"{name}.mp4") if args.capture_video else None
     output = args.output or os.path.join(folder, f"{name}.json")
     # what will be written, checked before the evaluation, not after it

@@ -1208,8 +1208,8 @@ def write_checkpoint(run, global_step: int, replay):
     rng = {"python": random.getstate(), "torch": torch.get_rng_state()}
     rng["numpy"] = [[state[0], torch.from_numpy(state[1].copy()), *state[2:]] for state in numpy_states]
     rng["cuda"] = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []
-    payload = {"args": vars(run.args), "global_step": global_step, "agent": learned, "rng": rng, "algorithm": ALGORITHM}
-    payload["last_eval"] = run.last_eval
+    payload = {"args": vars(run.args), "global_step": global_step, "agent": learned, "rng": rng}
+    payload |= {"last_eval": run.last_eval, "algorithm": ALGORITHM, "script": os.path.abspath(__file__)}
     payload["replay"] = replay.state_dict() if run.args.checkpoint_replay and replay is not None else None
     save_checkpoint(os.path.join(run.run_dir, CHECKPOINT), payload, kept(run.checkpoint_frame))
 

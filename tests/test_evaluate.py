@@ -49,7 +49,9 @@ def test_evaluates_a_saved_model_and_writes_its_returns(saved_model, tmp_path):
     assert len(returns) == 3 and np.all((returns >= 0) & (returns <= 40)), "at most 1 per frame on cartpole"
     assert saved["mean"] == pytest.approx(returns.mean()) and saved["std"] == pytest.approx(returns.std())
     assert f"return {returns.mean():.1f} ± {returns.std():.1f}" in result.stdout
-    video = glob.glob(saved_model.rsplit("/", 1)[0] + "/taco_continuous_action_eval_cartpole_balance_seed100.mp4")
+    video = glob.glob(
+        saved_model.rsplit("/", 1)[0] + "/taco_continuous_action_eval_cartpole_balance_seed100_3episodes_cut40.mp4"
+    )
     assert video, "the first episode is filmed next to the model"
 
     again = evaluate(saved_model, "--num-episodes", 3, "--max-episode-frames", 40, "--output", tmp_path / "b.json")
@@ -72,7 +74,9 @@ def test_a_checkpoint_is_evaluated_as_the_model_saved_beside_it(saved_model, tmp
 def test_another_task_with_the_same_action_size_is_allowed(saved_model, tmp_path):
     result = evaluate(saved_model, "--env-id", "pendulum_swingup", "--num-episodes", 1, "--max-episode-frames", 20)
     assert result.returncode == 0, result.stderr[-3000:]
-    (written,) = glob.glob(saved_model.rsplit("/", 1)[0] + "/taco_continuous_action_eval_pendulum_swingup_seed100.json")
+    (written,) = glob.glob(
+        saved_model.rsplit("/", 1)[0] + "/taco_continuous_action_eval_pendulum_swingup_seed100_1episode_cut20.json"
+    )
     with open(written) as f:
         assert json.load(f)["trained_env_id"] == "cartpole_balance"
 
@@ -180,7 +184,7 @@ def test_an_output_folder_that_cannot_be_written_is_refused_before_the_episodes(
     args = evaluate_model.Args(
         model_path=str(model), num_episodes=1, max_episode_frames=20, output=output and str(output)
     )
-    written = output or read_only / "taco_continuous_action_eval_cartpole_balance_seed100.json"
+    written = output or read_only / "taco_continuous_action_eval_cartpole_balance_seed100_1episode_cut20.json"
     hint = " (--output writes the results elsewhere)" if output is None else ""
     message = f"cannot write {written}: {read_only} is not writable{hint}"
     with pytest.raises(evaluate_model.RunError, match=f"^{re.escape(message)}$"):
@@ -309,6 +313,7 @@ def test_a_file_not_stored_as_torch_save_stores_it_is_refused_before_unpacking(
 
 CASES = ["its own", "an edited script", "a custom exp_name", "an older version's", "settings of neither"]
 CASES += ["--script", "a broken --script", "the script it records", "beside its runs folder", "exp_name plot"]
+CASES += ["its script gone"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -327,9 +332,14 @@ def test_the_networks_are_those_of_the_script_that_trained_the_model(saved_model
     copy.parent.mkdir()
     text = (ROOT / "taco_continuous_action.py").read_text()
     copy.write_text(text.replace("class Actor(nn.Module):", "class Actor(nn.Module):\n    edited = True", 1))
-    if case == "an edited script":  # its code is not what trained the model: refused, unless named with --script
+    if case in ["an edited script", "its script gone"]:  # not the code that trained it: refused (--script overrides)
         saved["algorithm"] = "0" * 16
-        expected = "no script at hand is the code that trained the model"
+        expected = (
+            "which saved the model, changed above its `# Run machinery.` banner since: undo that, or pass --script"
+        )
+        if case == "its script gone":
+            saved["script"] = str(tmp_path / "gone" / "taco_half.py")
+            expected = f"{saved['script']}, which saved the model, is not there any more, and no other is its code"
     elif case in ["a custom exp_name", "exp_name plot"]:  # no such script, or not an agent script: passed over
         saved["args"]["exp_name"] = "taco_k3" if case == "a custom exp_name" else "plot"
         del saved["script"]
@@ -338,7 +348,7 @@ def test_the_networks_are_those_of_the_script_that_trained_the_model(saved_model
         drqv2 = evaluate_model.agent_script(f"{evaluate_model.ROOT}/drqv2_continuous_action.py")
         saved["args"] = {name: saved["args"][name] for name in vars(drqv2.Args())} | {"exp_name": "mine"}
         saved["args"] |= {"surprise": 1} if case == "settings of neither" else {}
-        expected = drqv2.__file__ if case == "an older version's" else "no script at hand is the code that trained"
+        expected = drqv2.__file__ if case == "an older version's" else "no script records the model, and no other is"
         warning = "warning: the model records no algorithm (an older version saved it)"
     elif case in ["--script", "a broken --script"]:  # a copy elsewhere: its networks are used
         expected = script = str(copy)
@@ -377,14 +387,16 @@ def test_a_checkpoints_results_are_named_with_its_frame_and_say_what_built_it(
     monkeypatch.setattr(taco_of(evaluate_model), "evaluate", lambda *_: [1.0, 3.0])
     checkpoint = tmp_path / "checkpoint.pt"
     shutil.copy(Path(saved_model).parent / "checkpoint.pt", checkpoint)
+    stock = f"{evaluate_model.ROOT}/taco_continuous_action.py"
+    assert torch.load(checkpoint, weights_only=True, mmap=True)["script"] == stock, "a checkpoint records its script"
     results = []
     for _ in range(2):
         results.append(evaluate_model.main(evaluate_model.Args(model_path=str(checkpoint), num_episodes=2)))
     printed = capsys.readouterr().out.splitlines()
-    written = tmp_path / "checkpoint_frame240_eval_cartpole_balance_seed100.json"
+    written = tmp_path / "checkpoint_frame240_eval_cartpole_balance_seed100_2episodes.json"
     assert json.loads(written.read_text()) == results[1] and written.read_text().endswith("}\n")
     assert results[1]["trained_frames"] == 240 and results[1]["script_trained_it"] is True
-    assert results[1]["script"] == f"{evaluate_model.ROOT}/taco_continuous_action.py"
+    assert results[1]["script"] == stock
     assert [line.endswith("(replacing the results that were there)") for line in printed if "return" in line] == [
         False,
         True,
