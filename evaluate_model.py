@@ -1,7 +1,7 @@
 # Evaluates a model saved by either agent script's --save-model (or the policy in a run's checkpoint.pt), as
 # CleanRL's cleanrl_utils/evals do: N episodes acting with the policy's mean action on the task it was trained on (or
-# another task with the same action size), the first one filmed if asked. Prints the mean and standard deviation of the return and writes them, with each
-# episode's return, to a JSON file next to the model (for a script of yours to read).
+# another task with the same action size), the first one filmed if asked. Prints the mean and standard deviation of
+# the return and writes them, with each episode's return, to a JSON file next to the model.
 #   python evaluate_model.py runs/<run_name>/drqv2_continuous_action.cleanrl_model --num-episodes 10
 #   python evaluate_model.py runs/<run_name>/checkpoint.pt
 # The networks, the environment and the evaluation loop are those of the script that trained the model, found by the
@@ -308,14 +308,18 @@ def main(args: Args):
             f"{trained['frame_stack']} gives {tuple(env.observation_shape)}"
         )
     folder = os.path.dirname(os.path.abspath(args.model_path))
+    total = trained.get("total_timesteps")  # a model is saved at the end of its run; a checkpoint records its step
+    steps = saved.get("global_step", total // trained["action_repeat"] if type(total) is int else None)
+    frame = steps * trained["action_repeat"] if type(steps) is int else None
+    trainers_code = module.ALGORITHM == saved.get("algorithm")
     model_name = os.path.splitext(os.path.basename(args.model_path))[0]
-    at = f"_frame{saved['global_step'] * trained['action_repeat']}" if "global_step" in saved else ""  # a checkpoint's
+    at = f"_frame{frame}" if "global_step" in saved else ""  # a checkpoint's frame
     name = f"{model_name}{at}_eval_{env_id}_seed{args.seed}"
     if args.num_episodes != Args.num_episodes:  # results of other settings do not replace the default's
         name += f"_{args.num_episodes}episode{'s' if args.num_episodes > 1 else ''}"
     if args.max_episode_frames:
         name += f"_cut{args.max_episode_frames}"
-    if module.ALGORITHM != saved.get("algorithm"):  # --script of other code than the trainer's
+    if not trainers_code:  # --script of other code than the trainer's, or a model older than that record
         name += f"_built-by-{module.__name__}"
     video_path = os.path.join(folder, f"{name}.mp4") if args.capture_video else None
     output = args.output or os.path.join(folder, f"{name}.json")
@@ -338,9 +342,6 @@ def main(args: Args):
             raise RunError(f"cannot write {path}: {problem}{where}")
     module.make_folder(os.path.dirname(os.path.abspath(output)))
     named = "" if trained["exp_name"] == module.__name__ else f" as {trained['exp_name']}"
-    total = trained.get("total_timesteps")  # a model is saved at the end of its run; a checkpoint records its step
-    steps = saved.get("global_step", total // trained["action_repeat"] if type(total) is int else None)
-    frame = steps * trained["action_repeat"] if type(steps) is int else None
     trainer = f"{os.path.relpath(module.__file__)}{named}, trained on {trained['env_id']} for {frame} frames"
     print(f"evaluating {args.model_path} ({trainer}) on {env_id}: ", end="")
     print(f"{args.num_episodes} episode{'s' if args.num_episodes > 1 else ''}, seed {args.seed}", flush=True)
@@ -354,7 +355,7 @@ def main(args: Args):
         "model": os.path.abspath(args.model_path),
         "exp_name": trained["exp_name"],
         "script": module.__file__,
-        "script_trained_it": module.ALGORITHM == saved.get("algorithm"),
+        "script_trained_it": trainers_code,
         "trained_frames": frame,
         "trained_env_id": trained["env_id"],
         "trained_seed": trained["seed"],
