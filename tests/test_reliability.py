@@ -652,6 +652,18 @@ def test_time_left_is_shown_once_updates_are_timed(tiny_run):
     assert "warning: updates start" not in result.stdout, "a run that updates gives no warning"
 
 
+def test_a_slow_pace_is_shown_with_its_decimals():
+    """TACO on a CPU runs under one frame per second: its progress line said "SPS 0"."""
+    run = object.__new__(load_script("drqv2_continuous_action").Run)  # only what progress() reads
+    run.timed_from = None
+    run.updates_start = 1000
+    run.total_frames = 40000
+    run.last_eval = 136.0
+    run.start_time = time.time()
+    assert "| SPS 0.47 |" in run.progress(13000, 186.1, 0.465)
+    assert "| SPS 320 |" in run.progress(14000, 186.1, 320.4)
+
+
 def test_resume_auto_takes_the_newest_run_and_names_it(tmp_path):
     short = [*TINY_RUN, "--total-timesteps", "80", "--checkpoint-every", "40"]
     first = run_in_process("drqv2_continuous_action", [*short, "--resume", "auto"], tmp_path)
@@ -954,9 +966,9 @@ def test_an_edited_algorithm_does_not_continue_the_run_and_other_edits_do(finish
         "machinery": top,
         "algorithm": top.replace("torch.min(target_q1, target_q2)", "(target_q1 + target_q2) / 2"),
     }[edit.split(",")[0]]
-    machinery_code = (
-        machinery_code.replace("SPS {sps:.0f}", "frames/s {sps:.0f}") if edit == "machinery" else machinery_code
-    )
+    if edit == "machinery":
+        assert "SPS {sps" in machinery_code
+        machinery_code = machinery_code.replace("SPS {sps", "frames/s {sps")
     assert edited != top or edit == "machinery"
     script = "drqv2_continuous_action.py" if "same file name" in edit else "ablation.py"
     (tmp_path / script).write_text(edited + "\n# Run machinery." + machinery_code)
