@@ -54,7 +54,8 @@ Sweep:
                          sets for each run, and --total-timesteps only if --frames is left at its default
 
 Local mode (default):
-  --workers N            runs at once (default: $WORKERS); each gets OMP_NUM_THREADS = cores / N
+  --workers N            runs at once (default: $WORKERS); each gets OMP_NUM_THREADS = cores / N, of the cores this
+                         may use (to leave core 0 free: taskset -c 1-99 ./benchmark.sh ...)
 
 Slurm mode:
   --slurm                submit one array job, one element per run, instead of running here
@@ -368,6 +369,7 @@ fi
 # Local mode: at most WORKERS runs at once.
 cores=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # GNU nproc would report OMP_NUM_THREADS, not the cores
 threads=$((cores / WORKERS > 0 ? cores / WORKERS : 1))
+declare -A WARNED=()  # the runs' warnings said so far: each once a sweep
 declare -A NAME_OF_PID=()
 declare -A LOG_START=()  # where this attempt's part of each run's log begins (a log holds every attempt)
 FAILED=()
@@ -403,6 +405,10 @@ reap_one() {  # waits for the next run to end and reports it
     tail -c "+${LOG_START[$pid]}" "$log" | grep -a '^error: ' | tail -n 1 | sed 's/^/  /'  # the run's own reason
     FAILED+=("${NAME_OF_PID[$pid]}")
   fi
+  while IFS= read -r line; do  # a run's warnings (no learning, no GPU, ...), not only in its log
+    [ -n "${WARNED[$line]:-}" ] || echo "  $line"
+    WARNED[$line]=1
+  done < <(tail -c "+${LOG_START[$pid]}" "$log" | grep -a '^warning: ')
   unset "NAME_OF_PID[$pid]" "LOG_START[$pid]"
 }
 

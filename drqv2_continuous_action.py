@@ -939,11 +939,12 @@ def save_checkpoint(path: str, payload: dict, kept: str = "the previous checkpoi
             os.remove(temporary)
 
 
-def make_folder(path: str):
+def make_folder(path: str) -> str:
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as error:
         raise RunError(f"cannot create {path} ({error.strerror or first_line(error)})") from error
+    return path
 
 
 def lock_run_dir(run_dir: str, new_run: bool):
@@ -1159,9 +1160,7 @@ class Run:
         # Resumed without its replay: collect `learning_starts` frames anew before updating.
         self.updates_start = args.learning_starts + (self.start_frame if replay.num_transitions == 0 else 0)
         name = os.path.basename(self.run_dir or f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}")
-        self.video_dir = f"videos/{name}" if args.capture_video else None
-        if self.video_dir:
-            make_folder(self.video_dir)
+        self.video_dir = make_folder(f"videos/{name}") if args.capture_video else None
         self.run_dir = self.run_dir or f"runs/{name}"
         self.lock = lock_run_dir(self.run_dir, self.new)
         if args.track:  # a resumed run continues its wandb run; save_code keeps this file, the whole algorithm
@@ -1171,7 +1170,8 @@ class Run:
             wandb.init(**where, config=vars(args), resume="allow", sync_tensorboard=True, save_code=True)
         # resumed, TensorBoard drops what the run logged after its checkpoint: each step appears once
         writer = SummaryWriter(self.run_dir, purge_step=self.start_frame + 1 if self.start_frame else None)
-        rows = [f"|{key}|" + re.sub(r"([\\|])", r"\\\1", str(value)) + "|" for key, value in vars(args).items()]
+        settings = vars(args) | {"algorithm": ALGORITHM}  # its hash too: plot.py keeps runs of other code apart
+        rows = [f"|{key}|" + re.sub(r"([\\|])", r"\\\1", str(value)) + "|" for key, value in settings.items()]
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(rows))  # \ and | escaped; each start
         self.stop_signal = None
         catch_stop_signals(self.on_stop_signal)

@@ -5,8 +5,9 @@
 #   results.md     per task and method, return at chosen budgets as mean ± standard error (seeds), the aggregates,
 #                  and the probability that TACO improves on DrQ-v2 when the sweep holds both.
 # Runs are grouped by the method (exp_name) and task (env_id) that each run logged in its hyperparameters; runs of
-# one method and task whose settings differ (other than the seed and settings that leave the update unchanged) are
-# kept apart, the method named with the settings that tell them apart.
+# one method and task whose settings differ (other than the seed and settings that leave the update unchanged), or
+# whose script's code differs (the `algorithm` hash the scripts log: an edited copy), are kept apart, the method named
+# with the settings that tell them apart.
 import csv
 import logging
 import os
@@ -41,7 +42,7 @@ class Args:
     tag: str = "eval/episodic_return"
     """the scalar to plot and tabulate"""
     budgets: Annotated[list[int] | None, DOCUMENTED_DEFAULT] = None
-    """the table's columns, in frames (default: the most frames all runs of a task reached, its half and its tenth)"""
+    """the table's columns, in frames (default: the most frames all runs of a task reached; evaluations by 1/2, 1/10)"""
     reference: str | None = DEFAULT_REFERENCE
     """folder of published curves (`dmc_<task>.csv`) to overlay and tabulate; `None` for none"""
     score_scale: float = 1000.0
@@ -152,6 +153,11 @@ def find_runs(runs_dir: str, tag: str):
     names = method_names({run_dir: hyperparameters for run_dir, (hyperparameters, _, _) in read.items()})
     if any(name != read[d][0]["exp_name"] for d, name in names.items()):
         report.append("  note: runs of one method and task with other settings are kept apart (named by them)")
+    cut = sorted({h["env_id"] for h, _, _ in read.values() if h.get("max_episode_frames", "None") != "None"})
+    if cut:
+        report.append(f"  note: runs of {', '.join(cut)} cut episodes short (--max-episode-frames): not comparable")
+    if any("algorithm=" in name for name in names.values()):
+        report.append("  note: algorithm=: runs of one method whose script's code differs (an edited copy) are apart")
     for run_dir, (hyperparameters, frames, values) in read.items():
         key = (names[run_dir], hyperparameters["env_id"])
         seed = int(hyperparameters["seed"])
@@ -282,7 +288,8 @@ def write_table(runs, references, args, rng) -> str:
     methods = sorted({method for method, _ in runs})
     tasks = sorted({task for _, task in runs})
     header = "| task | method | " + " | ".join(f"{format_frames(b)} frames" for b in args.budgets) + " |"
-    lines = [f"Return ({args.tag}) at each budget: mean ± standard error (seeds).", "", header]
+    said = f"Return ({args.tag}) at each budget (each run's last evaluation at or before it): mean ± standard error"
+    lines = [f"{said} (seeds).", "", header]
     lines.append("|" + " --- |" * (2 + len(args.budgets)))
     for task in tasks:
         rows = [(m, runs[(m, task)]) for m in methods if (m, task) in runs]
@@ -509,9 +516,15 @@ def plot_aggregate(runs, references, args, rng, path):
 
 
 def budgets_of(runs) -> list[int]:
-    """The largest frame all runs of one task reached (the best covered task), with a tenth and a half of it."""
-    reached = max(min(frames[-1] for frames, _ in seeds.values()) for seeds in runs.values())
-    return sorted({int(reached) // 10, int(reached) // 2, int(reached)} - {0}) or [0]
+    """The largest frame all runs of one task reached, every method's (the best covered task), and the evaluations of
+    all those runs nearest below a half and a tenth of it (frame 0 left out)."""
+    by_task = defaultdict(list)
+    for (_, task), seeds in runs.items():
+        by_task[task] += [{int(frame) for frame in frames} for frames, _ in seeds.values()]
+    frames = max(by_task.values(), key=lambda runs_frames: min(max(f) for f in runs_frames))
+    reached = min(max(f) for f in frames)
+    common = set.intersection(*frames)
+    return sorted({max((f for f in common if f <= reached // part), default=0) for part in (10, 2, 1)} - {0}) or [0]
 
 
 def unwritable(folder: str) -> str | None:

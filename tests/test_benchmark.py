@@ -145,16 +145,21 @@ def test_plot_of_another_tag_and_of_nothing(synthetic_runs, tmp_path):
 
 
 def test_plot_budgets_come_from_the_runs_unless_given(tmp_path, capsys):
-    """Runs of 20k frames (one task's seeds to 20k, another task's to 10k) are tabulated at 2k, 10k and 20k frames,
-    not at a paper's 100k / 500k / 1M that none reached; --budgets still sets them."""
-    for seed, (task, last) in enumerate([("cartpole_balance", 20_000)] * 2 + [("cheetah_run", 10_000)]):
-        hyper = {"exp_name": "m", "env_id": task, "seed": seed}
-        write_run(tmp_path / "runs" / f"r{seed}", hyper, [(f, f / 100) for f in range(0, last + 1, 10_000)])
+    """Runs evaluated every 2k frames: on cartpole_balance, method m's seeds to 30k and method n's to 22k; on
+    cheetah_run, m's to 10k. The table's last column is the most frames all runs of a task reached, every method's
+    (22k: n is compared, not "none reached" at m's 30k), and the others the evaluations nearest below its half and
+    tenth (10k and 2k, not 11k and 2.2k: a column holds the evaluation it names), not a paper's 100k / 500k / 1M that
+    none reached; --budgets still sets them."""
+    runs = [("m", "cartpole_balance", 30_000)] * 2 + [("n", "cartpole_balance", 22_000), ("m", "cheetah_run", 10_000)]
+    for seed, (method, task, last) in enumerate(runs):
+        hyper = {"exp_name": method, "env_id": task, "seed": seed}
+        write_run(tmp_path / "runs" / f"r{seed}", hyper, [(f, f / 100) for f in range(0, last + 1, 2000)])
     plot.main(plot.Args(runs_dir=str(tmp_path / "runs"), out=str(tmp_path / "p"), bootstrap_reps=20))
     table = (tmp_path / "p" / "results.md").read_text()
-    assert "| task | method | 2k frames | 10k frames | 20k frames |" in table
-    assert "| cartpole_balance | m | 0.0 ± 0.0 (2) | 100.0 ± 0.0 (2) | 200.0 ± 0.0 (2) |" in table
-    assert "plot.py: budgets 2k, 10k, 20k frames, from the runs" in capsys.readouterr().out
+    assert "| task | method | 2k frames | 10k frames | 22k frames |" in table
+    assert "| cartpole_balance | m | 20.0 ± 0.0 (2) | 100.0 ± 0.0 (2) | 220.0 ± 0.0 (2) |" in table
+    assert "| cartpole_balance | n | 20.0 (1) | 100.0 (1) | 220.0 (1) |" in table
+    assert "plot.py: budgets 2k, 10k, 22k frames, from the runs" in capsys.readouterr().out
     plot.main(plot.Args(runs_dir=str(tmp_path / "runs"), out=str(tmp_path / "q"), budgets=[5000], bootstrap_reps=20))
     assert "| task | method | 5k frames |" in (tmp_path / "q" / "results.md").read_text()
 
@@ -203,11 +208,17 @@ def test_local_sweep_runs_at_most_workers_at_once_and_plots(tmp_path):
         tmp_path,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert max_concurrency(result.stdout) == 2 and result.stdout.count(" start ") == 3
+    assert max_concurrency(result.stdout) == 2
+    assert len(re.findall(r"^\[\S+\] start ", result.stdout, re.MULTILINE)) == 3
+    # the runs' warnings reach the sweep's output, not only their logs: each once (here every run warns alike)
+    assert result.stdout.count("\n  warning: updates start at frame 80, at or after the budget's end") == 1
     assert len(list((out / "runs").iterdir())) == 3
     assert len(list((out / "logs").glob("drqv2_continuous_action__*.log"))) == 3
     assert (out / "plots" / "tasks.png").stat().st_size > 10_000
     assert "cartpole_swingup" in (out / "plots" / "results.md").read_text()
+    # episodes cut at 40 frames: their returns are not comparable with the published curves, and the plots say so
+    plot_log = (out / "logs" / "plot.log").read_text()
+    assert "runs of cartpole_balance, cartpole_swingup, pendulum_swingup cut episodes short" in plot_log
 
 
 def test_local_sweep_names_the_failed_run_after_the_others_finish(tmp_path):
@@ -808,6 +819,20 @@ def test_runs_with_other_settings_are_kept_apart_and_truncated_logs_named(tmp_pa
     assert "| cheetah_run | drqv2_continuous_action (nstep=1) | 300.0 (1) |" in table
     assert "kept apart" in printed and "plot.py: 3 run directories under" in printed, "notes are not directories"
     assert re.search(r"warning: \S*run2/events\.out\.tfevents\.\S+ is cut off or damaged; read up to frame", printed)
+
+
+def test_runs_of_an_edited_copy_are_kept_apart_from_the_original(tmp_path, capsys):
+    """A copy of a script edited above its run machinery and run under the same --exp-name logs another `algorithm`
+    hash: plot.py averaged its runs with the original's, as seeds of one method."""
+    runs = tmp_path / "runs"
+    for seed, algorithm in [(1, "aaaa"), (2, "aaaa"), (3, "bbbb")]:
+        hyperparameters = {"exp_name": "drqv2_continuous_action", "env_id": "cheetah_run", "seed": seed}
+        write_run(runs / f"run{seed}", {**hyperparameters, "algorithm": algorithm}, [(0, 0.0), (1000, 10.0 * seed)])
+    plot.main(plot.Args(runs_dir=str(runs), out=str(tmp_path / "plots"), bootstrap_reps=50))
+    table = (tmp_path / "plots" / "results.md").read_text()
+    assert "| cheetah_run | drqv2_continuous_action (algorithm=aaaa) | 15.0 ± 5.0 (2) |" in table
+    assert "| cheetah_run | drqv2_continuous_action (algorithm=bbbb) | 30.0 (1) |" in table
+    assert "script's code differs (an edited copy)" in capsys.readouterr().out
 
 
 def test_a_settings_table_with_a_key_twice_is_skipped_not_misread(tmp_path):

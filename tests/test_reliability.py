@@ -713,7 +713,8 @@ def test_a_bar_in_a_setting_stays_in_its_cell_of_the_settings_table(tmp_path):
     assert "\n|wandb_project_name|a\\|b|\n" in table and "\n|wandb_entity|c\\\\|\n" in table, table
     settings = plot.parse_hyperparameters(table, run_dir)
     assert (settings["wandb_project_name"], settings["wandb_entity"]) == ("a|b", "c\\")
-    assert len(settings) == len(vars(machinery.Args())) and settings["env_id"] == "cartpole_balance"
+    assert len(settings) == len(vars(machinery.Args())) + 1 and settings["env_id"] == "cartpole_balance"
+    assert settings["algorithm"] == machinery.ALGORITHM, "the code's hash: plot.py keeps runs of other code apart"
 
 
 def test_a_checkpoint_holds_the_stored_transitions_not_the_replay_capacity(script):

@@ -62,7 +62,7 @@ def script_of(run_dir: str, hyperparameters: dict) -> str:
     if hyperparameters["exp_name"] in SCRIPTS:
         return hyperparameters["exp_name"]
     for script in SCRIPTS:
-        if set(vars(load_script(script).Args())) == set(hyperparameters):
+        if set(vars(load_script(script).Args())) == set(hyperparameters) - {"algorithm"}:  # the code's hash: no flag
             return script
     raise plot.Unreadable(
         f"{run_dir}: its settings are not those of {' or '.join(SCRIPTS)}: no script to record it with"
