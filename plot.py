@@ -297,6 +297,10 @@ def write_table(runs, references, args, rng) -> str:
             rows.append((REFERENCE_METHOD, references[task]))
         for method, seeds in rows:
             cells = [format_cell([value_at(f, v, b) for f, v in seeds.values()]) for b in args.budgets]
+            for column, budget in enumerate(args.budgets):  # evaluated earlier (the published curves: every 20k)
+                latest = max((f[f <= budget][-1] for f, _ in seeds.values() if len(f) and f[-1] >= budget), default=0)
+                if latest != budget and not cells[column].startswith("–"):
+                    cells[column] += f", at {format_frames(int(latest))} frames"
             lines.append(f"| {task} | {method} | " + " | ".join(cells) + " |")
     lines += [
         "",

@@ -159,6 +159,9 @@ def test_plot_budgets_come_from_the_runs_unless_given(tmp_path, capsys):
     assert "| task | method | 2k frames | 10k frames | 22k frames |" in table
     assert "| cartpole_balance | m | 20.0 ± 0.0 (2) | 100.0 ± 0.0 (2) | 220.0 ± 0.0 (2) |" in table
     assert "| cartpole_balance | n | 20.0 (1) | 100.0 (1) | 220.0 (1) |" in table
+    # the published curves are evaluated every 20k frames: a cell says when it holds an earlier evaluation
+    published = next(line for line in table.splitlines() if line.startswith("| cartpole_balance | DrQ-v2 (published)"))
+    assert [cell.split(", at ")[1] for cell in published.split(" | ")[2:]] == ["0 frames", "0 frames", "20k frames |"]
     assert "plot.py: budgets 2k, 10k, 22k frames, from the runs" in capsys.readouterr().out
     plot.main(plot.Args(runs_dir=str(tmp_path / "runs"), out=str(tmp_path / "q"), budgets=[5000], bootstrap_reps=20))
     assert "| task | method | 5k frames |" in (tmp_path / "q" / "results.md").read_text()
