@@ -162,7 +162,7 @@ def test_a_run_with_an_exp_name_of_its_own_is_recorded_with_the_script_its_setti
     record = load_record()
     script = load_script(name)
     logged = vars(script.resolve_args(script.Args(env_id="cartpole_balance", exp_name="my_ablation", batch_size=64)))
-    write_run(tmp_path / "run", logged, [(0, 1.0), (100, 2.0)])
+    write_run(tmp_path / "run", {**logged, "algorithm": script.ALGORITHM}, [(0, 1.0), (100, 2.0)])  # as logged
     record.record(record.Args(run_dirs=[str(tmp_path / "run")], commit="abc1234", out=str(tmp_path / "out")))
     with open(tmp_path / "out" / "run.csv") as f:
         rows = list(csv.DictReader(f))
