@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from test_benchmark import write_run
 
@@ -76,10 +77,13 @@ def test_records_a_run_with_its_provenance_and_draws_the_figure(tiny_run, tmp_pa
 
 
 def test_the_figure_has_a_panel_for_each_task_agent_and_precision(tmp_path, monkeypatch):
-    """DrQ-v2 in fp32, DrQ-v2 in bf16 and TACO side by side, each panel with its own few legend entries."""
+    """DrQ-v2 in fp32, DrQ-v2 in bf16 and TACO side by side, each panel with its own few legend entries; TACO's panel
+    also has the mean of our DrQ-v2 fp32 setting with the most seeds, to compare the two agents."""
     record = load_record()
     learning = ROOT / "benchmarks" / "learning"
-    for name in ["drqv2_continuous_action__1__1795711990", "drqv2_continuous_action__1__1795705547"]:
+    names = ["drqv2_continuous_action__1__1795711990", "drqv2_continuous_action__1__1795705547"]
+    names += ["drqv2_continuous_action__1__1796468670", "drqv2_continuous_action__2__1796468670"]  # 1223c7d, fp32
+    for name in names:
         (tmp_path / f"{name}.csv").write_text((learning / f"cartpole_balance__{name}.csv").read_text())
     (tmp_path / "taco.csv").write_text(
         (learning / "cartpole_balance__taco_continuous_action__1__1796283300.csv").read_text()
@@ -90,8 +94,13 @@ def test_the_figure_has_a_panel_for_each_task_agent_and_precision(tmp_path, monk
     (fig,) = drawn
     titles = [ax.get_title() for ax in fig.axes]
     assert titles == [f"cartpole_balance: {name}" for name in ["DrQ-v2, fp32", "DrQ-v2, --amp bf16", "TACO, fp32"]]
-    for ax in fig.axes:  # the published curve and the panel's one run
-        assert len(ax.get_legend().get_texts()) == 2
+    # the published curve and the panel's runs (the two 1223c7d seeds share an entry); TACO's: our DrQ-v2 too
+    assert [len(ax.get_legend().get_texts()) for ax in fig.axes] == [3, 2, 3]
+    (ours,) = [line for line in fig.axes[2].get_lines() if line.get_label().startswith("DrQ-v2 fp32, mean of")]
+    assert ours.get_label().startswith("DrQ-v2 fp32, mean of seeds 1, 2, 1223c7d")
+    seeds = [np.loadtxt(tmp_path / f"{name}.csv", delimiter=",", skiprows=1, usecols=(4, 5)) for name in names[2:]]
+    assert list(ours.get_xdata()) == list(seeds[0][:, 0])
+    np.testing.assert_allclose(ours.get_ydata(), (seeds[0][:, 1] + seeds[1][:, 1]) / 2)
 
 
 def test_a_run_folder_that_is_not_there_is_one_line(tmp_path):

@@ -4,8 +4,9 @@
 # the script, the commit, the task, the seed, the frame, the evaluation return, the wall-clock seconds since the run
 # started, the device, the CPU count and every flag that differs from the script's defaults for that task. Then
 #   python benchmarks/learning/record.py --figure
-# draws learning.png: each task's recorded runs over the published DrQ-v2 curves (mean and seed range), and prints
-# a table of the returns at fixed frames for the README.
+# draws learning.png: each task's recorded runs over the published DrQ-v2 curves (mean and seed range), a panel for
+# each agent and precision (TACO's with the mean of our fp32 DrQ-v2 seeds too), and prints a table of the returns at
+# fixed frames for the README.
 import csv
 import glob
 import os
@@ -148,6 +149,20 @@ def figure(args: Args):
             grid, mean, lowest, highest = plot.reference_band(reference, last)
             ax.fill_between(grid, lowest, highest, color="0.85")
             ax.plot(grid, mean, "--", color="0.4", label=f"DrQ-v2 published (mean and range of {len(reference)} seeds)")
+        if agent != "drqv2_continuous_action":  # beside another agent: our DrQ-v2, its most-seeded fp32 setting
+            groups = defaultdict(dict)
+            for (script, env_id, device, flags, seed, commit), curve in runs.items():
+                if (script, env_id, precision(flags)) == ("drqv2_continuous_action", task, "fp32"):
+                    groups[(device, flags, commit)][seed] = curve
+            if groups:
+                (device, flags, commit), seeds = max(groups.items(), key=lambda group: len(group[1]))
+                frames = sorted(set.intersection(*(set(f.tolist()) for f, _ in seeds.values())))
+                mean = [np.mean([v[list(f).index(frame)] for f, v in seeds.values()]) for frame in frames]
+                seeds_named = ", ".join(str(seed) for seed in sorted(seeds))
+                label = f"DrQ-v2 fp32, mean of seeds {seeds_named}, {commit}, {device}" + (
+                    f"\n({flags})" if flags else ""
+                )
+                ax.plot(frames, mean, ":", color="k", lw=1.5, label=label)
         for (script, env_id, device, flags, seed, commit), (frames, values) in runs.items():
             if (env_id, script, precision(flags)) == (task, agent, amp):
                 colour = colours[(script, device, flags, commit)]  # the seeds of one setting share a colour
