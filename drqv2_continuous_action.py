@@ -1163,14 +1163,14 @@ class Run:
         self.video_dir = make_folder(f"videos/{name}") if args.capture_video else None
         self.run_dir = self.run_dir or f"runs/{name}"
         self.lock = lock_run_dir(self.run_dir, self.new)
+        settings = vars(args) | {"algorithm": ALGORITHM}  # its hash too: plot.py keeps runs of other code apart
         if args.track:  # a resumed run continues its wandb run; save_code keeps this file, the whole algorithm
             import wandb
 
             where = {"project": args.wandb_project_name, "entity": args.wandb_entity, "name": name, "id": name}
-            wandb.init(**where, config=vars(args), resume="allow", sync_tensorboard=True, save_code=True)
+            wandb.init(**where, config=settings, resume="allow", sync_tensorboard=True, save_code=True)
         # resumed, TensorBoard drops what the run logged after its checkpoint: each step appears once
         writer = SummaryWriter(self.run_dir, purge_step=self.start_frame + 1 if self.start_frame else None)
-        settings = vars(args) | {"algorithm": ALGORITHM}  # its hash too: plot.py keeps runs of other code apart
         rows = [f"|{key}|" + re.sub(r"([\\|])", r"\\\1", str(value)) + "|" for key, value in settings.items()]
         writer.add_text("hyperparameters", "|param|value|\n|-|-|\n" + "\n".join(rows))  # \ and | escaped; each start
         self.stop_signal = None

@@ -444,6 +444,7 @@ def test_a_resumed_run_continues_the_same_wandb_run(finished_run, tmp_path, monk
     drqv2.main(parse(drqv2, [*TINY_RUN, "--total-timesteps", "120", "--track", "--resume", str(run_dir)]))
     (init,) = calls
     assert init["id"] == run_dir.name and init["resume"] == "allow" and init["save_code"], init
+    assert init["config"]["algorithm"] == drqv2.ALGORITHM, "wandb's runs of edited code are told apart too"
 
 
 @pytest.mark.parametrize("blocked", ["runs", "videos"])
