@@ -54,8 +54,8 @@ Sweep:
                          sets for each run, and --total-timesteps only if --frames is left at its default
 
 Local mode (default):
-  --workers N            runs at once (default: $WORKERS); each gets OMP_NUM_THREADS = cores / N, of the cores this
-                         may use (to leave core 0 free: taskset -c 1-99 ./benchmark.sh ...)
+  --workers N            runs at once (default: $WORKERS); each gets OMP_NUM_THREADS = cores / N (a value set
+                         before is replaced), of the cores this may use (to leave core 0 free: taskset -c 1-99 ...)
 
 Slurm mode:
   --slurm                submit one array job, one element per run, instead of running here
@@ -462,6 +462,7 @@ if [ "$PLOT" = 1 ]; then
   plot_status=$?
   if [ "$plot_status" = 0 ]; then
     echo "plots: $OUT/plots/tasks.png, aggregate.png, results.md"
+    grep -a -E '^  (note|warning): ' "$OUT/logs/plot.log"  # what to know before reading them
   else
     echo "the plotting step failed (log: $OUT/logs/plot.log)" >&2
   fi

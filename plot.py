@@ -8,6 +8,7 @@
 # one method and task whose settings differ (other than the seed and settings that leave the update unchanged), or
 # whose script's code differs (the `algorithm` hash the scripts log: an edited copy), are kept apart, the method named
 # with the settings that tell them apart.
+import contextlib
 import csv
 import logging
 import os
@@ -113,17 +114,31 @@ def read_run(run_dir: str, tag: str):
     return hyperparameters, frames, np.array([points[f] for f in frames], dtype=np.float64), damaged
 
 
+def checkout_algorithm(exp_name: str) -> str | None:
+    """The algorithm hash of this checkout's agent script of that name (beside plot.py), if it is one and loads."""
+    if exp_name not in IMPROVEMENT:  # the two agent scripts: never code a log names
+        return None
+    from evaluate_model import RunError, agent_script  # imports torch: only when runs differ in their code
+
+    with contextlib.suppress(RunError):
+        return agent_script(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{exp_name}.py")).ALGORITHM
+    return None
+
+
 def method_names(configurations: dict) -> dict:
-    """{run_dir: method name}: the exp_name, plus `(setting=value, ...)` where runs of one exp_name and task differ."""
+    """{run_dir: method name}: the exp_name, plus `(setting=value, ...)` where runs of one exp_name and task differ;
+    runs whose code (algorithm hash) is this checkout's script's keep the plain name when only the code differs."""
     names, groups = {}, defaultdict(list)
     for run_dir, hyperparameters in configurations.items():
         groups[(hyperparameters["exp_name"], hyperparameters["env_id"])].append(run_dir)
     for (exp_name, _), run_dirs in groups.items():
         settings = [{k: v for k, v in configurations[d].items() if k not in SAME_LEARNING} for d in run_dirs]
         differing = sorted({key for s in settings for key in s if len({t.get(key) for t in settings}) > 1})
+        here = checkout_algorithm(exp_name) if "algorithm" in differing else None
         for run_dir, setting in zip(run_dirs, settings):
-            suffix = ", ".join(f"{key}={setting.get(key)}" for key in differing)
-            names[run_dir] = f"{exp_name} ({suffix})" if differing else exp_name
+            shown = [key for key in differing if key != "algorithm" or setting.get(key) != here]
+            suffix = ", ".join(f"{key}={setting.get(key)}" for key in shown)
+            names[run_dir] = f"{exp_name} ({suffix})" if shown else exp_name
     return names
 
 
@@ -151,13 +166,19 @@ def find_runs(runs_dir: str, tag: str):
         reached = f"; read up to frame {frames[-1]}" if len(frames) else ""
         report += [f"  warning: {run_dir}/{name} is cut off or damaged{reached}" for name in damaged]
     names = method_names({run_dir: hyperparameters for run_dir, (hyperparameters, _, _) in read.items()})
-    if any(name != read[d][0]["exp_name"] for d, name in names.items()):
+    if any(name != read[d][0]["exp_name"] and "algorithm=" not in name for d, name in names.items()):
         report.append("  note: runs of one method and task with other settings are kept apart (named by them)")
+    if any("algorithm=" in name for name in names.values()):
+        report.append(
+            "  note: algorithm=HASH names runs whose script's code above its run machinery is not this checkout's "
+            "(an edited copy, or another commit's): kept apart from the others"
+        )
     cut = sorted({h["env_id"] for h, _, _ in read.values() if h.get("max_episode_frames", "None") != "None"})
     if cut:
-        report.append(f"  note: runs of {', '.join(cut)} cut episodes short (--max-episode-frames): not comparable")
-    if any("algorithm=" in name for name in names.values()):
-        report.append("  note: algorithm=: runs of one method whose script's code differs (an edited copy) are apart")
+        report.append(
+            f"  note: runs of {', '.join(cut)} cut episodes short (--max-episode-frames): their returns are not "
+            "comparable with the published curves"
+        )
     for run_dir, (hyperparameters, frames, values) in read.items():
         key = (names[run_dir], hyperparameters["env_id"])
         seed = int(hyperparameters["seed"])
@@ -350,7 +371,7 @@ def improvement_table(runs, args, rng) -> list:
             continue
         low, high = probability_of_improvement_ci(x_by_task, y_by_task, args.bootstrap_reps, rng)
         estimate = probability_of_improvement(x_by_task, y_by_task)
-        cells.append(f"{estimate:.3f} [{low:.3f}, {high:.3f}] ({len(x_by_task)} tasks)")
+        cells.append(f"{estimate:.3f} [{low:.3f}, {high:.3f}] ({plural(len(x_by_task), 'task')})")
     return [*lines, f"| P({x} > {y}) | " + " | ".join(cells) + " |"]
 
 
@@ -587,6 +608,8 @@ def main(args: Args):
             raise SystemExit(f"plot.py: {error}") from None
     os.makedirs(args.out, exist_ok=True)
     table = write_table(runs, references, args, rng)
+    notes = [line.strip() for line in report if line.startswith(("  note: ", "  warning: "))]  # read with the table
+    table += "".join(f"\n- {note}" for note in notes) + ("\n" if notes else "")
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(table)
     plot_tasks(runs, references, args, rng, os.path.join(args.out, "tasks.png"))

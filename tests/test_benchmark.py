@@ -220,8 +220,9 @@ def test_local_sweep_runs_at_most_workers_at_once_and_plots(tmp_path):
     assert (out / "plots" / "tasks.png").stat().st_size > 10_000
     assert "cartpole_swingup" in (out / "plots" / "results.md").read_text()
     # episodes cut at 40 frames: their returns are not comparable with the published curves, and the plots say so
-    plot_log = (out / "logs" / "plot.log").read_text()
-    assert "runs of cartpole_balance, cartpole_swingup, pendulum_swingup cut episodes short" in plot_log
+    cut = "note: runs of cartpole_balance, cartpole_swingup, pendulum_swingup cut episodes short"
+    assert f"\n  {cut}" in result.stdout, "the sweep's output gives the plotting step's notes"
+    assert f"- {cut}" in (out / "plots" / "results.md").read_text()
 
 
 def test_local_sweep_names_the_failed_run_after_the_others_finish(tmp_path):
@@ -826,16 +827,22 @@ def test_runs_with_other_settings_are_kept_apart_and_truncated_logs_named(tmp_pa
 
 def test_runs_of_an_edited_copy_are_kept_apart_from_the_original(tmp_path, capsys):
     """A copy of a script edited above its run machinery and run under the same --exp-name logs another `algorithm`
-    hash: plot.py averaged its runs with the original's, as seeds of one method."""
+    hash: plot.py averaged its runs with the original's, as seeds of one method. Now they are apart, named by their
+    hash, while the runs of this checkout's script keep its plain name (and the TACO comparison its method)."""
     runs = tmp_path / "runs"
-    for seed, algorithm in [(1, "aaaa"), (2, "aaaa"), (3, "bbbb")]:
+    checkout = load_script("drqv2_continuous_action").ALGORITHM
+    for seed, algorithm in [(1, checkout), (2, checkout), (3, "0123456789abcdef")]:
         hyperparameters = {"exp_name": "drqv2_continuous_action", "env_id": "cheetah_run", "seed": seed}
         write_run(runs / f"run{seed}", {**hyperparameters, "algorithm": algorithm}, [(0, 0.0), (1000, 10.0 * seed)])
+    taco = {"exp_name": "taco_continuous_action", "env_id": "cheetah_run", "seed": 1}
+    write_run(runs / "taco", taco, [(0, 0.0), (1000, 25.0)])
     plot.main(plot.Args(runs_dir=str(runs), out=str(tmp_path / "plots"), bootstrap_reps=50))
     table = (tmp_path / "plots" / "results.md").read_text()
-    assert "| cheetah_run | drqv2_continuous_action (algorithm=aaaa) | 15.0 ± 5.0 (2) |" in table
-    assert "| cheetah_run | drqv2_continuous_action (algorithm=bbbb) | 30.0 (1) |" in table
-    assert "script's code differs (an edited copy)" in capsys.readouterr().out
+    assert "| cheetah_run | drqv2_continuous_action | 15.0 ± 5.0 (2) |" in table
+    assert "| cheetah_run | drqv2_continuous_action (algorithm=0123456789abcdef) | 30.0 (1) |" in table
+    assert "Probability of improvement P(taco_continuous_action > drqv2_continuous_action)" in table
+    note = "algorithm=HASH names runs whose script's code above its run machinery is not this checkout's"
+    assert note in capsys.readouterr().out and f"- note: {note}" in table, "the notes are in results.md too"
 
 
 def test_a_settings_table_with_a_key_twice_is_skipped_not_misread(tmp_path):

@@ -179,6 +179,22 @@ def test_a_run_with_an_exp_name_of_its_own_is_recorded_with_the_script_its_setti
     assert rows[0]["flags"] == "--exp-name my_ablation --batch-size 64"
 
 
+def test_a_run_of_edited_code_is_not_recorded_as_the_script(tmp_path, capsys):
+    """A run of an edited copy that kept the script's name was recorded as the script at this checkout's commit, and
+    the figure averaged it with the script's seeds. Its algorithm hash says so: refused, unless --commit names the
+    commit that made it (then a warning)."""
+    record = load_record()
+    script = load_script("drqv2_continuous_action")
+    logged = vars(script.resolve_args(script.Args(env_id="cartpole_balance")))
+    write_run(tmp_path / "run", {**logged, "algorithm": "0123456789abcdef"}, [(0, 1.0), (100, 2.0)])
+    with pytest.raises(SystemExit, match="ran other code than this checkout's drqv2_continuous_action.py"):
+        record.record(record.Args(run_dirs=[str(tmp_path / "run")], out=str(tmp_path / "out")))
+    assert not (tmp_path / "out" / "run.csv").exists()
+    record.record(record.Args(run_dirs=[str(tmp_path / "run")], commit="abc1234", out=str(tmp_path / "out")))
+    assert "recorded as commit abc1234, as --commit says" in capsys.readouterr().out
+    assert (tmp_path / "out" / "run.csv").exists()
+
+
 @pytest.mark.parametrize(
     "rows,problem",
     [

@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Annotated
@@ -105,6 +106,14 @@ def record(args: Args):
         start = min(e.wall_time for tag in events.Tags()["tensors"] for e in events.Tensors(tag))
         seconds = {e.step: e.wall_time - start for e in events.Scalars("eval/episodic_return")}
         script = script_of(run_dir, hyperparameters)
+        algorithm = hyperparameters.get("algorithm")  # logged from 2026-12-07 on
+        if algorithm and algorithm != load_script(script).ALGORITHM:
+            other = f"{run_dir} ran other code than this checkout's {script}.py (algorithm {algorithm})"
+            if args.commit is None:
+                raise SystemExit(
+                    f"record.py: {other}: not recorded (an edited copy is not the script; another commit's run: give --commit)"
+                )
+            print(f"record.py: warning: {other}: recorded as commit {commit}, as --commit says")
         flags = non_default_flags(script, hyperparameters)
         path = os.path.join(args.out, f"{os.path.basename(os.path.normpath(run_dir))}.csv")
         machine = [device, args.cpus or os.cpu_count(), flags]
@@ -195,6 +204,7 @@ def legend_labels(runs) -> dict:
         group = sorted(seeds.pop((script, env_id, device, flags, commit), []))
         named = f"seed {group[0]}" if len(group) == 1 else "seeds " + ", ".join(str(s) for s in group)
         text = f"{plot.display_name(script)}, {named}, {commit}, {device}" + (f"\n({flags})" if flags else "")
+        text = "\n".join(textwrap.fill(line, 80, break_on_hyphens=False) for line in text.splitlines())  # no overlap
         labels[(script, env_id, device, flags, seed, commit)] = text if group else None
     return labels
 
