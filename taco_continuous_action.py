@@ -1348,8 +1348,8 @@ class Run:
             self.timed_from = (now, frame)
         return (
             f"frame {frame}/{self.total_frames} ({100 * frame / self.total_frames:.1f}%) | return {episode_return:.1f}"
-            f" | SPS {sps:.{0 if sps >= 10 else 2}f} | last eval {self.last_eval:.1f} | elapsed {duration(now - self.start_time)} | left "
-            f"{duration(left)}"
+            f" | SPS {sps:.{0 if sps >= 10 else 2}f} | last eval {self.last_eval:.1f} | elapsed "
+            f"{duration(now - self.start_time)} | left {duration(left)}"
         )
 
     def checkpoint_when_due(self, step: int, metrics: dict):

@@ -109,10 +109,8 @@ def record(args: Args):
         algorithm = hyperparameters.get("algorithm")  # logged from 2026-12-07 on
         if algorithm and algorithm != load_script(script).ALGORITHM:
             other = f"{run_dir} ran other code than this checkout's {script}.py (algorithm {algorithm})"
-            if args.commit is None:
-                raise SystemExit(
-                    f"record.py: {other}: not recorded (an edited copy is not the script; another commit's run: give --commit)"
-                )
+            if args.commit is None:  # an edited copy is not the script
+                raise SystemExit(f"record.py: {other}: not recorded (a run of another commit: give --commit)")
             print(f"record.py: warning: {other}: recorded as commit {commit}, as --commit says")
         flags = non_default_flags(script, hyperparameters)
         path = os.path.join(args.out, f"{os.path.basename(os.path.normpath(run_dir))}.csv")
