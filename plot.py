@@ -125,6 +125,15 @@ def checkout_algorithm(exp_name: str) -> str | None:
     return None
 
 
+def still_running(run_dir: str) -> bool:
+    """Whether a process holds the run's run.lock (the scripts hold it while they run), read from /proc/locks: taking
+    the lock to test it could make a run starting at that moment refuse its own directory."""
+    with contextlib.suppress(OSError), open("/proc/locks") as locks:
+        inode = os.stat(os.path.join(run_dir, "run.lock")).st_ino
+        return any(line.split()[1:2] == ["FLOCK"] and line.split()[5].endswith(f":{inode}") for line in locks)
+    return False
+
+
 def method_names(configurations: dict) -> dict:
     """{run_dir: method name}: the exp_name, plus `(setting=value, ...)` where runs of one exp_name and task differ;
     runs whose code (algorithm hash) is this checkout's script's keep the plain name when only the code differs."""
@@ -173,6 +182,9 @@ def find_runs(runs_dir: str, tag: str):
             "  note: algorithm=HASH names runs whose script's code above its run machinery is not this checkout's "
             "(an edited copy, or another commit's): kept apart from the others"
         )
+    running = [run_dir for run_dir in read if still_running(run_dir)]
+    if running:
+        report.append(f"  note: still running, so not final: {', '.join(running)}")
     cut = sorted({h["env_id"] for h, _, _ in read.values() if h.get("max_episode_frames", "None") != "None"})
     if cut:
         report.append(

@@ -845,6 +845,20 @@ def test_runs_of_an_edited_copy_are_kept_apart_from_the_original(tmp_path, capsy
     assert note in capsys.readouterr().out and f"- note: {note}" in table, "the notes are in results.md too"
 
 
+def test_a_run_still_going_is_named_as_not_final(tmp_path):
+    """plot.py on a sweep still running read a run's latest evaluations as its final ones, without a word."""
+    import fcntl
+
+    runs = tmp_path / "runs"
+    write_run(runs / "going", {"exp_name": "m", "env_id": "cheetah_run", "seed": 1}, [(0, 1.0)])
+    with open(runs / "going" / "run.lock", "w") as lock:  # as the scripts hold it while they run
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _, report = plot.find_runs(str(runs), "eval/episodic_return")
+        assert f"  note: still running, so not final: {runs / 'going'}" in report
+    _, report = plot.find_runs(str(runs), "eval/episodic_return")  # ended: its lock file stays, unlocked
+    assert not any("still running" in line for line in report)
+
+
 def test_a_settings_table_with_a_key_twice_is_skipped_not_misread(tmp_path):
     """A newline in a free-text setting once added rows to the table (plot.py read a DrQ-v2 run as TACO seed 7)."""
     runs = tmp_path / "runs"

@@ -182,14 +182,18 @@ def test_a_run_with_an_exp_name_of_its_own_is_recorded_with_the_script_its_setti
 def test_a_run_of_edited_code_is_not_recorded_as_the_script(tmp_path, capsys):
     """A run of an edited copy that kept the script's name was recorded as the script at this checkout's commit, and
     the figure averaged it with the script's seeds. Its algorithm hash says so: refused, unless --commit names the
-    commit that made it (then a warning)."""
+    commit that made it (then a warning). The other runs of the same command are still recorded."""
     record = load_record()
     script = load_script("drqv2_continuous_action")
     logged = vars(script.resolve_args(script.Args(env_id="cartpole_balance")))
     write_run(tmp_path / "run", {**logged, "algorithm": "0123456789abcdef"}, [(0, 1.0), (100, 2.0)])
-    with pytest.raises(SystemExit, match="ran other code than this checkout's drqv2_continuous_action.py"):
-        record.record(record.Args(run_dirs=[str(tmp_path / "run")], out=str(tmp_path / "out")))
-    assert not (tmp_path / "out" / "run.csv").exists()
+    write_run(tmp_path / "good", {**logged, "algorithm": script.ALGORITHM}, [(0, 1.0), (100, 2.0)])
+    both = [str(tmp_path / "run"), str(tmp_path / "good")]  # the refused run first: the other is still recorded
+    with pytest.raises(record.plot.Unreadable, match="ran other code than this checkout's drqv2_continuous_action.py"):
+        record.record(record.Args(run_dirs=both, out=str(tmp_path / "out")))
+    assert not (tmp_path / "out" / "run.csv").exists() and (tmp_path / "out" / "good.csv").exists()
+    with pytest.raises(record.plot.Unreadable, match=r"\(1 of 2 runs not recorded\)"):
+        record.record(record.Args(run_dirs=both, out=str(tmp_path / "out")))
     record.record(record.Args(run_dirs=[str(tmp_path / "run")], commit="abc1234", out=str(tmp_path / "out")))
     assert "recorded as commit abc1234, as --commit says" in capsys.readouterr().out
     assert (tmp_path / "out" / "run.csv").exists()

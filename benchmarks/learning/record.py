@@ -83,8 +83,6 @@ def non_default_flags(script, hyperparameters: dict) -> str:
 
 
 def record(args: Args):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
     commit = (
         args.commit
         or subprocess.run(
@@ -93,35 +91,49 @@ def record(args: Args):
     )
     device = args.device or f"CPU {processor()}"
     os.makedirs(args.out, exist_ok=True)
+    refused = []
     for run_dir in args.run_dirs:
-        if not os.path.isdir(run_dir):
-            raise SystemExit(f"record.py: {run_dir} is not a folder")
-        hyperparameters, frames, values, damaged = read_run(run_dir, "eval/episodic_return")
-        if not {"exp_name", "env_id", "seed"} <= set(hyperparameters) or len(frames) == 0:
-            raise SystemExit(f"record.py: {run_dir} is not a run of the agent scripts with evaluations")
-        for name in damaged:
-            print(f"record.py: warning: {run_dir}/{name} is cut off or damaged; read up to frame {frames[-1]}")
-        events = EventAccumulator(run_dir, size_guidance={"scalars": 0, "tensors": 0})
-        events.Reload()
-        start = min(e.wall_time for tag in events.Tags()["tensors"] for e in events.Tensors(tag))
-        seconds = {e.step: e.wall_time - start for e in events.Scalars("eval/episodic_return")}
-        script = script_of(run_dir, hyperparameters)
-        algorithm = hyperparameters.get("algorithm")  # logged from 2026-12-07 on
-        if algorithm and algorithm != load_script(script).ALGORITHM:
-            other = f"{run_dir} ran other code than this checkout's {script}.py (algorithm {algorithm})"
-            if args.commit is None:  # an edited copy is not the script
-                raise SystemExit(f"record.py: {other}: not recorded (a run of another commit: give --commit)")
-            print(f"record.py: warning: {other}: recorded as commit {commit}, as --commit says")
-        flags = non_default_flags(script, hyperparameters)
-        path = os.path.join(args.out, f"{os.path.basename(os.path.normpath(run_dir))}.csv")
-        machine = [device, args.cpus or os.cpu_count(), flags]
-        with open(path, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(COLUMNS)
-            for frame, value in zip(frames, values):
-                row = [script, commit, hyperparameters["env_id"], hyperparameters["seed"], int(frame)]
-                writer.writerow([*row, f"{value:.2f}", f"{seconds[frame]:.0f}", *machine])
-        print(f"record.py: {run_dir} -> {path} ({len(frames)} evaluations, to frame {frames[-1]})")
+        try:
+            record_run(run_dir, args, commit, device)
+        except plot.Unreadable as error:  # that run is not recorded; the others still are
+            refused.append(str(error))
+    if refused:
+        count = f" ({len(refused)} of {len(args.run_dirs)} runs not recorded)" if len(args.run_dirs) > 1 else ""
+        raise plot.Unreadable("; ".join(refused) + count)
+
+
+def record_run(run_dir: str, args: Args, commit: str, device: str):
+    """Writes the CSV of one run directory, or raises plot.Unreadable saying why it cannot."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    if not os.path.isdir(run_dir):
+        raise plot.Unreadable(f"{run_dir} is not a folder")
+    hyperparameters, frames, values, damaged = read_run(run_dir, "eval/episodic_return")
+    if not {"exp_name", "env_id", "seed"} <= set(hyperparameters) or len(frames) == 0:
+        raise plot.Unreadable(f"{run_dir} is not a run of the agent scripts with evaluations")
+    for name in damaged:
+        print(f"record.py: warning: {run_dir}/{name} is cut off or damaged; read up to frame {frames[-1]}")
+    events = EventAccumulator(run_dir, size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    start = min(e.wall_time for tag in events.Tags()["tensors"] for e in events.Tensors(tag))
+    seconds = {e.step: e.wall_time - start for e in events.Scalars("eval/episodic_return")}
+    script = script_of(run_dir, hyperparameters)
+    algorithm = hyperparameters.get("algorithm")  # logged from 2026-12-07 on
+    if algorithm and algorithm != load_script(script).ALGORITHM:
+        other = f"{run_dir} ran other code than this checkout's {script}.py (algorithm {algorithm})"
+        if args.commit is None:  # an edited copy is not the script
+            raise plot.Unreadable(f"{other}: not recorded (a run of another commit: give --commit)")
+        print(f"record.py: warning: {other}: recorded as commit {commit}, as --commit says")
+    flags = non_default_flags(script, hyperparameters)
+    path = os.path.join(args.out, f"{os.path.basename(os.path.normpath(run_dir))}.csv")
+    machine = [device, args.cpus or os.cpu_count(), flags]
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(COLUMNS)
+        for frame, value in zip(frames, values):
+            row = [script, commit, hyperparameters["env_id"], hyperparameters["seed"], int(frame)]
+            writer.writerow([*row, f"{value:.2f}", f"{seconds[frame]:.0f}", *machine])
+    print(f"record.py: {run_dir} -> {path} ({len(frames)} evaluations, to frame {frames[-1]})")
 
 
 def read_records(folder):
