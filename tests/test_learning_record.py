@@ -103,12 +103,20 @@ def test_the_figure_has_a_panel_for_each_task_agent_and_precision(tmp_path, monk
     np.testing.assert_allclose(ours.get_ydata(), (seeds[0][:, 1] + seeds[1][:, 1]) / 2)
 
 
-def test_a_run_folder_that_is_not_there_is_one_line(tmp_path):
+def test_a_run_folder_that_is_not_there_or_holds_runs_is_one_line(tmp_path):
     missing = tmp_path / "runs" / "gone"
     recorded = subprocess.run(
         [sys.executable, str(RECORD), str(missing), "--out", str(tmp_path)], capture_output=True, text=True, check=False
     )
     assert recorded.returncode != 0 and recorded.stderr == f"record.py: {missing} is not a folder\n", recorded.stderr
+    write_run(
+        tmp_path / "runs" / "one",
+        {"exp_name": "drqv2_continuous_action", "env_id": "cartpole_balance", "seed": 1},
+        [(0, 1.0)],
+    )
+    record = load_record()
+    with pytest.raises(record.plot.Unreadable, match=r"\(a folder of runs\? give its runs: runs/\*\)"):
+        record.record(record.Args(run_dirs=[str(tmp_path / "runs")], out=str(tmp_path / "out")))
 
 
 def test_provenance_names_the_cpu_model_and_leaves_out_how_the_process_started():

@@ -110,7 +110,12 @@ def record_run(run_dir: str, args: Args, commit: str, device: str):
         raise plot.Unreadable(f"{run_dir} is not a folder")
     hyperparameters, frames, values, damaged = read_run(run_dir, "eval/episodic_return")
     if not {"exp_name", "env_id", "seed"} <= set(hyperparameters) or len(frames) == 0:
-        raise plot.Unreadable(f"{run_dir} is not a run of the agent scripts with evaluations")
+        hint = (
+            " (a folder of runs? give its runs: runs/*)"
+            if glob.glob(os.path.join(glob.escape(run_dir), "*", "events.*"))
+            else ""
+        )
+        raise plot.Unreadable(f"{run_dir} is not a run of the agent scripts with evaluations{hint}")
     for name in damaged:
         print(f"record.py: warning: {run_dir}/{name} is cut off or damaged; read up to frame {frames[-1]}")
     events = EventAccumulator(run_dir, size_guidance={"scalars": 0, "tensors": 0})
