@@ -351,7 +351,10 @@ def write_table(runs, references, args, rng) -> str:
                     cells.append("– (a task has no run at this budget)")
                     continue
                 low, high = bootstrap_ci(groups, statistic, args.bootstrap_reps, rng)
-                cells.append(f"{statistic(np.concatenate(groups)):.3f} [{low:.3f}, {high:.3f}]")
+                interval = (
+                    "(one seed a task: no interval)" if max(map(len, groups)) == 1 else f"[{low:.3f}, {high:.3f}]"
+                )
+                cells.append(f"{statistic(np.concatenate(groups)):.3f} {interval}")
             lines.append(f"| {method} | {name} | " + " | ".join(cells) + " |")
     if all(any(m == method for m, _ in runs) for method in IMPROVEMENT):
         lines += improvement_table(runs, args, rng)

@@ -840,6 +840,9 @@ def test_runs_of_an_edited_copy_are_kept_apart_from_the_original(tmp_path, capsy
     table = (tmp_path / "plots" / "results.md").read_text()
     assert "| cheetah_run | drqv2_continuous_action | 15.0 ± 5.0 (2) |" in table
     assert "| cheetah_run | drqv2_continuous_action (algorithm=0123456789abcdef) | 30.0 (1) |" in table
+    assert (
+        "| drqv2_continuous_action (algorithm=0123456789abcdef) | IQM | 0.030 (one seed a task: no interval) |" in table
+    )
     assert "Probability of improvement P(taco_continuous_action > drqv2_continuous_action)" in table
     note = "algorithm=HASH names runs whose script's code above its run machinery is not this checkout's"
     assert note in capsys.readouterr().out and f"- note: {note}" in table, "the notes are in results.md too"
