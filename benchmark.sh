@@ -369,6 +369,8 @@ fi
 # Local mode: at most WORKERS runs at once.
 cores=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # GNU nproc would report OMP_NUM_THREADS, not the cores
 threads=$((cores / WORKERS > 0 ? cores / WORKERS : 1))
+replaced=""  # an OMP_NUM_THREADS set before is said to be replaced, not silently
+[ -n "${OMP_NUM_THREADS:-}" ] && [ "$OMP_NUM_THREADS" != "$threads" ] && replaced=" (not the $OMP_NUM_THREADS set before)"
 declare -A WARNED=()  # the runs' warnings said so far: each once a sweep
 declare -A NAME_OF_PID=()
 declare -A LOG_START=()  # where this attempt's part of each run's log begins (a log holds every attempt)
@@ -419,7 +421,7 @@ not_started() {  # $1: a run, $2: why it is not started
 }
 
 if [ "$DRY_RUN" = 1 ]; then
-  echo "benchmark.sh (dry run): $N_RUNS, $WORKERS at a time, OMP_NUM_THREADS=$threads, in $OUT:"
+  echo "benchmark.sh (dry run): $N_RUNS, $WORKERS at a time, OMP_NUM_THREADS=$threads$replaced, in $OUT:"
   for run in "${RUNS[@]}"; do
     read -r script task seed <<< "$run"
     words=("$PYTHON" "$ROOT/$script" --env-id "$task" --seed "$seed" --resume auto "${RUN_ARGS[@]}")
@@ -428,7 +430,7 @@ if [ "$DRY_RUN" = 1 ]; then
   [ "$PLOT" = 1 ] && echo "then: $PLOT_COMMAND"
   exit 0
 fi
-echo "benchmark.sh: $N_RUNS, $WORKERS at a time, OMP_NUM_THREADS=$threads; output in $OUT"
+echo "benchmark.sh: $N_RUNS, $WORKERS at a time, OMP_NUM_THREADS=$threads$replaced; output in $OUT"
 for run in "${RUNS[@]}"; do
   read -r script task seed <<< "$run"
   while [ "${#NAME_OF_PID[@]}" -ge "$WORKERS" ]; do reap_one; done

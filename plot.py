@@ -386,7 +386,9 @@ def improvement_table(runs, args, rng) -> list:
             continue
         low, high = probability_of_improvement_ci(x_by_task, y_by_task, args.bootstrap_reps, rng)
         estimate = probability_of_improvement(x_by_task, y_by_task)
-        cells.append(f"{estimate:.3f} [{low:.3f}, {high:.3f}] ({plural(len(x_by_task), 'task')})")
+        single = max(map(len, x_by_task + y_by_task)) == 1
+        interval = "(one seed a task: no interval)" if single else f"[{low:.3f}, {high:.3f}]"
+        cells.append(f"{estimate:.3f} {interval} ({plural(len(x_by_task), 'task')})")
     return [*lines, f"| P({x} > {y}) | " + " | ".join(cells) + " |"]
 
 

@@ -270,7 +270,9 @@ def test_local_dry_run_prints_the_runs_and_runs_nothing(tmp_path):
     assert "9 tasks at 1M frames" in run_benchmark(["--help"], tmp_path).stdout
     # the threads per run follow the cores this process may use, not an OMP_NUM_THREADS in the caller's environment
     one = run_benchmark([*sweep, "--workers", "1", "--out", str(out)], tmp_path, env={"OMP_NUM_THREADS": "1"})
-    assert f"1 at a time, OMP_NUM_THREADS={len(os.sched_getaffinity(0))}," in one.stdout, one.stdout
+    cores = len(os.sched_getaffinity(0))
+    said = f"1 at a time, OMP_NUM_THREADS={cores}" + (" (not the 1 set before)," if cores > 1 else ",")
+    assert said in one.stdout, one.stdout
 
 
 def test_a_sweep_that_does_not_fit_on_the_disk_is_refused_unless_told(tmp_path):
@@ -791,6 +793,12 @@ def test_results_give_the_probability_that_taco_improves_on_drqv2(tmp_path):
     low, high = map(float, re.search(r"\[(.*), (.*)\]", cells[1]).groups())
     assert cells[1].startswith("0.625 [") and low < 0.625 < high and cells[1].endswith("(2 tasks)")
     assert cells[2] == "– (no task where both reached it)"
+    alone = tmp_path / "alone"  # one seed of each on one task
+    for name in ["taco_continuous_action_cheetah_run_1", "drqv2_continuous_action_cheetah_run_1"]:
+        shutil.copytree(runs / name, alone / name)
+    plot.main(plot.Args(runs_dir=str(alone), out=str(out), budgets=[100_000], bootstrap_reps=30))
+    row = next(line for line in (out / "results.md").read_text().splitlines() if line.startswith("| P("))
+    assert row.endswith("| 1.000 (one seed a task: no interval) (1 task) |"), "a point interval looked certain"
 
 
 def test_no_file_of_the_project_refers_outside_the_repository():
@@ -844,6 +852,7 @@ def test_runs_of_an_edited_copy_are_kept_apart_from_the_original(tmp_path, capsy
         "| drqv2_continuous_action (algorithm=0123456789abcdef) | IQM | 0.030 (one seed a task: no interval) |" in table
     )
     assert "Probability of improvement P(taco_continuous_action > drqv2_continuous_action)" in table
+    assert "| P(taco_continuous_action > drqv2_continuous_action) | 1.000 [" in table, "2 seeds against 1: an interval"
     note = "algorithm=HASH names runs whose script's code above its run machinery is not this checkout's"
     assert note in capsys.readouterr().out and f"- note: {note}" in table, "the notes are in results.md too"
 

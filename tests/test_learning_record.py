@@ -96,8 +96,8 @@ def test_the_figure_has_a_panel_for_each_task_agent_and_precision(tmp_path, monk
     assert titles == [f"cartpole_balance: {name}" for name in ["DrQ-v2, fp32", "DrQ-v2, --amp bf16", "TACO, fp32"]]
     # the published curve and the panel's runs (the two 1223c7d seeds share an entry); TACO's: our DrQ-v2 too
     assert [len(ax.get_legend().get_texts()) for ax in fig.axes] == [3, 2, 3]
-    (ours,) = [line for line in fig.axes[2].get_lines() if line.get_label().startswith("DrQ-v2 fp32, mean of")]
-    assert ours.get_label().startswith("DrQ-v2 fp32, mean of seeds 1, 2, 1223c7d")
+    (ours,) = [line for line in fig.axes[2].get_lines() if line.get_label().startswith("DrQ-v2 fp32 (mean)")]
+    assert ours.get_label().startswith("DrQ-v2 fp32 (mean), seeds 1, 2, 1223c7d")
     seeds = [np.loadtxt(tmp_path / f"{name}.csv", delimiter=",", skiprows=1, usecols=(4, 5)) for name in names[2:]]
     assert list(ours.get_xdata()) == list(seeds[0][:, 0])
     np.testing.assert_allclose(ours.get_ydata(), (seeds[0][:, 1] + seeds[1][:, 1]) / 2)

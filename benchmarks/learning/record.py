@@ -182,11 +182,10 @@ def figure(args: Args):
                 (device, flags, commit), seeds = max(groups.items(), key=lambda group: len(group[1]))
                 frames = sorted(set.intersection(*(set(f.tolist()) for f, _ in seeds.values())))
                 mean = [np.mean([v[list(f).index(frame)] for f, v in seeds.values()]) for frame in frames]
-                seeds_named = ", ".join(str(seed) for seed in sorted(seeds))
-                label = f"DrQ-v2 fp32, mean of seeds {seeds_named}, {commit}, {device}" + (
-                    f"\n({flags})" if flags else ""
+                name = "DrQ-v2 fp32 (mean)" if len(seeds) > 1 else "DrQ-v2 fp32"
+                ax.plot(
+                    frames, mean, ":", color="k", lw=1.5, label=run_label(name, sorted(seeds), commit, device, flags)
                 )
-                ax.plot(frames, mean, ":", color="k", lw=1.5, label=label)
         for (script, env_id, device, flags, seed, commit), (frames, values) in runs.items():
             if (env_id, script, precision(flags)) == (task, agent, amp):
                 colour = colours[(script, device, flags, commit)]  # the seeds of one setting share a colour
@@ -217,11 +216,16 @@ def legend_labels(runs) -> dict:
     labels = {}
     for script, env_id, device, flags, seed, commit in runs:
         group = sorted(seeds.pop((script, env_id, device, flags, commit), []))
-        named = f"seed {group[0]}" if len(group) == 1 else "seeds " + ", ".join(str(s) for s in group)
-        text = f"{plot.display_name(script)}, {named}, {commit}, {device}" + (f"\n({flags})" if flags else "")
-        text = "\n".join(textwrap.fill(line, 80, break_on_hyphens=False) for line in text.splitlines())  # no overlap
-        labels[(script, env_id, device, flags, seed, commit)] = text if group else None
+        text = run_label(plot.display_name(script), group, commit, device, flags) if group else None
+        labels[(script, env_id, device, flags, seed, commit)] = text
     return labels
+
+
+def run_label(name: str, seeds: list, commit: str, device: str, flags: str) -> str:
+    """A legend entry: the runs, their seeds, commit and device, then their flags; wrapped, so legends do not overlap."""
+    named = f"seed {seeds[0]}" if len(seeds) == 1 else "seeds " + ", ".join(str(s) for s in seeds)
+    text = f"{name}, {named}, {commit}, {device}" + (f"\n({flags})" if flags else "")
+    return "\n".join(textwrap.fill(line, 80, break_on_hyphens=False) for line in text.splitlines())
 
 
 def table(runs, frames) -> str:
