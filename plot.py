@@ -351,14 +351,16 @@ def write_table(runs, references, args, rng) -> str:
                     cells.append("– (a task has no run at this budget)")
                     continue
                 low, high = bootstrap_ci(groups, statistic, args.bootstrap_reps, rng)
-                interval = (
-                    "(one seed a task: no interval)" if max(map(len, groups)) == 1 else f"[{low:.3f}, {high:.3f}]"
-                )
-                cells.append(f"{statistic(np.concatenate(groups)):.3f} {interval}")
+                cells.append(f"{statistic(np.concatenate(groups)):.3f} {interval(groups, low, high)}")
             lines.append(f"| {method} | {name} | " + " | ".join(cells) + " |")
     if all(any(m == method for m, _ in runs) for method in IMPROVEMENT):
         lines += improvement_table(runs, args, rng)
     return "\n".join(lines) + "\n"
+
+
+def interval(groups: list, low: float, high: float) -> str:
+    """A 95% interval, or why there is none: from one seed a task, a bootstrap resamples nothing."""
+    return "(one seed a task: no interval)" if max(map(len, groups)) == 1 else f"[{low:.3f}, {high:.3f}]"
 
 
 def improvement_table(runs, args, rng) -> list:
@@ -386,9 +388,7 @@ def improvement_table(runs, args, rng) -> list:
             continue
         low, high = probability_of_improvement_ci(x_by_task, y_by_task, args.bootstrap_reps, rng)
         estimate = probability_of_improvement(x_by_task, y_by_task)
-        single = max(map(len, x_by_task + y_by_task)) == 1
-        interval = "(one seed a task: no interval)" if single else f"[{low:.3f}, {high:.3f}]"
-        cells.append(f"{estimate:.3f} {interval} ({plural(len(x_by_task), 'task')})")
+        cells.append(f"{estimate:.3f} {interval(x_by_task + y_by_task, low, high)} ({plural(len(x_by_task), 'task')})")
     return [*lines, f"| P({x} > {y}) | " + " | ".join(cells) + " |"]
 
 
@@ -563,9 +563,9 @@ def budgets_of(runs) -> list[int]:
     by_task = defaultdict(list)
     for (_, task), seeds in runs.items():
         by_task[task] += [{int(frame) for frame in frames} for frames, _ in seeds.values()]
-    frames = max(by_task.values(), key=lambda runs_frames: min(max(f) for f in runs_frames))
-    reached = min(max(f) for f in frames)
-    common = set.intersection(*frames)
+    best = max(by_task.values(), key=lambda runs_frames: min(max(f) for f in runs_frames))
+    reached = min(max(f) for f in best)
+    common = set.intersection(*best)
     return sorted({max((f for f in common if f <= reached // part), default=0) for part in (10, 2, 1)} - {0}) or [0]
 
 
