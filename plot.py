@@ -114,15 +114,26 @@ def read_run(run_dir: str, tag: str):
     return hyperparameters, frames, np.array([points[f] for f in frames], dtype=np.float64), damaged
 
 
-def checkout_algorithm(exp_name: str) -> str | None:
-    """The algorithm hash of this checkout's agent script of that name (beside plot.py), if it is one and loads."""
+def checkout_script(exp_name: str):
+    """This checkout's agent script of that name (beside plot.py) as a module, if it is one and loads."""
     if exp_name not in IMPROVEMENT:  # the two agent scripts: never code a log names
         return None
-    from evaluate_model import RunError, agent_script  # imports torch: only when runs differ in their code
+    from evaluate_model import RunError, agent_script  # imports torch: only for runs of the agent scripts
 
     with contextlib.suppress(RunError):
-        return agent_script(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{exp_name}.py")).ALGORITHM
+        return agent_script(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{exp_name}.py"))
     return None
+
+
+def unpublished(script, hyperparameters: dict, ignored) -> dict:
+    """{setting: (the run's value, the published one)} for each setting of a run, but those `ignored`, that differs
+    from its script's defaults for its task: the published settings."""
+    published = vars(script.resolve_args(script.Args(env_id=hyperparameters["env_id"])))
+    return {
+        name: (value, str(published[name]))
+        for name, value in hyperparameters.items()
+        if name in published and name not in ignored and str(published[name]) != value
+    }
 
 
 def still_running(run_dir: str) -> bool:
@@ -143,7 +154,8 @@ def method_names(configurations: dict) -> dict:
     for (exp_name, _), run_dirs in groups.items():
         settings = [{k: v for k, v in configurations[d].items() if k not in SAME_LEARNING} for d in run_dirs]
         differing = sorted({key for s in settings for key in s if len({t.get(key) for t in settings}) > 1})
-        here = checkout_algorithm(exp_name) if "algorithm" in differing else None
+        script = checkout_script(exp_name) if "algorithm" in differing else None
+        here = script and script.ALGORITHM
         for run_dir, setting in zip(run_dirs, settings):
             shown = [key for key in differing if key != "algorithm" or setting.get(key) != here]
             suffix = ", ".join(f"{key}={setting.get(key)}" for key in shown)
@@ -190,6 +202,24 @@ def find_runs(runs_dir: str, tag: str):
         report.append(
             f"  note: runs of {', '.join(cut)} cut episodes short (--max-episode-frames): their returns are not "
             "comparable with the published curves"
+        )
+    unpublished_settings = defaultdict(list)  # {(method, its settings other than the published ones): tasks}
+    for run_dir, (hyperparameters, _, _) in read.items():
+        script = checkout_script(hyperparameters["exp_name"])
+        if script and hyperparameters["env_id"] in script.TASK_PRESET:
+            settings = unpublished(script, hyperparameters, SAME_LEARNING | {"max_episode_frames"})
+            shown = ", ".join(
+                f"{name}={value} (published {published})" for name, (value, published) in settings.items()
+            )
+            if shown and hyperparameters["env_id"] not in unpublished_settings[(names[run_dir], shown)]:
+                unpublished_settings[(names[run_dir], shown)].append(hyperparameters["env_id"])
+    if unpublished_settings:
+        report.append(
+            "  note: settings other than the published ones (the script's defaults for the task): "
+            + "; ".join(
+                f"{method} on {', '.join(sorted(tasks))}: {shown}"
+                for (method, shown), tasks in unpublished_settings.items()
+            )
         )
     for run_dir, (hyperparameters, frames, values) in read.items():
         key = (names[run_dir], hyperparameters["env_id"])

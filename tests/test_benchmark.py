@@ -223,6 +223,8 @@ def test_local_sweep_runs_at_most_workers_at_once_and_plots(tmp_path):
     cut = "note: runs of cartpole_balance, cartpole_swingup, pendulum_swingup cut episodes short"
     assert f"\n  {cut}" in result.stdout, "the sweep's output gives the plotting step's notes"
     assert f"- {cut}" in (out / "plots" / "results.md").read_text()
+    tiny = "learning_starts=80 (published 4000), buffer_size=1000 (published 1000000), batch_size=8 (published 256)"
+    assert f"drqv2_continuous_action on cartpole_balance, cartpole_swingup, pendulum_swingup: {tiny}" in result.stdout
 
 
 def test_local_sweep_names_the_failed_run_after_the_others_finish(tmp_path):
@@ -831,6 +833,30 @@ def test_runs_with_other_settings_are_kept_apart_and_truncated_logs_named(tmp_pa
     assert "| cheetah_run | drqv2_continuous_action (nstep=1) | 300.0 (1) |" in table
     assert "kept apart" in printed and "plot.py: 3 run directories under" in printed, "notes are not directories"
     assert re.search(r"warning: \S*run2/events\.out\.tfevents\.\S+ is cut off or damaged; read up to frame", printed)
+    unpublished = "settings other than the published ones (the script's defaults for the task): "
+    assert f"note: {unpublished}drqv2_continuous_action (nstep=1) on cheetah_run: nstep=1 (published 3)\n" in printed
+
+
+def test_settings_other_than_the_published_ones_are_named_by_method_with_their_tasks(tmp_path, capsys):
+    """A sweep at another batch size than the paper's reads like the published method in the table: a note names
+    the settings that are not the script's defaults for the task (the published ones), by method, with its tasks;
+    the budget, logging and speed settings that leave the update unchanged are not named, nor are other code's."""
+    runs = tmp_path / "runs"
+    taco = {"exp_name": "taco_continuous_action", "batch_size": 256, "checkpoint_every": 2000, "cudagraphs": True}
+    for task in ["walker_walk", "cheetah_run"]:
+        for seed in [1, 2]:
+            write_run(runs / f"taco_{task}_{seed}", {**taco, "env_id": task, "seed": seed}, [(0, 0.0), (1000, 5.0)])
+    drqv2 = {"exp_name": "drqv2_continuous_action", "env_id": "cheetah_run", "seed": 1, "amp": "bf16"}
+    write_run(runs / "drqv2", {**drqv2, "total_timesteps": 1000, "stddev_schedule": "linear(1.0,0.1,500000)"}, [(0, 1)])
+    write_run(runs / "own", {"exp_name": "mine", "env_id": "cheetah_run", "seed": 1, "batch_size": 7}, [(0, 1.0)])
+    plot.main(plot.Args(runs_dir=str(runs), out=str(tmp_path / "plots"), bootstrap_reps=20))
+    note = (
+        "note: settings other than the published ones (the script's defaults for the task): drqv2_continuous_action "
+        "on cheetah_run: amp=bf16 (published none); taco_continuous_action on cheetah_run, walker_walk: "
+        "batch_size=256 (published 1024)"
+    )
+    assert f"\n  {note}\n" in capsys.readouterr().out
+    assert f"\n- {note}\n" in (tmp_path / "plots" / "results.md").read_text()
 
 
 def test_runs_of_an_edited_copy_are_kept_apart_from_the_original(tmp_path, capsys):

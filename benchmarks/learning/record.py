@@ -73,13 +73,8 @@ def script_of(run_dir: str, hyperparameters: dict) -> str:
 
 def non_default_flags(script, hyperparameters: dict) -> str:
     """`--flag value` for every setting of the run that differs from the script's defaults for its task."""
-    module = load_script(script)
-    defaults = vars(module.resolve_args(module.Args(env_id=hyperparameters["env_id"])))
-    flags = []
-    for name, value in hyperparameters.items():
-        if name not in NOT_FLAGS and name in defaults and str(defaults[name]) != value:
-            flags.append(f"--{name.replace('_', '-')} {value}")
-    return " ".join(flags)
+    settings = plot.unpublished(load_script(script), hyperparameters, NOT_FLAGS)
+    return " ".join(f"--{name.replace('_', '-')} {value}" for name, (value, _) in settings.items())
 
 
 def record(args: Args):
