@@ -233,7 +233,9 @@ def machine(device):
     bf16 = ", ".join(f"{name}: {'yes' if flag in flags else 'no'}" for name, flag in BF16_UNITS.items())
     gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "none"
     threads = torch.get_num_threads()
-    return f"CPU {processor()} ({bf16}), {os.cpu_count()} cores ({threads} torch threads); GPU {gpu}; torch {torch.__version__}"
+    usable = len(os.sched_getaffinity(0))  # taskset may pin the process to some of the machine's cores
+    cores = f"{usable} of {os.cpu_count()} cores" if usable < os.cpu_count() else f"{usable} cores"
+    return f"CPU {processor()} ({bf16}), {cores} ({threads} torch threads); GPU {gpu}; torch {torch.__version__}"
 
 
 BF16_UNITS = {"AMX bf16": "amx_bf16", "avx512_bf16": "avx512_bf16"}

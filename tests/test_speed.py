@@ -3,11 +3,14 @@ convolutions, out-of-place ReLUs, the flatten after the last ReLU, augmentation 
 float tolerance."""
 
 import copy
+import os
+import subprocess
+import sys
 
 import torch
 import torch.nn.functional as F
 
-from conftest import TINY_RUN, run_script, tiny_batch
+from conftest import ROOT, TINY_RUN, run_script, tiny_batch
 
 
 def plain_encoder_forward(self, obs):
@@ -189,3 +192,11 @@ def test_compiled_update_equals_the_eager_update(script):
             torch.testing.assert_close(
                 compiled_state[name]["state"][index]["exp_avg"], expected, rtol=1e-2, atol=1e-2 * scale, msg=name
             )
+
+
+def test_a_measurement_names_the_cores_it_was_pinned_to():
+    """A CPU measurement on a GPU machine, pinned with taskset to 2 of its 16 cores, was recorded as "16 cores"."""
+    code = "import os, speed, torch; os.sched_setaffinity(0, {0}); print(speed.machine(torch.device('cpu')))"
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "benchmarks")}
+    printed = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert f", 1 of {os.cpu_count()} cores (" in printed if os.cpu_count() > 1 else ", 1 cores (" in printed
