@@ -125,6 +125,15 @@ def checkout_script(exp_name: str):
     return None
 
 
+def script_of(hyperparameters: dict):
+    """This checkout's agent script that made a run, as a module: the one its exp_name names, else the one whose
+    settings are the run's (an --exp-name of the user's); None if neither."""
+    if hyperparameters["exp_name"] in IMPROVEMENT:
+        return checkout_script(hyperparameters["exp_name"])
+    fields = set(hyperparameters) - {"algorithm"}  # the code's hash: not a setting
+    return next((s for s in map(checkout_script, IMPROVEMENT) if s and set(vars(s.Args())) == fields), None)
+
+
 def unpublished(script, hyperparameters: dict, ignored) -> dict:
     """{setting: (the run's value, the published one)} for each setting of a run, but those `ignored`, that differs
     from its script's defaults for its task: the published settings."""
@@ -146,18 +155,21 @@ def still_running(run_dir: str) -> bool:
 
 
 def method_names(configurations: dict) -> dict:
-    """{run_dir: method name}: the exp_name, plus `(setting=value, ...)` where runs of one exp_name and task differ;
-    runs whose code (algorithm hash) is this checkout's script's keep the plain name when only the code differs."""
+    """{run_dir: method name}: the exp_name, plus `(setting=value, ...)` where runs of one exp_name and task differ.
+    A run named as one of the agent scripts whose code (algorithm hash) is not this checkout's script's is named by
+    its hash, even alone: an edited copy (or another commit's script) is not the script."""
     names, groups = {}, defaultdict(list)
     for run_dir, hyperparameters in configurations.items():
         groups[(hyperparameters["exp_name"], hyperparameters["env_id"])].append(run_dir)
     for (exp_name, _), run_dirs in groups.items():
         settings = [{k: v for k, v in configurations[d].items() if k not in SAME_LEARNING} for d in run_dirs]
         differing = sorted({key for s in settings for key in s if len({t.get(key) for t in settings}) > 1})
-        script = checkout_script(exp_name) if "algorithm" in differing else None
+        script = checkout_script(exp_name)
         here = script and script.ALGORITHM
         for run_dir, setting in zip(run_dirs, settings):
-            shown = [key for key in differing if key != "algorithm" or setting.get(key) != here]
+            algorithm = setting.get("algorithm")  # logged from 2026-12-07 on
+            other_code = algorithm != here if here and algorithm else "algorithm" in differing
+            shown = sorted({key for key in differing if key != "algorithm"} | ({"algorithm"} if other_code else set()))
             suffix = ", ".join(f"{key}={setting.get(key)}" for key in shown)
             names[run_dir] = f"{exp_name} ({suffix})" if shown else exp_name
     return names
@@ -205,9 +217,9 @@ def find_runs(runs_dir: str, tag: str):
         )
     unpublished_settings = defaultdict(list)  # {(method, its settings other than the published ones): tasks}
     for run_dir, (hyperparameters, _, _) in read.items():
-        script = checkout_script(hyperparameters["exp_name"])
+        script = script_of(hyperparameters)
         if script and hyperparameters["env_id"] in script.TASK_PRESET:
-            settings = unpublished(script, hyperparameters, SAME_LEARNING | {"max_episode_frames"})
+            settings = unpublished(script, hyperparameters, SAME_LEARNING | {"exp_name", "max_episode_frames"})
             shown = ", ".join(
                 f"{name}={value} (published {published})" for name, (value, published) in settings.items()
             )

@@ -849,11 +849,15 @@ def test_settings_other_than_the_published_ones_are_named_by_method_with_their_t
     drqv2 = {"exp_name": "drqv2_continuous_action", "env_id": "cheetah_run", "seed": 1, "amp": "bf16"}
     write_run(runs / "drqv2", {**drqv2, "total_timesteps": 1000, "stddev_schedule": "linear(1.0,0.1,500000)"}, [(0, 1)])
     write_run(runs / "own", {"exp_name": "mine", "env_id": "cheetah_run", "seed": 1, "batch_size": 7}, [(0, 1.0)])
+    # a copy of the TACO script run under a name of its own: its settings are TACO's (all of them are logged)
+    taco_script = load_script("taco_continuous_action")
+    copy = vars(taco_script.resolve_args(taco_script.Args(env_id="cheetah_run", exp_name="my_taco", batch_size=32)))
+    write_run(runs / "my_taco", copy, [(0, 1.0)])
     plot.main(plot.Args(runs_dir=str(runs), out=str(tmp_path / "plots"), bootstrap_reps=20))
     note = (
         "note: settings other than the published ones (the script's defaults for the task): drqv2_continuous_action "
-        "on cheetah_run: amp=bf16 (published none); taco_continuous_action on cheetah_run, walker_walk: "
-        "batch_size=256 (published 1024)"
+        "on cheetah_run: amp=bf16 (published none); my_taco on cheetah_run: batch_size=32 (published 1024); "
+        "taco_continuous_action on cheetah_run, walker_walk: batch_size=256 (published 1024)"
     )
     assert f"\n  {note}\n" in capsys.readouterr().out
     assert f"\n- {note}\n" in (tmp_path / "plots" / "results.md").read_text()
@@ -881,6 +885,12 @@ def test_runs_of_an_edited_copy_are_kept_apart_from_the_original(tmp_path, capsy
     assert "| P(taco_continuous_action > drqv2_continuous_action) | 1.000 [" in table, "2 seeds against 1: an interval"
     note = "algorithm=HASH names runs whose script's code above its run machinery is not this checkout's"
     assert note in capsys.readouterr().out and f"- note: {note}" in table, "the notes are in results.md too"
+    # alone, an edited copy under the script's name was that script's: only a difference told it apart
+    alone = {"exp_name": "drqv2_continuous_action", "env_id": "walker_walk", "seed": 1, "algorithm": "fedcba9876543210"}
+    write_run(tmp_path / "alone" / "run", alone, [(0, 0.0), (1000, 40.0)])
+    plot.main(plot.Args(runs_dir=str(tmp_path / "alone"), out=str(tmp_path / "plots"), bootstrap_reps=50))
+    table = (tmp_path / "plots" / "results.md").read_text()
+    assert "| walker_walk | drqv2_continuous_action (algorithm=fedcba9876543210) | 40.0 (1) |" in table
 
 
 def test_a_run_still_going_is_named_as_not_final(tmp_path):

@@ -127,7 +127,7 @@ def test_provenance_names_the_cpu_model_and_leaves_out_how_the_process_started()
 
     logged = {"env_id": "cartpole_balance", "seed": "2", "exp_name": "drqv2_continuous_action", "resume": "auto"}
     logged["batch_size"] = "64"
-    assert record.non_default_flags("drqv2_continuous_action", logged) == "--batch-size 64"
+    assert record.non_default_flags(record.plot.script_of(logged), logged) == "--batch-size 64"
     with open("/proc/cpuinfo") as cpuinfo:
         models = [line.split(":", 1)[1].strip() for line in cpuinfo if line.startswith("model name")]
     assert models, "this test needs a /proc/cpuinfo that names the CPU model"

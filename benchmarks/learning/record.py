@@ -23,12 +23,11 @@ import tyro
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
-sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]  # plot.py and evaluate_model.py; speed.py
 from speed import load_script, processor
 
 plot = load_script("plot")
 read_reference, read_run = plot.read_reference, plot.read_run
-SCRIPTS = ("drqv2_continuous_action", "taco_continuous_action")  # the only code a record imports
 
 COLUMNS = ["script", "commit", "env_id", "seed", "frame", "eval_return", "wall_seconds", "device", "cpus", "flags"]
 KEY = ("script", "env_id", "device", "flags", "seed", "commit")  # a recorded run: the columns of its first row
@@ -58,22 +57,9 @@ NOT_FLAGS = ("env_id", "seed", "resume")  # columns of their own, or how the pro
 # start with --resume auto); an exp_name of the run's own is a flag
 
 
-def script_of(run_dir: str, hyperparameters: dict) -> str:
-    """The agent script that made the run: its exp_name if that names one of them exactly, else the one whose settings
-    are the run's (an --exp-name of the user's); never a file that a log names."""
-    if hyperparameters["exp_name"] in SCRIPTS:
-        return hyperparameters["exp_name"]
-    for script in SCRIPTS:
-        if set(vars(load_script(script).Args())) == set(hyperparameters) - {"algorithm"}:  # the code's hash: no flag
-            return script
-    raise plot.Unreadable(
-        f"{run_dir}: its settings are not those of {' or '.join(SCRIPTS)}: no script to record it with"
-    )
-
-
 def non_default_flags(script, hyperparameters: dict) -> str:
     """`--flag value` for every setting of the run that differs from the script's defaults for its task."""
-    settings = plot.unpublished(load_script(script), hyperparameters, NOT_FLAGS)
+    settings = plot.unpublished(script, hyperparameters, NOT_FLAGS)
     return " ".join(f"--{name.replace('_', '-')} {value}" for name, (value, _) in settings.items())
 
 
@@ -117,10 +103,14 @@ def record_run(run_dir: str, args: Args, commit: str, device: str):
     events.Reload()
     start = min(e.wall_time for tag in events.Tags()["tensors"] for e in events.Tensors(tag))
     seconds = {e.step: e.wall_time - start for e in events.Scalars("eval/episodic_return")}
-    script = script_of(run_dir, hyperparameters)
+    script = plot.script_of(hyperparameters)
+    if script is None:
+        raise plot.Unreadable(
+            f"{run_dir}: its settings are not those of {' or '.join(sorted(plot.IMPROVEMENT))}: no script to record it"
+        )
     algorithm = hyperparameters.get("algorithm")  # logged from 2026-12-07 on
-    if algorithm and algorithm != load_script(script).ALGORITHM:
-        other = f"{run_dir} ran other code than this checkout's {script}.py (algorithm {algorithm})"
+    if algorithm and algorithm != script.ALGORITHM:
+        other = f"{run_dir} ran other code than this checkout's {script.__name__}.py (algorithm {algorithm})"
         if args.commit is None:  # an edited copy is not the script
             raise plot.Unreadable(f"{other}: not recorded (a run of another commit: give --commit)")
         print(f"record.py: warning: {other}: recorded as commit {commit}, as --commit says")
@@ -131,7 +121,7 @@ def record_run(run_dir: str, args: Args, commit: str, device: str):
         writer = csv.writer(f)
         writer.writerow(COLUMNS)
         for frame, value in zip(frames, values):
-            row = [script, commit, hyperparameters["env_id"], hyperparameters["seed"], int(frame)]
+            row = [script.__name__, commit, hyperparameters["env_id"], hyperparameters["seed"], int(frame)]
             writer.writerow([*row, f"{value:.2f}", f"{seconds[frame]:.0f}", *machine])
     print(f"record.py: {run_dir} -> {path} ({len(frames)} evaluations, to frame {frames[-1]})")
 
