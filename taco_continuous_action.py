@@ -5,7 +5,7 @@
 # replay, networks, TACO, agent (update), training loop (main). Below main, under one banner, the run machinery
 # (argument checks, CUDA graphs, memory, logs, checkpoints, signals): none of it changes what is learned. Blocks marked
 # `# --- shared: ... ---` are the same, byte for byte, in drqv2_continuous_action.py (a test keeps them so).
-# docs/taco.md explains each numbered detail.
+# docs/drqv2.md explains each numbered detail; docs/taco.md those TACO adds (the banners say "docs/taco.md").
 import ast
 import contextlib
 import copy
@@ -138,7 +138,7 @@ class Args:
     curl: bool = True
     """if toggled, adds the CURL loss (two augmentations of the same observation); --no-curl skips it entirely"""
     reward_loss: bool = True
-    """if toggled, adds reward prediction from (z_t, U_t); --no-reward-loss skips it entirely"""
+    """if toggled, adds prediction of the n-step return (--nstep) from (z_t, U_t); --no-reward-loss skips it"""
 
 
 # The published runs' settings (detail 2): DEFAULTS hold for every task except the OVERRIDES of some task families.
@@ -284,7 +284,7 @@ class DMCPixelEnv:
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Replay (details 3-5): whole episodes in a ring of frames stored once; stacks and n-step returns built at sampling
+# Replay (details 3-5; docs/taco.md 1): episodes in a ring of frames stored once; stacks, n-step and K-step windows
 
 
 class ReplayBuffer:
@@ -623,7 +623,7 @@ def taco_losses(encoder, action_encoder, head, obs, action_seq, future_obs, rewa
 
 
 # ----------------------------------------------------------------------------------------------------------------------
-# Agent (details 9-10): the networks and their optimizers, acting, and the update with its losses
+# Agent (details 9-10; docs/taco.md 3, 6): the networks and their optimizers, acting, and the update with its losses
 
 
 class Agent:
