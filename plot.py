@@ -3,7 +3,8 @@
 #                  with the DrQ-v2 authors' published curves overlaid (--reference);
 #   aggregate.png  IQM and mean of the normalised return over tasks, with 95% stratified bootstrap bands;
 #   results.md     per task and method, return at chosen budgets as mean ± standard error (seeds), the aggregates,
-#                  and the probability that TACO improves on DrQ-v2 when the sweep holds both.
+#                  the probability that TACO improves on DrQ-v2 when the sweep holds both, and notes (runs still
+#                  going, settings other than the published ones, episodes cut short).
 # Runs are grouped by the method (exp_name) and task (env_id) that each run logged in its hyperparameters; runs of
 # one method and task whose settings differ (other than the seed and settings that leave the update unchanged), or
 # whose script's code differs (the `algorithm` hash the scripts log: an edited copy), are kept apart, the method named
