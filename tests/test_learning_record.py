@@ -174,6 +174,15 @@ def test_a_run_is_recorded_with_one_of_the_two_scripts_never_code_its_log_names(
     assert not (tmp_path / "ran").exists(), "the file the log named was imported"
 
 
+def test_a_run_of_a_task_the_scripts_do_not_know_is_one_line(tmp_path):
+    """A log's task with no preset: record.py failed with a traceback from the script's own check."""
+    record = load_record()
+    write_run(tmp_path / "run", {"exp_name": "drqv2_continuous_action", "env_id": "no_such_task", "seed": 1}, [(0, 1)])
+    args = record.Args(run_dirs=[str(tmp_path / "run")], commit="abc1234", out=str(tmp_path / "out"))
+    with pytest.raises(record.plot.Unreadable, match="run: its task 'no_such_task' is not one of drqv2_continuous_act"):
+        record.record(args)
+
+
 @pytest.mark.parametrize("name", ["drqv2_continuous_action", "taco_continuous_action"])
 def test_a_run_with_an_exp_name_of_its_own_is_recorded_with_the_script_its_settings_are_of(tmp_path, name):
     record = load_record()

@@ -108,6 +108,8 @@ def record_run(run_dir: str, args: Args, commit: str, device: str):
         raise plot.Unreadable(
             f"{run_dir}: its settings are not those of {' or '.join(sorted(plot.IMPROVEMENT))}: no script to record it"
         )
+    if hyperparameters["env_id"] not in script.TASK_PRESET:  # a log's own word: no preset to compare its flags with
+        raise plot.Unreadable(f"{run_dir}: its task {hyperparameters['env_id']!r} is not one of {script.__name__}'s")
     algorithm = hyperparameters.get("algorithm")  # logged from 2026-12-07 on
     if algorithm and algorithm != script.ALGORITHM:
         other = f"{run_dir} ran other code than this checkout's {script.__name__}.py (algorithm {algorithm})"
