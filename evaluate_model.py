@@ -39,6 +39,9 @@ DOCUMENTED_DEFAULT = tyro.conf.arg(help_behavior_hint="")
 
 @dataclass
 class Args:
+    """Evaluates a model saved by an agent script's --save-model (or the policy of a run's checkpoint.pt): episodes
+    with the policy's mean action; prints the return's mean and standard deviation and writes them to a JSON file."""
+
     model_path: tyro.conf.Positional[str]
     """the `.cleanrl_model` file that `--save-model` wrote, or a run's `checkpoint.pt`"""
     script: Annotated[str | None, DOCUMENTED_DEFAULT] = None

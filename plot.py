@@ -29,6 +29,10 @@ SAME_LEARNING |= {"wandb_entity", "capture_video", "save_model", "checkpoint_eve
 SAME_LEARNING |= {"torch_deterministic", "compile", "cudagraphs", "replay_device", "tf32"}
 # (X, Y): results.md gives P(X > Y) when the sweep has runs of both
 IMPROVEMENT = ("taco_continuous_action", "drqv2_continuous_action")
+# the notes a figure seen alone must name (the notes themselves end results.md)
+CAVEATS = {"settings other than the published": "settings other than the published ones"}
+CAVEATS |= {"cut episodes short": "episodes cut short", "still running": "runs still going"}
+CAVEATS |= {"algorithm=HASH": "runs of other code"}
 OUTPUTS = ["results.md", "tasks.png", "tasks.pdf", "aggregate.png", "aggregate.pdf"]  # what it writes in --out
 
 # a field whose docstring says its default: --help shows that one, not "None"
@@ -37,6 +41,9 @@ DOCUMENTED_DEFAULT = tyro.conf.arg(help_behavior_hint="")
 
 @dataclass
 class Args:
+    """The plotting step of a sweep: reads the TensorBoard logs of every run under --runs-dir and writes tasks.png,
+    aggregate.png (each with a PDF) and results.md into --out (docs/running.md, "The plotting step")."""
+
     runs_dir: str = "runs"
     """folder searched (recursively) for run directories holding TensorBoard event files"""
     out: str = "plots"
@@ -220,7 +227,9 @@ def find_runs(runs_dir: str, tag: str):
     for run_dir, (hyperparameters, _, _) in read.items():
         script = script_of(hyperparameters)
         if script and hyperparameters["env_id"] in script.TASK_PRESET:
-            settings = unpublished(script, hyperparameters, SAME_LEARNING | {"exp_name", "max_episode_frames"})
+            # the evaluation's episodes too: a return of 2 episodes is not the published mean of 10
+            ignored = SAME_LEARNING - {"num_eval_episodes"} | {"exp_name", "max_episode_frames"}
+            settings = unpublished(script, hyperparameters, ignored)
             shown = ", ".join(
                 f"{name}={value} (published {published})" for name, (value, published) in settings.items()
             )
@@ -470,8 +479,10 @@ def figure_style(ax):
     ax.grid(alpha=0.3)
 
 
-def save_figure(fig, path):
-    """PNG at print resolution, and a PDF beside it."""
+def save_figure(fig, path, caveat: str = ""):
+    """PNG at print resolution, and a PDF beside it; a caveat above the panels, for a figure seen without its notes."""
+    if caveat:
+        fig.suptitle(caveat, y=1.02, fontsize=8, color="C3")
     fig.savefig(path, dpi=300, bbox_inches="tight")
     fig.savefig(os.path.splitext(path)[0] + ".pdf", bbox_inches="tight")
 
@@ -496,7 +507,7 @@ def reference_band(seeds: dict, max_frame: int):
     return frames, means, lowest, highest
 
 
-def plot_tasks(runs, references, args, rng, path):
+def plot_tasks(runs, references, args, rng, path, caveat):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -541,7 +552,7 @@ def plot_tasks(runs, references, args, rng, path):
     fig.legend(
         handles.values(), handles.keys(), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(handles), 3)
     )
-    save_figure(fig, path)
+    save_figure(fig, path, caveat)
     plt.close(fig)
 
 
@@ -559,7 +570,7 @@ def aggregate_curve(runs_of_task, tasks, statistic, args, rng):
     return tuple(map(np.array, zip(*points))) if points else None
 
 
-def plot_aggregate(runs, references, args, rng, path):
+def plot_aggregate(runs, references, args, rng, path, caveat):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -596,7 +607,7 @@ def plot_aggregate(runs, references, args, rng, path):
     fig.legend(
         handles.values(), handles.keys(), loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=min(len(handles), 3)
     )
-    save_figure(fig, path)
+    save_figure(fig, path, caveat)
     plt.close(fig)
 
 
@@ -672,8 +683,10 @@ def main(args: Args):
     table += "".join(f"\n- {note}" for note in notes) + ("\n" if notes else "")
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write(table)
-    plot_tasks(runs, references, args, rng, os.path.join(args.out, "tasks.png"))
-    plot_aggregate(runs, references, args, rng, os.path.join(args.out, "aggregate.png"))
+    caveats = [short for key, short in CAVEATS.items() if any(key in note for note in notes)]
+    caveat = f"Read with the notes of results.md: {', '.join(caveats)}" if caveats else ""
+    plot_tasks(runs, references, args, rng, os.path.join(args.out, "tasks.png"), caveat)
+    plot_aggregate(runs, references, args, rng, os.path.join(args.out, "aggregate.png"), caveat)
     print(table)
     print(f"plot.py: wrote {args.out}/tasks.png, {args.out}/aggregate.png and {args.out}/results.md")
 

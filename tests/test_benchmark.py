@@ -223,7 +223,9 @@ def test_local_sweep_runs_at_most_workers_at_once_and_plots(tmp_path):
     cut = "note: runs of cartpole_balance, cartpole_swingup, pendulum_swingup cut episodes short"
     assert f"\n  {cut}" in result.stdout, "the sweep's output gives the plotting step's notes"
     assert f"- {cut}" in (out / "plots" / "results.md").read_text()
-    tiny = "learning_starts=80 (published 4000), buffer_size=1000 (published 1000000), batch_size=8 (published 256)"
+    tiny = (
+        "learning_starts=80 (published 4000), num_eval_episodes=1 (published 10), buffer_size=1000 (published 1000000)"
+    )
     assert f"drqv2_continuous_action on cartpole_balance, cartpole_swingup, pendulum_swingup: {tiny}" in result.stdout
 
 
@@ -837,7 +839,7 @@ def test_runs_with_other_settings_are_kept_apart_and_truncated_logs_named(tmp_pa
     assert f"note: {unpublished}drqv2_continuous_action (nstep=1) on cheetah_run: nstep=1 (published 3)\n" in printed
 
 
-def test_settings_other_than_the_published_ones_are_named_by_method_with_their_tasks(tmp_path, capsys):
+def test_settings_other_than_the_published_ones_are_named_by_method_with_their_tasks(tmp_path, capsys, monkeypatch):
     """A sweep at another batch size than the paper's reads like the published method in the table: a note names
     the settings that are not the script's defaults for the task (the published ones), by method, with its tasks;
     the budget, logging and speed settings that leave the update unchanged are not named, nor are other code's."""
@@ -847,16 +849,20 @@ def test_settings_other_than_the_published_ones_are_named_by_method_with_their_t
         for seed in [1, 2]:
             write_run(runs / f"taco_{task}_{seed}", {**taco, "env_id": task, "seed": seed}, [(0, 0.0), (1000, 5.0)])
     drqv2 = {"exp_name": "drqv2_continuous_action", "env_id": "cheetah_run", "seed": 1, "amp": "bf16"}
-    write_run(runs / "drqv2", {**drqv2, "total_timesteps": 1000, "stddev_schedule": "linear(1.0,0.1,500000)"}, [(0, 1)])
+    drqv2 |= {"total_timesteps": 1000, "stddev_schedule": "linear(1.0,0.1,500000)", "num_eval_episodes": 2}
+    write_run(runs / "drqv2", drqv2, [(0, 1)])
     write_run(runs / "own", {"exp_name": "mine", "env_id": "cheetah_run", "seed": 1, "batch_size": 7}, [(0, 1.0)])
     # a copy of the TACO script run under a name of its own: its settings are TACO's (all of them are logged)
     taco_script = load_script("taco_continuous_action")
     copy = vars(taco_script.resolve_args(taco_script.Args(env_id="cheetah_run", exp_name="my_taco", batch_size=32)))
     write_run(runs / "my_taco", copy, [(0, 1.0)])
+    caveats = []  # a figure seen alone says to read it with the notes
+    monkeypatch.setattr(plot, "save_figure", lambda fig, path, caveat: caveats.append(caveat))
     plot.main(plot.Args(runs_dir=str(runs), out=str(tmp_path / "plots"), bootstrap_reps=20))
+    assert caveats == ["Read with the notes of results.md: settings other than the published ones"] * 2
     note = (
         "note: settings other than the published ones (the script's defaults for the task): drqv2_continuous_action "
-        "on cheetah_run: amp=bf16 (published none); my_taco on cheetah_run: batch_size=32 (published 1024); "
+        "on cheetah_run: amp=bf16 (published none), num_eval_episodes=2 (published 10); my_taco on cheetah_run: batch_size=32 (published 1024); "
         "taco_continuous_action on cheetah_run, walker_walk: batch_size=256 (published 1024)"
     )
     assert f"\n  {note}\n" in capsys.readouterr().out

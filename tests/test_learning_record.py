@@ -3,6 +3,7 @@
 import csv
 import glob
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -174,6 +175,13 @@ def test_a_run_is_recorded_with_one_of_the_two_scripts_never_code_its_log_names(
     assert not (tmp_path / "ran").exists(), "the file the log named was imported"
 
 
+def test_record_without_runs_says_what_to_give():
+    """It exited 0 having done nothing."""
+    record = load_record()
+    with pytest.raises(record.plot.Unreadable, match="^nothing to record: give run directories"):
+        record.record(record.Args())
+
+
 def test_a_run_of_a_task_the_scripts_do_not_know_is_one_line(tmp_path):
     """A log's task with no preset: record.py failed with a traceback from the script's own check."""
     record = load_record()
@@ -196,10 +204,11 @@ def test_a_run_with_an_exp_name_of_its_own_is_recorded_with_the_script_its_setti
     assert rows[0]["flags"] == "--exp-name my_ablation --batch-size 64"
 
 
-def test_a_run_of_edited_code_is_not_recorded_as_the_script(tmp_path, capsys):
+def test_a_run_of_edited_code_is_not_recorded_as_the_script(tmp_path, capsys, monkeypatch):
     """A run of an edited copy that kept the script's name was recorded as the script at this checkout's commit, and
-    the figure averaged it with the script's seeds. Its algorithm hash says so: refused, unless --commit names the
-    commit that made it (then a warning). The other runs of the same command are still recorded."""
+    the figure averaged it with the script's seeds. Its algorithm hash says so: refused, unless --commit names a
+    commit whose script has that hash (any commit was taken: an edited copy passed for a commit's script). The other
+    runs of the same command are still recorded."""
     record = load_record()
     script = load_script("drqv2_continuous_action")
     logged = vars(script.resolve_args(script.Args(env_id="cartpole_balance")))
@@ -211,8 +220,15 @@ def test_a_run_of_edited_code_is_not_recorded_as_the_script(tmp_path, capsys):
     assert not (tmp_path / "out" / "run.csv").exists() and (tmp_path / "out" / "good.csv").exists()
     with pytest.raises(record.plot.Unreadable, match=r"\(1 of 2 runs not recorded\)"):
         record.record(record.Args(run_dirs=both, out=str(tmp_path / "out")))
+    with pytest.raises(record.plot.Unreadable, match="algorithm 0123456789abcdef.*, nor the one at commit abc1234:"):
+        record.record(record.Args(run_dirs=[str(tmp_path / "run")], commit="abc1234", out=str(tmp_path / "out")))
+    assert not (tmp_path / "out" / "run.csv").exists()
+    assert record.algorithm_at("abc1234", "drqv2_continuous_action") is None  # no such commit
+    assert re.fullmatch("[0-9a-f]{16}", record.algorithm_at("HEAD", "drqv2_continuous_action"))
+    hashes = {("abc1234", "drqv2_continuous_action"): "0123456789abcdef"}  # a commit whose script is that code
+    monkeypatch.setattr(record, "algorithm_at", lambda commit, name: hashes.get((commit, name)))
     record.record(record.Args(run_dirs=[str(tmp_path / "run")], commit="abc1234", out=str(tmp_path / "out")))
-    assert "recorded as commit abc1234, as --commit says" in capsys.readouterr().out
+    assert "ran drqv2_continuous_action.py of commit abc1234, as --commit says" in capsys.readouterr().out
     assert (tmp_path / "out" / "run.csv").exists()
 
 

@@ -7,12 +7,14 @@
 # draws learning.png: each task's recorded runs over the published DrQ-v2 curves (mean and seed range), a panel for
 # each agent and precision (TACO's with the mean of our fp32 DrQ-v2 seeds too), and prints a table of the returns at
 # fixed frames for the README.
+import contextlib
 import csv
 import glob
 import os
 import re
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -25,6 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 sys.path[:0] = [ROOT, os.path.join(ROOT, "benchmarks")]  # plot.py and evaluate_model.py; speed.py
 from speed import load_script, processor
+from speed_versions import script_at
 
 plot = load_script("plot")
 read_reference, read_run = plot.read_reference, plot.read_run
@@ -37,6 +40,9 @@ DOCUMENTED_DEFAULT = plot.DOCUMENTED_DEFAULT  # a field whose docstring says its
 
 @dataclass
 class Args:
+    """Records learning runs: each run directory's evaluations, with their provenance, as <out>/<run_name>.csv (by
+    default into benchmarks/learning/, the project's record); or, with --figure, draws learning.png from those CSVs."""
+
     run_dirs: tyro.conf.Positional[list[str]] = field(default_factory=list)
     """run directories (runs/<run_name>) to record"""
     commit: Annotated[str | None, DOCUMENTED_DEFAULT] = None
@@ -63,7 +69,16 @@ def non_default_flags(script, hyperparameters: dict) -> str:
     return " ".join(f"--{name.replace('_', '-')} {value}" for name, (value, _) in settings.items())
 
 
+def algorithm_at(commit: str, name: str) -> str | None:
+    """The algorithm hash of the agent script `name` as it was at `commit`; None if there is none to load."""
+    with tempfile.TemporaryDirectory() as folder, contextlib.suppress(Exception):  # no such file, or it fails to load
+        return script_at(commit, name, folder).ALGORITHM
+    return None
+
+
 def record(args: Args):
+    if not args.run_dirs:
+        raise plot.Unreadable("nothing to record: give run directories (runs/<run_name>), or --figure to draw")
     commit = (
         args.commit
         or subprocess.run(
@@ -111,11 +126,13 @@ def record_run(run_dir: str, args: Args, commit: str, device: str):
     if hyperparameters["env_id"] not in script.TASK_PRESET:  # a log's own word: no preset to compare its flags with
         raise plot.Unreadable(f"{run_dir}: its task {hyperparameters['env_id']!r} is not one of {script.__name__}'s")
     algorithm = hyperparameters.get("algorithm")  # logged from 2026-12-07 on
-    if algorithm and algorithm != script.ALGORITHM:
+    if algorithm and algorithm != script.ALGORITHM:  # an edited copy is not the script
         other = f"{run_dir} ran other code than this checkout's {script.__name__}.py (algorithm {algorithm})"
-        if args.commit is None:  # an edited copy is not the script
+        if args.commit is None:
             raise plot.Unreadable(f"{other}: not recorded (a run of another commit: give --commit)")
-        print(f"record.py: warning: {other}: recorded as commit {commit}, as --commit says")
+        if algorithm_at(args.commit, script.__name__) != algorithm:
+            raise plot.Unreadable(f"{other}, nor the one at commit {args.commit}: not recorded")
+        print(f"record.py: {run_dir} ran {script.__name__}.py of commit {args.commit}, as --commit says")
     flags = non_default_flags(script, hyperparameters)
     path = os.path.join(args.out, f"{os.path.basename(os.path.normpath(run_dir))}.csv")
     machine = [device, args.cpus or os.cpu_count(), flags]
