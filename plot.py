@@ -126,8 +126,10 @@ def checkout_script(exp_name: str):
     """This checkout's agent script of that name (beside plot.py) as a module, if it is one and loads."""
     if exp_name not in IMPROVEMENT:  # the two agent scripts: never code a log names
         return None
-    from evaluate_model import RunError, agent_script  # imports torch: only for runs of the agent scripts
-
+    try:  # imports torch: only for runs of the agent scripts
+        from evaluate_model import RunError, agent_script
+    except ImportError:  # plot.py away from the repository: no script to compare with
+        return None
     with contextlib.suppress(RunError):
         return agent_script(os.path.join(os.path.dirname(os.path.abspath(__file__)), f"{exp_name}.py"))
     return None
