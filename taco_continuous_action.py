@@ -1114,7 +1114,7 @@ def load_checkpoint(path: str) -> dict:
 
 def find_run_to_resume(args) -> str | None:
     """The run directory --resume names (or holds the checkpoint file it names); for `auto`, the newest run of the
-    same env_id, exp_name and seed with a checkpoint, else None."""
+    same env_id, exp_name and seed with a checkpoint (by the start time in its name, which a copy keeps), else None."""
     if args.resume != "auto":
         run_dir = os.path.dirname(args.resume) if os.path.basename(args.resume) == CHECKPOINT else args.resume
         if not args.resume or not os.path.isfile(os.path.join(run_dir, CHECKPOINT)):
@@ -1125,7 +1125,7 @@ def find_run_to_resume(args) -> str | None:
     if not found:
         print(f"--resume auto: no run of {args.env_id}, seed {args.seed} ({args.exp_name}) under runs/; starting one")
         return None
-    chosen = os.path.dirname(max(found, key=os.path.getmtime))
+    chosen = os.path.dirname(max(found, key=lambda path: int(path.split(os.sep)[-2].rpartition("__")[2])))
     print(f"--resume auto: resuming {chosen}, the newest run of this task and seed ({len(found)} found)")
     return chosen
 

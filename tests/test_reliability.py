@@ -665,7 +665,7 @@ def test_a_slow_pace_is_shown_with_its_decimals():
     assert "| SPS 320 |" in run.progress(14000, 186.1, 320.4)
 
 
-def test_resume_auto_takes_the_newest_run_and_names_it(tmp_path):
+def test_resume_auto_takes_the_run_started_last_and_names_it(tmp_path):
     short = [*TINY_RUN, "--total-timesteps", "80", "--checkpoint-every", "40"]
     first = run_in_process("drqv2_continuous_action", [*short, "--resume", "auto"], tmp_path)
     # a user who left out --env-id sees which task starts
@@ -676,6 +676,8 @@ def test_resume_auto_takes_the_newest_run_and_names_it(tmp_path):
     time.sleep(1.1)  # run names hold the second they started
     second = run_in_process("drqv2_continuous_action", short, tmp_path)
     newest = max(glob.glob(str(tmp_path / "runs" / "*")))
+    # the first run's checkpoint file made newer (as copying a run makes it): the time in a run's name decides
+    os.utime(os.path.join(min(glob.glob(str(tmp_path / "runs" / "*"))), "checkpoint.pt"))
     last_eval = re.search(r"frame 80: eval return (\S+)", second).group(1)
     # no evaluation until frame 160, so the progress line at frame 120 shows the one of frame 80, from the checkpoint
     longer = [*short, "--total-timesteps", "160", "--eval-every", "1000", "--resume", "auto"]
