@@ -75,9 +75,7 @@ def published_drqv2(repo: str, device):
         stddev_clip=0.3,
         use_tb=True,  # the published config's default
     )
-    batch = random_batch(load_script("drqv2_continuous_action"), 256, 1, device)
-    published = tuple(batch[key] for key in ["obs", "action", "reward", "discount", "next_obs"])
-    return lambda: agent.update(iter([published]), step=100_000)
+    return agent
 
 
 def published_taco(repo: str, device):
@@ -100,10 +98,18 @@ def published_taco(repo: str, device):
         latent_a_dim="none",
         curl=True,
     )
-    batch = random_batch(load_script("taco_continuous_action"), 1024, 1, device)
-    keys = ["obs", "action", "action_seq", "reward", "discount", "next_obs", "future_obs"]
-    published = tuple(batch[key] for key in keys)
-    return lambda: agent.update(iter([published]), step=100_000)
+    return agent
+
+
+def published_update(agent, batch: dict, step: int) -> dict:
+    """One update of a published agent on our batch, handed over as its replay loader yields one."""
+    keys = ["obs", "action", "action_seq", "reward", "discount", "next_obs", "future_obs"]  # future_obs: TACO's
+    return agent.update(iter([tuple(batch[key] for key in keys if key in batch)]), step=step)
+
+
+def published_timed(agent, name: str, batch_size: int, device):
+    batch = random_batch(load_script(name), batch_size, 1, device)
+    return lambda: published_update(agent, batch, 100_000)
 
 
 def ours(name: str, batch_size: int, device, amp: str = "none"):
@@ -120,6 +126,9 @@ def main(args: Args):
     agents = [
         ("DrQ-v2", 256, published_drqv2(args.drqv2_repo, device), "drqv2_continuous_action"),
         ("TACO", 1024, published_taco(args.taco_repo, device), "taco_continuous_action"),
+    ]
+    agents = [
+        (name, size, published_timed(agent, script, size, device), script) for name, size, agent, script in agents
     ]
     ours_named = {"none": "ours fp32", "bf16": "ours bf16"}
     rows = [
