@@ -61,8 +61,7 @@ class Args:
     batch_size: int = 256
     """the batch of both agents (the published TACO uses 1024; the computation is the same)"""
     step: int = 5000
-    """the agent step the updates are made at: it sets the exploration std of the schedule (0.96 at 5000), so that
-    the noise clip (0.3) acts"""
+    """the agent step of the updates; it sets the exploration std (0.96 at 5000: the noise clip of 0.3 acts)"""
     results: str = os.path.join(ROOT, "benchmarks", "RESULTS.md")
     """Markdown file the results are appended to; empty to only print them"""
 
