@@ -119,8 +119,12 @@ def update(agent, published: bool, batch: dict, step: int, shifts: list) -> dict
         agent.use_tb = True  # its losses as metrics
         return {name: torch.tensor(value) for name, value in published_update(agent, batch, step).items()}
     script = sys.modules[type(agent).__module__]
+    drawn = script.random_shift
     script.random_shift = lambda images, pad=4: shifted(images, next(shifts))
-    return {tag.removeprefix("losses/"): value.float() for tag, value in agent.update(batch, step).items()}
+    try:
+        return {tag.removeprefix("losses/"): value.float() for tag, value in agent.update(batch, step).items()}
+    finally:
+        script.random_shift = drawn
 
 
 def compare(label: str, first, second, args: Args, draw_order: tuple[list, list], perturb: float = 0.0) -> list[str]:
