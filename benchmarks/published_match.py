@@ -9,11 +9,13 @@ For each update it prints the relative difference of each loss, the largest of t
 with, and the largest of the weights after the update, and appends the table, with the commit, the command and the
 machine, to benchmarks/RESULTS.md. The published agent's optimizers step with our gradients (after they are
 compared), so that both sides stay at the same weights: in fp32, a gradient at rounding level would otherwise move
-its weight by up to 2 learning rates through Adam, and the two runs would part. Two more rows say what the figures
-mean: the published agent against itself with its weights changed in the 7th digit (what fp32 rounding alone
-gives), and a control, ours given the shifts in the published order of draws (ours draws the TACO step's future
-before CURL's positive, the published code after; each side is otherwise handed them in the order it asks), to
-show that the comparison sees a difference where there is one."""
+its weight by up to 2 learning rates through Adam, and the two runs would part; so the weights' column checks only
+the optimizers and the target update, and the gradients' column is where a difference in a loss shows. Two more
+pairs of agents, a row per update each, say what the figures mean: the published agent against itself with its
+weights changed in the 7th digit (what fp32 rounding alone gives), and a control, ours given the shifts in the
+published order of draws (ours draws the TACO step's future before CURL's positive, the published code after; each
+side is otherwise handed them in the order it asks), to show that the comparison sees a difference where there is
+one."""
 
 import contextlib
 import copy
@@ -97,18 +99,24 @@ def record_gradients(agent, names: dict, replace: dict | None = None) -> dict:
 
         def recording_step(*args, attribute=attribute, optimizer=optimizer, step=step, **kwargs):
             params = [p for group in optimizer.param_groups for p in group["params"] if id(p) in names]
-            stepped[attribute] = {names[id(p)]: p.grad.clone() for p in params if p.grad is not None}
+            stepped[attribute] = {names[id(p)]: None if p.grad is None else p.grad.clone() for p in params}
             for p in params if replace is not None else []:  # a copy: a later backward may add to a gradient
-                p.grad = replace[attribute][names[id(p)]].clone() if names[id(p)] in replace[attribute] else None
+                given = replace.get(attribute, {}).get(names[id(p)])
+                p.grad = None if given is None else given.clone()
             return step(*args, **kwargs)
 
         optimizer.step = recording_step
     return stepped
 
 
-def relative(mine: torch.Tensor, theirs: torch.Tensor) -> float:
-    """|mine - theirs| / |theirs| (Euclidean norms over the tensor's elements)."""
-    return ((mine.double() - theirs.double()).norm() / theirs.double().norm().clamp_min(1e-30)).item()
+def relative(a: torch.Tensor | None, b: torch.Tensor | None) -> float:
+    """|a - b| / max(|a|, |b|), Euclidean norms over a tensor's elements; None (no gradient, no such loss) is 0, so
+    that a tensor one side has and the other lacks differs by 1."""
+    if a is None and b is None:
+        return 0.0
+    a = torch.zeros_like(b, dtype=torch.float64) if a is None else a.double()
+    b = torch.zeros_like(a) if b is None else b.double()
+    return ((a - b).norm() / torch.maximum(a.norm(), b.norm()).clamp_min(1e-30)).item()
 
 
 def update(agent, published: bool, batch: dict, step: int, shifts: list) -> dict:
@@ -149,9 +157,11 @@ def compare(label: str, first, second, args: Args, draw_order: tuple[list, list]
         for (agent, published), order in zip((first, second), draw_order):
             torch.manual_seed(1000 + index)  # the policy noise: both draw it in the same order and shapes
             losses.append(update(agent, published, batch, args.step, [shifts[i] for i in order]))
-        differences = {name: relative(losses[0][name], losses[1][name]) for name in LOSSES if name in losses[0]}
+        named_losses = [name for name in LOSSES if name in losses[0] or name in losses[1]]
+        differences = {name: relative(losses[0].get(name), losses[1].get(name)) for name in named_losses}
+        stepped = {(opt, name) for grads in (first_grads, second_grads) for opt in grads for name in grads[opt]}
         gradients = [
-            relative(g, second_grads[opt][name]) for opt, grads in first_grads.items() for name, g in grads.items()
+            relative(first_grads.get(o, {}).get(n), second_grads.get(o, {}).get(n)) for o, n in sorted(stepped)
         ]
         weights = max(relative(mine, theirs) for mine, theirs in zip(named[0].values(), named[1].values()))
         rows.append(
@@ -174,38 +184,56 @@ def ours(name: str, published) -> torch.nn.Module:
     return script.Agent((9, 84, 84), 1, args, torch.device("cpu"))
 
 
+def columns(row: str) -> tuple[dict, float, float]:
+    """A row's ({loss: relative difference}, largest gradient difference, largest weight difference)."""
+    _, _, _, losses, gradients, weights, _ = row.split("|")
+    named = dict(item.split() for item in losses.split(","))
+    return {name: float(value) for name, value in named.items()}, float(gradients.split()[0]), float(weights)
+
+
+def largest(rows: list[str]) -> str:
+    """The largest loss and gradient differences over the rows of one pair of agents."""
+    losses = max(max(columns(row)[0].values()) for row in rows)
+    return f"losses {losses:.1e}, gradients {max(columns(row)[1] for row in rows):.1e}"
+
+
 def main(args: Args):
     torch.manual_seed(0)
-    rows = [
-        "| agents | update | losses: relative difference | gradients at the optimizer steps: the largest | weights "
-        + "after: the largest |",
-        "| --- | --- | --- | --- | --- |",
-    ]
+    groups = {}  # a pair of agents: its rows
     repos = {"DrQ-v2": args.drqv2_repo, "TACO": args.taco_repo}
     for name, make in [("DrQ-v2", published_drqv2), ("TACO", published_taco)]:
         published = make(repos[name], torch.device("cpu"))
         published_order = list(range(len(OUR_ORDER[name])))
         both = ((ours(name, published), False), (published, True))
-        rows += compare(f"{name}: ours against the published", *both, args, (OUR_ORDER[name], published_order))
+        label = f"{name}: ours against the published"
+        groups[label] = compare(label, *both, args, (OUR_ORDER[name], published_order))
         published = make(repos[name], torch.device("cpu"))
         both = ((copy.deepcopy(published), True), (published, True))
         label = f"{name}: the published against itself, its weights x (1 + 1e-7 noise)"
-        rows += compare(label, *both, args, (published_order, published_order), perturb=1e-7)
+        groups[label] = compare(label, *both, args, (published_order, published_order), perturb=1e-7)
     published = published_taco(args.taco_repo, torch.device("cpu"))
     both = ((ours("TACO", published), False), (published, True))
     label = "TACO: control, ours given the shifts in the published order"
-    rows += compare(label, *both, args, (published_order, published_order))
+    groups[label] = compare(label, *both, args, (published_order, published_order))
+    rows = [
+        "| agents | update | losses: relative difference | gradients at the optimizer steps: the largest | weights "
+        + "after: the largest |",
+        "| --- | --- | --- | --- | --- |",
+        *(row for group in groups.values() for row in group),
+    ]
     text = f"## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {commit()}: our updates against the "
     text += f"published code\n\n- command: `python {shlex.join(sys.argv)}`\n- machine: {machine(torch.device('cpu'))}\n"
     text += f"- {args.updates} updates per pair of agents from the same weights (the published agent's initial ones); "
     text += f"batch {args.batch_size} of random data of cartpole_balance's shapes, at agent step {args.step}; the same "
-    text += "shifts and policy noise on both sides; each optimizer of the second agent steps with the first's "
-    text += "gradients, so that the weights stay the same; relative differences: |a - b| / |b|, Euclidean norms over a "
-    text += "tensor; the published agents' own code, from the clones named in the command\n\n" + "\n".join(rows) + "\n"
+    text += "shifts and policy noise on both sides; relative difference: |a - b| / max(|a|, |b|), Euclidean norms over "
+    text += "a tensor (a gradient or loss one side lacks: 1); the second agent's optimizers step with the first's "
+    text += "gradients, so the weights stay the same and their column checks only the optimizers and the target "
+    text += "update; the published agents' own code, from the clones named in the command\n\n" + "\n".join(rows)
+    text += "\n\nThe largest over the updates:\n\n" + "\n".join(f"- {k}: {largest(v)}" for k, v in groups.items())
     print("\n" + text)
     if args.results:
         with open(args.results, "a") as f:
-            f.write(text + "\n")
+            f.write(text + "\n\n")
         print(f"appended to {args.results}")
 
 

@@ -13,13 +13,6 @@ import published_match
 from speed import load_script
 
 
-def columns(row: str) -> tuple[dict, float, float]:
-    """A table row's ({loss: relative difference}, largest gradient difference, largest weight difference)."""
-    _, _, _, losses, gradients, weights, _ = row.split("|")
-    named = dict(item.split() for item in losses.split(","))
-    return {name: float(value) for name, value in named.items()}, float(gradients.split()[0]), float(weights)
-
-
 def test_rounding_stays_rounding_and_another_order_of_draws_is_seen():
     script = load_script("drqv2_continuous_action")
     args = script.resolve_args(tyro.cli(script.Args, args=["--env-id", "cartpole_balance"]))
@@ -30,9 +23,13 @@ def test_rounding_stays_rounding_and_another_order_of_draws_is_seen():
 
     rows = published_match.compare("DrQ-v2: ours", *two_agents(), settings, ([0, 1], [0, 1]), perturb=1e-7)
     for row in rows:  # the second agent steps with the first's gradients: the weights stay within rounding
-        losses, gradients, weights = columns(row)
+        losses, gradients, weights = published_match.columns(row)
         assert set(losses) == {"critic_loss", "actor_loss"} and max(losses.values()) < 1e-4, row
         assert gradients < 0.05 and weights < 1e-6, row
     swapped = published_match.compare("DrQ-v2: swapped", *two_agents(), settings, ([0, 1], [1, 0]))
-    assert all(columns(row)[1] > 0.05 for row in swapped), swapped
+    assert all(published_match.columns(row)[1] > 0.05 for row in swapped), swapped
+    first, second = two_agents()
+    second[0].encoder.convnet[0].bias.requires_grad_(False)  # a gradient one side lacks (a detached loss, say)
+    lacking = published_match.compare("DrQ-v2: one gradient lacking", first, second, settings, ([0, 1], [0, 1]))
+    assert all(published_match.columns(row)[1] == 1.0 for row in lacking), lacking
     assert script.random_shift.__name__ == "random_shift", "the script's augmentation is put back"
