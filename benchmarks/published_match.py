@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 import tyro
 from published_speed import published_drqv2, published_taco, published_update
-from speed import commit, load_script, machine, random_batch
+from speed import commit, load_script, machine, random_batch, report
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # our agent's networks: the published agent's, part by part (parameters in the same order and shapes)
@@ -230,11 +230,7 @@ def main(args: Args):
     text += "gradients, so the weights stay the same and their column checks only the optimizers and the target "
     text += "update; the published agents' own code, from the clones named in the command\n\n" + "\n".join(rows)
     text += "\n\nThe largest over the updates:\n\n" + "\n".join(f"- {k}: {largest(v)}" for k, v in groups.items())
-    print("\n" + text)
-    if args.results:
-        with open(args.results, "a") as f:
-            f.write(text + "\n\n")
-        print(f"appended to {args.results}")
+    report(text, args.results)
 
 
 if __name__ == "__main__":

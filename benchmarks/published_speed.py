@@ -25,7 +25,7 @@ from typing import Literal
 
 import torch
 import tyro
-from speed import commit, load_script, machine, random_batch, timed_in_turn
+from speed import commit, load_script, machine, random_batch, report, timed_in_turn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -157,11 +157,7 @@ def main(args: Args):
     header += f"update and ours (--amp {' / '.join(args.amp)}) in turn; one random batch of cartpole_balance's shapes, "
     header += "the published settings; the published agents' own code, from the clones named in the command\n\n"
     table = "\n".join(rows) + "\n"
-    print("\n" + header + table)
-    if args.results:
-        with open(args.results, "a") as f:
-            f.write(header + table + "\n")
-        print(f"appended to {args.results}")
+    report(header + table, args.results)
 
 
 if __name__ == "__main__":

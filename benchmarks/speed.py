@@ -241,6 +241,15 @@ def machine(device):
 BF16_UNITS = {"AMX bf16": "amx_bf16", "avx512_bf16": "avx512_bf16"}
 
 
+def report(text: str, results: str):
+    """Prints a measurement's Markdown (heading, provenance, table) and appends it to `results`, unless that is empty."""
+    print("\n" + text)
+    if results:
+        with open(results, "a") as f:
+            f.write(text.rstrip("\n") + "\n\n")
+        print(f"appended to {results}")
+
+
 def commit():
     def git(*command):
         return subprocess.run(["git", *command], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
@@ -342,11 +351,7 @@ def main(args: Args):
     header += f"- updates: median and minimum of {args.repeats} after one warm-up, random data of the shapes of "
     header += f"{args.env_id}; FLOPs counted by torch.utils.flop_counter over one update; the matmul rate of the "
     header += "update's dtype: median of rounds of 8 square matmuls, one before each timed update\n\n"
-    print("\n" + header + table)
-    if args.results:
-        with open(args.results, "a") as f:
-            f.write(header + table + "\n")
-        print(f"appended to {args.results}")
+    report(header + table, args.results)
 
 
 if __name__ == "__main__":

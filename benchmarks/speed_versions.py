@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 import tyro
-from speed import ROOT, commit, load_script, machine, random_batch, timed_in_turn
+from speed import ROOT, commit, load_script, machine, random_batch, report, timed_in_turn
 
 
 @dataclass
@@ -85,11 +85,7 @@ def main(args: Args):
     header += f"- command: `python {shlex.join(sys.argv)}`\n- machine: {machine(torch.device('cpu'))}\n"
     header += f"- updates: median of {args.rounds} round(s) after one warm-up, each round one update of each version "
     header += "in turn; same weights and random batch\n\n"
-    print("\n" + header + "\n".join(rows))
-    if args.results:
-        with open(args.results, "a") as f:
-            f.write(header + "\n".join(rows) + "\n\n")
-        print(f"appended to {args.results}")
+    report(header + "\n".join(rows), args.results)
 
 
 if __name__ == "__main__":

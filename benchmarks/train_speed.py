@@ -19,7 +19,7 @@ import torch
 import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from speed import ROOT, commit, machine
+from speed import ROOT, commit, machine, report
 
 
 @dataclass
@@ -97,11 +97,7 @@ def main(args: Args):
     header += f"{args.num_eval_episodes} episodes every {args.eval_every} frames, one run at a time; frames / s with "
     header += "evaluations over the last evaluation interval, the last evaluation included\n\n"
     table = header + "\n".join(rows) + "\n"
-    print("\n" + table)
-    if args.results:
-        with open(args.results, "a") as f:
-            f.write(table + "\n")
-        print(f"appended to {args.results}")
+    report(table, args.results)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import torch
 import tyro
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from speed import ROOT, commit, load_script, machine, random_batch, rss_bytes
+from speed import ROOT, commit, load_script, machine, random_batch, report, rss_bytes
 
 
 @dataclass
@@ -99,11 +99,7 @@ def main(args: Args):
     header += "after the first and the last of "
     header += f"{args.updates} updates on random batches; no replay\n\n"
     table = "\n".join(rows) + "\n"
-    print("\n" + header + table)
-    if args.results:
-        with open(args.results, "a") as f:
-            f.write(header + table + "\n")
-        print(f"appended to {args.results}")
+    report(header + table, args.results)
 
 
 if __name__ == "__main__":
