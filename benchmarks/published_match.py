@@ -173,7 +173,7 @@ def compare(label: str, first, second, args: Args, draw_order: tuple[list, list]
     return rows
 
 
-def ours(name: str, published) -> torch.nn.Module:
+def ours(name: str, published):
     """Our agent of cartpole_balance's settings, checked to be the published agent's."""
     script = load_script(SCRIPTS[name])
     args = script.resolve_args(tyro.cli(script.Args, args=["--env-id", "cartpole_balance"]))
