@@ -1,6 +1,8 @@
 # How saturated a run's actor is: on replay states of its checkpoint, the actor's output before its tanh and the share
 # of mean actions beyond +-0.99 (a tanh saturated far enough passes almost no gradient, so the policy cannot move).
 # A finished run's checkpoint holds no replay: then the states are those the policy visits acting with its mean action.
+# It also says whether the critic prefers the actor's mean action to its opposite: whether the critic holds a pinned
+# actor there, or the actor is stuck where the critic would have it move.
 #   python benchmarks/learning/actor_saturation.py runs/<run_name> [--states 512]
 import os
 import sys
@@ -46,14 +48,19 @@ def saturation(run_dir: str, states: int = 512, seed: int = 0) -> dict:
             visited.append(env.reset() if done else obs)
         observations = torch.as_tensor(np.stack(visited))
     with torch.no_grad():
-        pre_tanh = agent.actor.policy(agent.actor.trunk(agent.encoder(observations)))
-    action = torch.tanh(pre_tanh)
+        features = agent.encoder(observations)
+        pre_tanh = agent.actor.policy(agent.actor.trunk(features))
+        action = torch.tanh(pre_tanh)
+        scored = getattr(agent, "action_encoder", lambda a: a)  # TACO's critic scores the latent action g(a)
+        q_gap = torch.min(*agent.critic(features, scored(action))) - torch.min(*agent.critic(features, scored(-action)))
     return {
         "frame": checkpoint["global_step"] * args.action_repeat,
         "pre_tanh_mean": pre_tanh.mean().item(),
         "pre_tanh_std": pre_tanh.std().item(),
         "mean_action": action.mean().item(),
         "saturated_share": (action.abs() > 0.99).float().mean().item(),
+        "q_gap_mean": q_gap.mean().item(),
+        "critic_prefers_share": (q_gap > 0).float().mean().item(),
         "states": "replay states" if checkpoint["replay"] is not None else "states the policy visits",
     }
 
@@ -64,5 +71,7 @@ if __name__ == "__main__":
     print(
         f"{args.run_dir} at frame {result['frame']}: pre-tanh {result['pre_tanh_mean']:.2f} ± "
         f"{result['pre_tanh_std']:.2f}, mean action {result['mean_action']:.3f}, "
-        f"{100 * result['saturated_share']:.0f}% of actions beyond ±0.99 ({args.states} {result['states']})"
+        f"{100 * result['saturated_share']:.0f}% of actions beyond ±0.99 ({args.states} {result['states']}); the "
+        f"critic prefers the mean action to its opposite on {100 * result['critic_prefers_share']:.0f}% of them "
+        f"(Q gap {result['q_gap_mean']:+.2f} on average)"
     )
