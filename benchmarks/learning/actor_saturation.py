@@ -2,7 +2,8 @@
 # of mean actions beyond +-0.99 (a tanh saturated far enough passes almost no gradient, so the policy cannot move).
 # A finished run's checkpoint holds no replay: then the states are those the policy visits acting with its mean action.
 # It also says whether the critic prefers the actor's mean action to its opposite: whether the critic holds a pinned
-# actor there, or the actor is stuck where the critic would have it move.
+# actor there, or the actor is stuck where the critic would have it move. And how far one more Adam step along the
+# actor's moments (the last gradients') moves its output before the tanh: near 0, the actor no longer learns.
 #   python benchmarks/learning/actor_saturation.py runs/<run_name> [--states 512]
 import os
 import sys
@@ -53,8 +54,17 @@ def saturation(run_dir: str, states: int = 512, seed: int = 0) -> dict:
         action = torch.tanh(pre_tanh)
         scored = getattr(agent, "action_encoder", lambda a: a)  # TACO's critic scores the latent action g(a)
         q_gap = torch.min(*agent.critic(features, scored(action))) - torch.min(*agent.critic(features, scored(-action)))
+        group = agent.actor_opt.param_groups[0]  # one Adam step along the moments it holds: m̂ / (√v̂ + eps)
+        (beta1, beta2) = group["betas"]
+        for weight in (weight for weight in group["params"] if agent.actor_opt.state[weight]):  # none before updates
+            moments = agent.actor_opt.state[weight]
+            first = moments["exp_avg"] / (1 - beta1 ** moments["step"])
+            second = moments["exp_avg_sq"] / (1 - beta2 ** moments["step"])
+            weight -= group["lr"] * first / (second.sqrt() + group["eps"])
+        moved = agent.actor.policy(agent.actor.trunk(features)) - pre_tanh
     return {
         "frame": checkpoint["global_step"] * args.action_repeat,
+        "step_moves": moved.mean().item(),
         "pre_tanh_mean": pre_tanh.mean().item(),
         "pre_tanh_std": pre_tanh.std().item(),
         "mean_action": action.mean().item(),
@@ -73,5 +83,6 @@ if __name__ == "__main__":
         f"{result['pre_tanh_std']:.2f}, mean action {result['mean_action']:.3f}, "
         f"{100 * result['saturated_share']:.0f}% of actions beyond ±0.99 ({args.states} {result['states']}); the "
         f"critic prefers the mean action to its opposite on {100 * result['critic_prefers_share']:.0f}% of them "
-        f"(Q gap {result['q_gap_mean']:+.2f} on average)"
+        f"(Q gap {result['q_gap_mean']:+.2f} on average); one more Adam step moves the pre-tanh by "
+        f"{result['step_moves']:+.1e} on average"
     )
