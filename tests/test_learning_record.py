@@ -78,6 +78,7 @@ def test_records_a_run_with_its_provenance_and_draws_the_figure(tiny_run, tmp_pa
     for name in ["drqv2_continuous_action", "taco_continuous_action"]:  # TACO's critic scores the latent g(a)
         result = saturation(tiny_run(name)[1], states=64)
         assert 0.0 <= result["critic_prefers_share"] <= 1.0 and np.isfinite(result["q_gap_mean"])
+        assert 0.0 <= result["inside_best_share"] <= 1.0
         assert result["step_moves"] != 0, "the actor's Adam moments, from its updates, move its output"
 
 

@@ -1,9 +1,9 @@
 # How saturated a run's actor is: on replay states of its checkpoint, the actor's output before its tanh and the share
 # of mean actions beyond +-0.99 (a tanh saturated far enough passes almost no gradient, so the policy cannot move).
 # A finished run's checkpoint holds no replay: then the states are those the policy visits acting with its mean action.
-# It also says whether the critic prefers the actor's mean action to its opposite: whether the critic holds a pinned
-# actor there, or the actor is stuck where the critic would have it move. And how far one more Adam step along the
-# actor's moments (the last gradients') moves its output before the tanh: near 0, the actor no longer learns.
+# It also says whether the critic prefers the actor's mean action to its opposite, and whether the critic's best action
+# lies inside the action range at all (a critic whose best is always at an edge drives the actor into saturation); and
+# how far one more Adam step along the actor's moments (its recent gradients) moves its output before the tanh.
 #   python benchmarks/learning/actor_saturation.py runs/<run_name> [--states 512]
 import os
 import sys
@@ -54,6 +54,9 @@ def saturation(run_dir: str, states: int = 512, seed: int = 0) -> dict:
         action = torch.tanh(pre_tanh)
         scored = getattr(agent, "action_encoder", lambda a: a)  # TACO's critic scores the latent action g(a)
         q_gap = torch.min(*agent.critic(features, scored(action))) - torch.min(*agent.critic(features, scored(-action)))
+        edge = action / action.abs().amax(-1, keepdim=True).clamp_min(1e-6)  # the mean action stretched to the edge
+        along = torch.stack([torch.min(*agent.critic(features, scored(t * edge))) for t in torch.linspace(-1, 1, 21)])
+        best = along.argmax(0)  # of 21 actions from -edge to +edge: inside, or at either end
         group = agent.actor_opt.param_groups[0]  # one Adam step along the moments it holds: m̂ / (√v̂ + eps)
         (beta1, beta2) = group["betas"]
         for weight in (weight for weight in group["params"] if agent.actor_opt.state[weight]):  # none before updates
@@ -71,6 +74,7 @@ def saturation(run_dir: str, states: int = 512, seed: int = 0) -> dict:
         "saturated_share": (action.abs() > 0.99).float().mean().item(),
         "q_gap_mean": q_gap.mean().item(),
         "critic_prefers_share": (q_gap > 0).float().mean().item(),
+        "inside_best_share": ((best > 0) & (best < 20)).float().mean().item(),
         "states": "replay states" if checkpoint["replay"] is not None else "states the policy visits",
     }
 
@@ -83,6 +87,7 @@ if __name__ == "__main__":
         f"{result['pre_tanh_std']:.2f}, mean action {result['mean_action']:.3f}, "
         f"{100 * result['saturated_share']:.0f}% of actions beyond ±0.99 ({args.states} {result['states']}); the "
         f"critic prefers the mean action to its opposite on {100 * result['critic_prefers_share']:.0f}% of them "
-        f"(Q gap {result['q_gap_mean']:+.2f} on average); one more Adam step moves the pre-tanh by "
+        f"(Q gap {result['q_gap_mean']:+.2f} on average), and its best action on the line through the mean action, edge "
+        f"to edge, lies inside on {100 * result['inside_best_share']:.0f}%; one more Adam step moves the pre-tanh by "
         f"{result['step_moves']:+.1e} on average"
     )
