@@ -19,6 +19,10 @@ from speed import load_script
 
 @dataclass
 class Args:
+    """How saturated a run's actor is (its pre-tanh output, the share of mean actions beyond +-0.99), whether its
+    critic prefers the mean action to its opposite and has its best action inside the range, and which way one more
+    Adam step along the actor's moments moves its output (the sign; Adam normalises the size)."""
+
     run_dir: tyro.conf.Positional[str]
     """a run directory with a checkpoint"""
     states: int = 512
@@ -29,6 +33,8 @@ class Args:
 
 def saturation(run_dir: str, states: int = 512, seed: int = 0) -> dict:
     drqv2 = load_script("drqv2_continuous_action")  # both scripts load checkpoints with the same machinery
+    if not os.path.isfile(f"{run_dir}/checkpoint.pt"):
+        raise SystemExit(f"error: no checkpoint.pt in {run_dir}: give a run directory of either script")
     checkpoint = drqv2.load_checkpoint(f"{run_dir}/checkpoint.pt")
     module = load_script("taco_continuous_action") if "multistep" in checkpoint["args"] else drqv2
     args = module.Args(**checkpoint["args"])
@@ -41,7 +47,7 @@ def saturation(run_dir: str, states: int = 512, seed: int = 0) -> dict:
         )
         replay.load_state_dict(checkpoint["replay"])
         replay.rng = np.random.default_rng(seed)  # the states drawn, not the run's next batch
-        observations = replay.sample(states)["obs"]
+        observations = replay.sample(states)["obs"]  # with replacement: from fewer stored, some come twice
     else:
         visited = [env.reset()]
         while len(visited) < states:
@@ -54,7 +60,7 @@ def saturation(run_dir: str, states: int = 512, seed: int = 0) -> dict:
         action = torch.tanh(pre_tanh)
         scored = getattr(agent, "action_encoder", lambda a: a)  # TACO's critic scores the latent action g(a)
         q_gap = torch.min(*agent.critic(features, scored(action))) - torch.min(*agent.critic(features, scored(-action)))
-        edge = action / action.abs().amax(-1, keepdim=True).clamp_min(1e-6)  # the mean action stretched to the edge
+        edge = (action / action.abs().amax(-1, keepdim=True)).nan_to_num(1.0)  # the mean action stretched to the edge
         along = torch.stack([torch.min(*agent.critic(features, scored(t * edge))) for t in torch.linspace(-1, 1, 21)])
         best = along.argmax(0)  # of 21 actions from -edge to +edge: inside, or at either end
         group = agent.actor_opt.param_groups[0]  # one Adam step along the moments it holds: m̂ / (√v̂ + eps)
@@ -75,7 +81,10 @@ def saturation(run_dir: str, states: int = 512, seed: int = 0) -> dict:
         "q_gap_mean": q_gap.mean().item(),
         "critic_prefers_share": (q_gap > 0).float().mean().item(),
         "inside_best_share": ((best > 0) & (best < 20)).float().mean().item(),
-        "states": "replay states" if checkpoint["replay"] is not None else "states the policy visits",
+        "states": "states the policy visits"
+        if checkpoint["replay"] is None
+        else f"replay states, {replay.num_transitions} stored",
+        "updated": bool(agent.actor_opt.state),
     }
 
 
@@ -90,4 +99,5 @@ if __name__ == "__main__":
         f"(Q gap {result['q_gap_mean']:+.2f} on average), and its best action on the line through the mean action, edge "
         f"to edge, lies inside on {100 * result['inside_best_share']:.0f}%; one more Adam step moves the pre-tanh by "
         f"{result['step_moves']:+.1e} on average"
+        + ("" if result["updated"] else " (no update yet: the networks are as initialised)")
     )
