@@ -64,8 +64,9 @@ def saturation(run_dir: str, states: int = 512, seed: int = 0) -> dict:
         along = torch.stack([torch.min(*agent.critic(features, scored(t * edge))) for t in torch.linspace(-1, 1, 21)])
         best = along.argmax(0)  # of 21 actions from -edge to +edge: inside, or at either end
         group = agent.actor_opt.param_groups[0]  # one Adam step along the moments it holds: m̂ / (√v̂ + eps)
-        (beta1, beta2) = group["betas"]
-        for weight in (weight for weight in group["params"] if agent.actor_opt.state[weight]):  # none before updates
+        beta1, beta2 = group["betas"]
+        trained = [weight for weight in group["params"] if agent.actor_opt.state.get(weight)]  # none before updates
+        for weight in trained:
             moments = agent.actor_opt.state[weight]
             first = moments["exp_avg"] / (1 - beta1 ** moments["step"])
             second = moments["exp_avg_sq"] / (1 - beta2 ** moments["step"])
@@ -84,7 +85,7 @@ def saturation(run_dir: str, states: int = 512, seed: int = 0) -> dict:
         "states": "states the policy visits"
         if checkpoint["replay"] is None
         else f"replay states, {replay.num_transitions} stored",
-        "updated": bool(agent.actor_opt.state),
+        "updated": bool(trained),
     }
 
 
