@@ -17,7 +17,7 @@ from conftest import ROOT, load_script, read_scalars
 RECORD = ROOT / "benchmarks" / "learning" / "record.py"
 
 
-def test_records_a_run_with_its_provenance_and_draws_the_figure(tiny_run, tmp_path):
+def test_records_a_run_with_its_provenance_and_draws_the_figure(tiny_run, tmp_path, monkeypatch):
     _, run_dir = tiny_run("drqv2_continuous_action")
     out = tmp_path / "new" / "learning"  # made by record.py
     command = [sys.executable, str(RECORD), run_dir, "--commit", "abc1234", "--device", "NVIDIA H200", "--cpus", "16"]
@@ -77,9 +77,22 @@ def test_records_a_run_with_its_provenance_and_draws_the_figure(tiny_run, tmp_pa
     assert result["states"] == "states the policy visits", "a finished run's checkpoint holds no replay"
     for name in ["drqv2_continuous_action", "taco_continuous_action"]:  # TACO's critic scores the latent g(a)
         result = saturation(tiny_run(name)[1], states=64)
-        assert 0.0 <= result["critic_prefers_share"] <= 1.0 and np.isfinite(result["q_gap_mean"])
-        assert 0.0 <= result["inside_best_share"] <= 1.0
+        assert np.isfinite(result["q_gap_mean"])
         assert result["step_moves"] != 0, "the actor's Adam moments, from its updates, move its output"
+    # critics whose best action is known: inside the range at 0.5 (either way along the line), at the edge +1, and
+    # nowhere (a flat critic, which no state prefers and whose ties count as the edge)
+    critic = load_script("drqv2_continuous_action").Critic
+    for value, inside, prefers in [
+        (lambda a: -((a - 0.5) ** 2), 1.0, None),
+        (lambda a: a, 0.0, None),
+        (lambda a: 0 * a, 0.0, 0.0),
+    ]:
+        monkeypatch.setattr(
+            critic, "forward", lambda self, features, action, value=value: (value(action), value(action))
+        )
+        result = saturation(run_dir, states=16)
+        assert result["inside_best_share"] == inside
+        assert prefers is None or result["critic_prefers_share"] == prefers
 
 
 def test_the_figure_has_a_panel_for_each_task_agent_and_precision(tmp_path, monkeypatch):

@@ -59,9 +59,13 @@ def saturation(run_dir: str, states: int = 512, seed: int = 0) -> dict:
         pre_tanh = agent.actor.policy(agent.actor.trunk(features))
         action = torch.tanh(pre_tanh)
         scored = getattr(agent, "action_encoder", lambda a: a)  # TACO's critic scores the latent action g(a)
-        q_gap = torch.min(*agent.critic(features, scored(action))) - torch.min(*agent.critic(features, scored(-action)))
+
+        def q(actions):  # the smaller of the two critics' values, as the actor's loss takes it
+            return torch.min(*agent.critic(features, scored(actions)))
+
+        q_gap = q(action) - q(-action)
         edge = (action / action.abs().amax(-1, keepdim=True)).nan_to_num(1.0)  # the mean action stretched to the edge
-        along = torch.stack([torch.min(*agent.critic(features, scored(t * edge))) for t in torch.linspace(-1, 1, 21)])
+        along = torch.stack([q(t * edge) for t in torch.linspace(-1, 1, 21)])
         best = along.argmax(0)  # of 21 actions from -edge to +edge: inside, or at either end
         group = agent.actor_opt.param_groups[0]  # one Adam step along the moments it holds: m̂ / (√v̂ + eps)
         beta1, beta2 = group["betas"]
