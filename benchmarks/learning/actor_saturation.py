@@ -3,7 +3,8 @@
 # A finished run's checkpoint holds no replay: then the states are those the policy visits acting with its mean action.
 # It also says whether the critic prefers the actor's mean action to its opposite, and whether the critic's best action
 # lies inside the action range at all (a critic whose best is always at an edge drives the actor into saturation); and
-# how far one more Adam step along the actor's moments (its recent gradients) moves its output before the tanh.
+# how far one more Adam step along the actor's moments (its recent gradients) moves its output before the tanh; and,
+# for TACO, whose critic scores the latent action g(a), how straight g is along that line.
 #   python benchmarks/learning/actor_saturation.py runs/<run_name> [--states 512]
 import os
 import sys
@@ -21,7 +22,8 @@ from speed import load_script
 class Args:
     """How saturated a run's actor is (its pre-tanh output, the share of mean actions beyond +-0.99), whether its
     critic prefers the mean action to its opposite and has its best action inside the range, and which way one more
-    Adam step along the actor's moments moves its output (the sign; Adam normalises the size)."""
+    Adam step along the actor's moments moves its output (the sign; Adam normalises the size); for TACO, how straight
+    the latent action g(a) its critic scores is along the actions."""
 
     run_dir: tyro.conf.Positional[str]
     """a run directory with a checkpoint"""
@@ -65,8 +67,15 @@ def saturation(run_dir: str, states: int = 512, seed: int = 0) -> dict:
 
         q_gap = q(action) - q(-action)
         edge = (action / action.abs().amax(-1, keepdim=True)).nan_to_num(1.0)  # the mean action stretched to the edge
-        along = torch.stack([q(t * edge) for t in torch.linspace(-1, 1, 21)])
+        line = torch.linspace(-1, 1, 21)
+        along = torch.stack([q(t * edge) for t in line])
         best = along.argmax(0)  # of 21 actions from -edge to +edge: inside, or at either end
+        # TACO: how straight g is along that line (R² of a fit linear in t; 1: the critic sees a linear map of the
+        # action, so it can shape its values over the actions as freely as DrQ-v2's critic can)
+        latent = torch.stack([scored(t * edge) for t in line])
+        centred = latent - latent.mean(0)
+        off_line = centred - line[:, None, None] * (line[:, None, None] * centred).sum(0) / line.pow(2).sum()
+        straightness = 1 - off_line.pow(2).sum((0, 2)) / centred.pow(2).sum((0, 2))
         group = agent.actor_opt.param_groups[0]  # one Adam step along the moments it holds: m̂ / (√v̂ + eps)
         beta1, beta2 = group["betas"]
         trained = [weight for weight in group["params"] if agent.actor_opt.state.get(weight)]  # none before updates
@@ -86,6 +95,7 @@ def saturation(run_dir: str, states: int = 512, seed: int = 0) -> dict:
         "q_gap_mean": q_gap.mean().item(),
         "critic_prefers_share": (q_gap > 0).float().mean().item(),
         "inside_best_share": ((best > 0) & (best < 20)).float().mean().item(),
+        "latent_straightness": straightness.mean().item() if hasattr(agent, "action_encoder") else None,
         "states": "states the policy visits"
         if checkpoint["replay"] is None
         else f"replay states, {replay.num_transitions} stored",
@@ -96,6 +106,12 @@ def saturation(run_dir: str, states: int = 512, seed: int = 0) -> dict:
 if __name__ == "__main__":
     args = tyro.cli(Args)
     result = saturation(args.run_dir, args.states, args.seed)
+    straightness = result["latent_straightness"]  # TACO's only
+    latent = (
+        ""
+        if straightness is None
+        else f"; along that line the critic's latent action g(a) is linear to R² {straightness:.4f}"
+    )
     print(
         f"{args.run_dir} at frame {result['frame']}: pre-tanh {result['pre_tanh_mean']:.2f} ± "
         f"{result['pre_tanh_std']:.2f}, mean action {result['mean_action']:.3f}, "
@@ -104,5 +120,6 @@ if __name__ == "__main__":
         f"(Q gap {result['q_gap_mean']:+.2f} on average), and its best action on the line through the mean action, edge "
         f"to edge, lies inside on {100 * result['inside_best_share']:.0f}%; one more Adam step moves the pre-tanh by "
         f"{result['step_moves']:+.1e} on average"
+        + latent
         + ("" if result["updated"] else " (no update yet: the networks are as initialised)")
     )
