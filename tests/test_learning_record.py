@@ -94,12 +94,20 @@ def test_records_a_run_with_its_provenance_and_draws_the_figure(tiny_run, tmp_pa
         assert result["inside_best_share"] == inside
         assert prefers is None or result["critic_prefers_share"] == prefers
     assert result["latent_straightness"] is None, "DrQ-v2's critic scores the action itself"
-    # TACO's latent action g(a) along the line: straight when linear in the action, not at all when even in it
+    # TACO's latent action g(a) along the line: straight when linear in the action, not at all when even in it; and
+    # the action weighs twice as much in the critics' first layers when g is twice as steep
     encoder = load_script("taco_continuous_action").ActionEncoder
-    for latent, straightness in [(lambda a: (3 * a + 1).repeat(1, 2), 1.0), (lambda a: a.repeat(1, 2) ** 2, 0.0)]:
+    weights = []
+    for latent, straightness in [
+        (lambda a: (3 * a + 1).repeat(1, 2), 1.0),
+        (lambda a: (6 * a + 1).repeat(1, 2), 1.0),
+        (lambda a: a.repeat(1, 2) ** 2, 0.0),
+    ]:
         monkeypatch.setattr(encoder, "forward", lambda self, action, latent=latent: latent(action))
         result = saturation(tiny_run("taco_continuous_action")[1], states=16)
         assert result["latent_straightness"] == pytest.approx(straightness, abs=1e-4)
+        weights.append(result["action_weight"])
+    assert weights[1] == pytest.approx([2 * weight for weight in weights[0]], rel=1e-4) and min(weights[0]) > 0
 
 
 def test_the_figure_has_a_panel_for_each_task_agent_and_precision(tmp_path, monkeypatch):

@@ -3,8 +3,9 @@
 # A finished run's checkpoint holds no replay: then the states are those the policy visits acting with its mean action.
 # It also says whether the critic prefers the actor's mean action to its opposite, and whether the critic's best action
 # lies inside the action range at all (a critic whose best is always at an edge drives the actor into saturation); and
-# how far one more Adam step along the actor's moments (its recent gradients) moves its output before the tanh; and,
-# for TACO, whose critic scores the latent action g(a), how straight g is along that line.
+# how far one more Adam step along the actor's moments (its recent gradients) moves its output before the tanh. On the
+# line of actions through the mean action, edge to edge, it gives how much the action weighs in the critics' first
+# layers and, for TACO, whose critic scores the latent action g(a), how straight g is along that line.
 #   python benchmarks/learning/actor_saturation.py runs/<run_name> [--states 512]
 import os
 import sys
@@ -22,8 +23,9 @@ from speed import load_script
 class Args:
     """How saturated a run's actor is (its pre-tanh output, the share of mean actions beyond +-0.99), whether its
     critic prefers the mean action to its opposite and has its best action inside the range, and which way one more
-    Adam step along the actor's moments moves its output (the sign; Adam normalises the size); for TACO, how straight
-    the latent action g(a) its critic scores is along the actions."""
+    Adam step along the actor's moments moves its output (the sign; Adam normalises the size); on the line of actions
+    through the mean action, how much the action weighs in the critics' first layers and, for TACO, how straight the
+    latent action g(a) its critic scores is along that line. States: from the replay, else those the policy visits."""
 
     run_dir: tyro.conf.Positional[str]
     """a run directory with a checkpoint"""
@@ -70,12 +72,18 @@ def saturation(run_dir: str, states: int = 512, seed: int = 0) -> dict:
         line = torch.linspace(-1, 1, 21)
         along = torch.stack([q(t * edge) for t in line])
         best = along.argmax(0)  # of 21 actions from -edge to +edge: inside, or at either end
-        # TACO: how straight g is along that line (R² of a fit linear in t; 1: the critic sees a linear map of the
-        # action, so it can shape its values over the actions as freely as DrQ-v2's critic can)
+        # TACO: how straight g is along that line (R² of a fit linear in t; 1: g neither bends nor folds the actions
+        # there; nan where g is constant along it)
         latent = torch.stack([scored(t * edge) for t in line])
         centred = latent - latent.mean(0)
         off_line = centred - line[:, None, None] * (line[:, None, None] * centred).sum(0) / line.pow(2).sum()
         straightness = 1 - off_line.pow(2).sum((0, 2)) / centred.pow(2).sum((0, 2))
+        # the action's weight in each critic's first layer: how far its output moves per unit of action along the line
+        ends = [torch.cat([agent.critic.trunk(features), scored(end)], -1) for end in [edge, -edge]]
+        first_layers = [agent.critic.q1[0], agent.critic.q2[0]]
+        action_weight = [
+            (layer(ends[0]) - layer(ends[1])).norm(dim=-1) / (2 * edge.norm(dim=-1)) for layer in first_layers
+        ]
         group = agent.actor_opt.param_groups[0]  # one Adam step along the moments it holds: m̂ / (√v̂ + eps)
         beta1, beta2 = group["betas"]
         trained = [weight for weight in group["params"] if agent.actor_opt.state.get(weight)]  # none before updates
@@ -96,6 +104,7 @@ def saturation(run_dir: str, states: int = 512, seed: int = 0) -> dict:
         "critic_prefers_share": (q_gap > 0).float().mean().item(),
         "inside_best_share": ((best > 0) & (best < 20)).float().mean().item(),
         "latent_straightness": straightness.mean().item() if hasattr(agent, "action_encoder") else None,
+        "action_weight": [weight.mean().item() for weight in action_weight],
         "states": "states the policy visits"
         if checkpoint["replay"] is None
         else f"replay states, {replay.num_transitions} stored",
@@ -107,11 +116,8 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     result = saturation(args.run_dir, args.states, args.seed)
     straightness = result["latent_straightness"]  # TACO's only
-    latent = (
-        ""
-        if straightness is None
-        else f"; along that line the critic's latent action g(a) is linear to R² {straightness:.4f}"
-    )
+    latent = "" if straightness is None else ", through the latent action g(a), whose fit linear in the action along "
+    latent += "" if straightness is None else f"that line has R² {straightness:.4f}"
     print(
         f"{args.run_dir} at frame {result['frame']}: pre-tanh {result['pre_tanh_mean']:.2f} ± "
         f"{result['pre_tanh_std']:.2f}, mean action {result['mean_action']:.3f}, "
@@ -119,7 +125,8 @@ if __name__ == "__main__":
         f"critic prefers the mean action to its opposite on {100 * result['critic_prefers_share']:.0f}% of them "
         f"(Q gap {result['q_gap_mean']:+.2f} on average), and its best action on the line through the mean action, edge "
         f"to edge, lies inside on {100 * result['inside_best_share']:.0f}%; one more Adam step moves the pre-tanh by "
-        f"{result['step_moves']:+.1e} on average"
+        f"{result['step_moves']:+.1e} on average. The critics' first layers weigh a unit of action along that line "
+        f"{result['action_weight'][0]:.2f} and {result['action_weight'][1]:.2f}"
         + latent
         + ("" if result["updated"] else " (no update yet: the networks are as initialised)")
     )
