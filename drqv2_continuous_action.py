@@ -96,7 +96,7 @@ class Args:
 
     # Checkpoints (see docs/long-runs.md)
     checkpoint_every: int = 100_000
-    """write runs/{run_name}/checkpoint.pt every this many frames, at the end and on a stop signal; 0: never"""
+    """runs/{run_name}/checkpoint.pt each this many frames (at an episode end), at the end, on stop signals; 0: never"""
     checkpoint_replay: bool = True
     """if toggled, checkpoints hold the replay (21.4 kB a transition); else a resumed run refills it first"""
     resume: str | None = None
