@@ -620,7 +620,7 @@ def slurm_cluster(tmp_path_factory):
     host = socket.gethostname().split(".")[0]
     conf = base / "slurm.conf"
     # cred_expire=5: a requeued job waits this long (not 120 s) before it may start again. Forcing it to start at once
-    # (scontrol update StartTime=now) could launch it in the second its old credential was revoked: refused and held.
+    # (scontrol update StartTime=now) could launch it in the second its old credential was revoked: refused, it ends.
     conf.write_text(
         f"""ClusterName=taco-test
 SlurmctldHost={host}(127.0.0.1)
