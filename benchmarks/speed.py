@@ -266,10 +266,31 @@ def main(args: Args):
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     memory_rows = []
+    action_dim = 6  # cheetah_run's, as --env-id's help says
+    # the replays first: configure_torch (before each update below) keeps freed memory in the process, where a replay
+    # made later would find pages already resident, and the resident memory measured would not grow with it
     for name in args.scripts:
         module = load_script(name)
         base = module.resolve_args(module.Args(env_id=args.env_id, batch_size=args.batch_size))
-        action_dim = 6
+        for replay_device in ["cpu", "cuda"] if device.type == "cuda" else ["cpu"]:
+            replay, replay_rss = fill_replay(module, base, args.replay_transitions, action_dim, replay_device)
+            allocated = module.ReplayBuffer.memory(replay.capacity, replay.frames.shape[1:], replay.actions.shape[1])
+            if replay_device == "cuda":
+                replay_rss = allocated
+                where = "frames in GPU memory"
+            else:
+                where = f"{replay_rss / replay.num_transitions:.0f} B / transition resident"
+            # a batch sampled and on the training device, as the update receives it
+            sample, _ = timed(lambda: sample_to(replay, base.batch_size, device), max(args.repeats, 20), device)  # noqa: B023
+            memory_rows.append(
+                f"| {name} | {replay_device} | {replay.num_transitions} | {allocated / replay.capacity:.0f} | "
+                f"{replay_rss / 1e6:.0f} MB ({where}) | {base.batch_size} | {1000 * sample:.1f} |"
+            )
+            print(memory_rows[-1], flush=True)
+            replay = None  # freed before the next one is filled
+    for name in args.scripts:
+        module = load_script(name)
+        base = module.resolve_args(module.Args(env_id=args.env_id, batch_size=args.batch_size))
         batch = random_batch(module, base.batch_size, action_dim, device)
         flops = {}  # FLOPs of one update by the options that change the computation (compiling changes none)
         for option in args.options:
@@ -320,22 +341,6 @@ def main(args: Args):
             )
             print(rows[-1], flush=True)
             del agent
-
-        for replay_device in ["cpu", "cuda"] if device.type == "cuda" else ["cpu"]:
-            replay, replay_rss = fill_replay(module, base, args.replay_transitions, action_dim, replay_device)
-            allocated = module.ReplayBuffer.memory(replay.capacity, replay.frames.shape[1:], replay.actions.shape[1])
-            if replay_device == "cuda":
-                replay_rss = allocated
-                where = "frames in GPU memory"
-            else:
-                where = f"{replay_rss / replay.num_transitions:.0f} B / transition resident"
-            # a batch sampled and on the training device, as the update receives it
-            sample, _ = timed(lambda: sample_to(replay, base.batch_size, device), max(args.repeats, 20), device)  # noqa: B023
-            memory_rows.append(
-                f"| {name} | {replay_device} | {replay.num_transitions} | {allocated / replay.capacity:.0f} | "
-                f"{replay_rss / 1e6:.0f} MB ({where}) | {base.batch_size} | {1000 * sample:.1f} |"
-            )
-            print(memory_rows[-1], flush=True)
 
     fps = environment_fps(module, args.env_id, args.env_steps)
     table = "\n".join(rows)

@@ -854,7 +854,7 @@ def test_memory_is_checked_before_the_replay_is_allocated(tmp_path, monkeypatch)
     filled = r"the replay's 100000 transitions take 2.1 GB and the updates about 0.9 GB, but 2.0 GB of memory are"
     with pytest.raises(machinery.RunError, match=filled):
         machinery.main(parse(machinery, [*TINY_RUN, "--buffer-size", "100000", "--total-timesteps", "200000"]))
-    stacked = r"the replay's 120 transitions take 0.0 GB and the updates about 5.9 GB, but 2.0 GB of memory are"
+    stacked = r"the replay's 120 transitions take 0.0 GB and the updates about 6.0 GB, but 2.0 GB of memory are"
     with pytest.raises(machinery.RunError, match=stacked):
         machinery.main(
             parse(machinery, [*TINY_RUN, "--frame-stack", "256", "--batch-size", "64", "--learning-starts", "200"])
