@@ -115,6 +115,9 @@ def published_timed(agent, name: str, batch_size: int, device):
 def ours(name: str, batch_size: int, device, amp: str = "none"):
     module = load_script(name)
     args = module.resolve_args(tyro.cli(module.Args, args=["--env-id", "cartpole_balance", "--amp", amp]))
+    # as a run does; its setting of the C library's allocator is the process's: the published updates, all timed
+    # after this, get it too, so the ratio compares the two codes (that setting's own gain: docs/speed.md)
+    module.configure_torch(args)
     agent = module.Agent((9, 84, 84), 1, args, device)
     batch = random_batch(module, batch_size, 1, device)
     return lambda: agent.update(batch, 100_000)
@@ -155,7 +158,8 @@ def main(args: Args):
     header += f"- command: `python {shlex.join(sys.argv)}`\n- machine: {machine(device)}\n"
     header += f"- updates: median of {args.repeats} rounds after a warm-up round, each round timing the published "
     header += f"update and ours (--amp {' / '.join(args.amp)}) in turn; one random batch of cartpole_balance's shapes, "
-    header += "the published settings; the published agents' own code, from the clones named in the command\n\n"
+    header += "the published settings; the published agents' own code, from the clones named in the command; both with "
+    header += "freed memory kept for reuse, as the scripts set glibc's allocator\n\n"
     table = "\n".join(rows) + "\n"
     report(header + table, args.results)
 
