@@ -57,6 +57,9 @@ class Args:
     """transitions in the replay that is filled, measured and sampled from"""
     env_steps: int = 200
     """agent steps timed in the environment"""
+    profile: int = 0
+    """also profile two updates of each option after its timing, and record its N costliest operations (each
+    operation and input shapes apart, by the time spent in it, not in what it calls); 0 for none"""
     results: str = os.path.join(ROOT, "benchmarks", "RESULTS.md")
     """Markdown file the results are appended to; empty to only print them"""
 
@@ -170,6 +173,24 @@ def update_flops(agent, batch):
     return counter.get_total_flops()
 
 
+def profiled(update, what: str, top: int) -> str:
+    """A Markdown table of the `top` operations (by input shapes) with the most self time over two updates."""
+    from torch.profiler import profile
+
+    with profile(record_shapes=True) as profiler:
+        update()
+        update()
+    events = sorted(profiler.key_averages(group_by_input_shape=True), key=lambda e: -e.self_device_time_total)
+    if not events or events[0].self_device_time_total == 0:  # on a CPU
+        events = sorted(events, key=lambda e: -e.self_cpu_time_total)
+    rows = [f"\nProfile of {what} (self time, per update):\n\n| operation | input shapes | ms | calls |\n| --- |"]
+    rows[0] += " --- | --- | --- |"
+    for event in events[:top]:
+        self_time = event.self_device_time_total or event.self_cpu_time_total
+        rows.append(f"| {event.key} | {event.input_shapes} | {self_time / 2000:.1f} | {event.count // 2} |")
+    return "\n".join(rows) + "\n"
+
+
 def rss_bytes():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -266,6 +287,7 @@ def main(args: Args):
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     memory_rows = []
+    profiles = []
     action_dim = 6  # cheetah_run's, as --env-id's help says
     # the replays first: configure_torch (before each update below) keeps freed memory in the process, where a replay
     # made later would find pages already resident, and the resident memory measured would not grow with it
@@ -340,6 +362,8 @@ def main(args: Args):
                 )
             )
             print(rows[-1], flush=True)
+            if args.profile:
+                profiles.append(profiled(update, f"{name}, {option}", args.profile))
             del agent
 
     fps = environment_fps(module, args.env_id, args.env_steps)
@@ -351,6 +375,7 @@ def main(args: Args):
     table += "\n".join(memory_rows)
     table += f"\n\nEnvironment: {args.env_id}, {fps:.0f} frames / s (step and 84x84 render, MUJOCO_GL="
     table += f"{os.environ['MUJOCO_GL']}, one process).\n"
+    table += "".join(profiles)
     header = f"## {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, commit {measured}, {device.type}\n\n"
     header += f"- command: `python {shlex.join(sys.argv)}`\n- machine: {machine(device)}\n"
     header += f"- updates: median and minimum of {args.repeats} after one warm-up, random data of the shapes of "
