@@ -58,7 +58,7 @@ class Args:
     env_steps: int = 200
     """agent steps timed in the environment"""
     profile: int = 0
-    """also profile two updates of each option after its timing, and record its N costliest operations (each
+    """also profile four updates of each option after its timing, and record its N costliest operations (each
     operation and input shapes apart, by the time spent in it, not in what it calls); 0 for none"""
     results: str = os.path.join(ROOT, "benchmarks", "RESULTS.md")
     """Markdown file the results are appended to; empty to only print them"""
@@ -174,12 +174,13 @@ def update_flops(agent, batch):
 
 
 def profiled(update, what: str, top: int) -> str:
-    """A Markdown table of the `top` operations (by input shapes) with the most self time over two updates."""
+    """A Markdown table of the `top` operations (by input shapes) with the most self time over four updates (one
+    update's stall, a page fault or another process, weighs a quarter)."""
     from torch.profiler import profile
 
     with profile(record_shapes=True) as profiler:
-        update()
-        update()
+        for _ in range(4):
+            update()
     events = sorted(profiler.key_averages(group_by_input_shape=True), key=lambda e: -e.self_device_time_total)
     if not events or events[0].self_device_time_total == 0:  # on a CPU
         events = sorted(events, key=lambda e: -e.self_cpu_time_total)
@@ -187,7 +188,7 @@ def profiled(update, what: str, top: int) -> str:
     rows[0] += " --- | --- | --- |"
     for event in events[:top]:
         self_time = event.self_device_time_total or event.self_cpu_time_total
-        rows.append(f"| {event.key} | {event.input_shapes} | {self_time / 2000:.1f} | {event.count // 2} |")
+        rows.append(f"| {event.key} | {event.input_shapes} | {self_time / 4000:.1f} | {event.count // 4} |")
     return "\n".join(rows) + "\n"
 
 
