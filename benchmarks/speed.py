@@ -58,8 +58,7 @@ class Args:
     env_steps: int = 200
     """agent steps timed in the environment"""
     profile: int = 0
-    """also profile four updates of each option after its timing, and record its N costliest operations (each
-    operation and input shapes apart, by the time spent in it, not in what it calls); 0 for none"""
+    """also profile 4 updates of each option and record its N costliest operations by input shape (self time); 0: none"""
     results: str = os.path.join(ROOT, "benchmarks", "RESULTS.md")
     """Markdown file the results are appended to; empty to only print them"""
 
