@@ -204,21 +204,33 @@ def test_a_measurement_names_the_cores_it_was_pinned_to():
 
 def test_freed_memory_is_reused_without_faulting_its_pages_in_anew(script):
     """glibc handed every freed block over 32 MB back to the system, so each update faulted the pages of its
-    activations in anew (1.2-1.6x its time on a CPU); after configure_torch, memory freed is reused as it is."""
+    activations in anew (1.2-1.6x its time on a CPU); after configure_torch, memory freed is reused as it is, and an
+    update computes the same weights, bit for bit."""
     code = (
         "import resource, sys, torch\n"
-        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        f"sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / 'tests')!r}]\n"
         f"import {script.__name__} as script\n"
+        "from conftest import tiny_batch\n"
         "def pages_faulted_by_a_block_like_one_freed():\n"
         "    torch.ones(2**24)  # 64 MB, freed at once\n"
         "    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
         "    torch.ones(2**24)\n"
         "    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before\n"
+        "def weights_after_an_update():\n"
+        "    torch.manual_seed(0)\n"
+        "    args = script.resolve_args(script.Args(env_id='cartpole_balance', batch_size=32, hidden_dim=64))\n"
+        "    agent = script.Agent((9, 84, 84), 1, args, torch.device('cpu'))\n"
+        "    agent.update(tiny_batch(script, 32), step=10_000)\n"
+        "    return [p.detach().clone() for p in agent.critic.parameters()]\n"
         "unconfigured = pages_faulted_by_a_block_like_one_freed()\n"
+        "before = weights_after_an_update()\n"
         "script.configure_torch(script.Args())\n"
         "pages_faulted_by_a_block_like_one_freed()  # the first block of the heap faults in once\n"
-        "print(unconfigured, pages_faulted_by_a_block_like_one_freed())\n"
+        "configured = pages_faulted_by_a_block_like_one_freed()\n"
+        "same = all(torch.equal(a, b) for a, b in zip(before, weights_after_an_update()))\n"
+        "print(unconfigured, configured, same)\n"
     )
     printed = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    unconfigured, configured = (int(count) for count in printed.split())
-    assert configured < unconfigured / 10, printed
+    unconfigured, configured, same = printed.split()
+    assert int(configured) < int(unconfigured) / 10, printed
+    assert same == "True", printed
