@@ -64,22 +64,22 @@ def saturation(run_dir: str, states: int = 512, seed: int = 0) -> dict:
         action = torch.tanh(pre_tanh)
         scored = getattr(agent, "action_encoder", lambda a: a)  # TACO's critic scores the latent action g(a)
 
-        def q(actions):  # the smaller of the two critics' values, as the actor's loss takes it
-            return torch.min(*agent.critic(features, scored(actions)))
+        def q(latent):  # the smaller of the two critics' values, as the actor's loss takes it
+            return torch.min(*agent.critic(features, latent))
 
-        q_gap = q(action) - q(-action)
+        q_gap = q(scored(action)) - q(scored(-action))
         edge = (action / action.abs().amax(-1, keepdim=True)).nan_to_num(1.0)  # the mean action stretched to the edge
         line = torch.linspace(-1, 1, 21)
-        along = torch.stack([q(t * edge) for t in line])
-        best = along.argmax(0)  # of 21 actions from -edge to +edge: inside, or at either end
-        # TACO: how straight g is along that line (R² of a fit linear in t; 1: g neither bends nor folds the actions
-        # there; nan where g is constant along it)
         latent = torch.stack([scored(t * edge) for t in line])
-        centred = latent - latent.mean(0)
-        off_line = centred - line[:, None, None] * (line[:, None, None] * centred).sum(0) / line.pow(2).sum()
-        straightness = 1 - off_line.pow(2).sum((0, 2)) / centred.pow(2).sum((0, 2))
+        best = torch.stack([q(point) for point in latent]).argmax(0)  # of 21 actions from -edge to +edge
+        straightness = None
+        if hasattr(agent, "action_encoder"):  # TACO: how straight g is along that line (R² of a fit linear in t; 1:
+            centred = latent - latent.mean(0)  # g neither bends nor folds the actions there; nan where g is constant)
+            off_line = centred - line[:, None, None] * (line[:, None, None] * centred).sum(0) / line.pow(2).sum()
+            straightness = (1 - off_line.pow(2).sum((0, 2)) / centred.pow(2).sum((0, 2))).mean().item()
         # the action's weight in each critic's first layer: how far its output moves per unit of action along the line
-        ends = [torch.cat([agent.critic.trunk(features), scored(end)], -1) for end in [edge, -edge]]
+        trunk = agent.critic.trunk(features)
+        ends = [torch.cat([trunk, scored(end)], -1) for end in [edge, -edge]]
         first_layers = [agent.critic.q1[0], agent.critic.q2[0]]
         action_weight = [
             (layer(ends[0]) - layer(ends[1])).norm(dim=-1) / (2 * edge.norm(dim=-1)) for layer in first_layers
@@ -103,7 +103,7 @@ def saturation(run_dir: str, states: int = 512, seed: int = 0) -> dict:
         "q_gap_mean": q_gap.mean().item(),
         "critic_prefers_share": (q_gap > 0).float().mean().item(),
         "inside_best_share": ((best > 0) & (best < 20)).float().mean().item(),
-        "latent_straightness": straightness.mean().item() if hasattr(agent, "action_encoder") else None,
+        "latent_straightness": straightness,
         "action_weight": [weight.mean().item() for weight in action_weight],
         "states": "states the policy visits"
         if checkpoint["replay"] is None
@@ -116,8 +116,9 @@ if __name__ == "__main__":
     args = tyro.cli(Args)
     result = saturation(args.run_dir, args.states, args.seed)
     straightness = result["latent_straightness"]  # TACO's only
-    latent = "" if straightness is None else ", through the latent action g(a), whose fit linear in the action along "
-    latent += "" if straightness is None else f"that line has R² {straightness:.4f}"
+    latent = ""
+    if straightness is not None:
+        latent = f", through the latent action g(a), whose fit linear in the action along that line has R² {straightness:.4f}"
     print(
         f"{args.run_dir} at frame {result['frame']}: pre-tanh {result['pre_tanh_mean']:.2f} ± "
         f"{result['pre_tanh_std']:.2f}, mean action {result['mean_action']:.3f}, "
