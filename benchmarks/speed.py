@@ -289,27 +289,32 @@ def main(args: Args):
     memory_rows = []
     profiles = []
     action_dim = 6  # cheetah_run's, as --env-id's help says
-    # the replays first: configure_torch (before each update below) keeps freed memory in the process, where a replay
-    # made later would find pages already resident, and the resident memory measured would not grow with it
+    # the replays filled first, all of them, as a run fills its own before any update: configure_torch keeps freed
+    # memory in the process, where a replay made after it would find pages already resident; then sampled as a run
+    # samples, after configure_torch
+    replays = []
     for name in args.scripts:
         module = load_script(name)
         base = module.resolve_args(module.Args(env_id=args.env_id, batch_size=args.batch_size))
         for replay_device in ["cpu", "cuda"] if device.type == "cuda" else ["cpu"]:
             replay, replay_rss = fill_replay(module, base, args.replay_transitions, action_dim, replay_device)
-            allocated = module.ReplayBuffer.memory(replay.capacity, replay.frames.shape[1:], replay.actions.shape[1])
-            if replay_device == "cuda":
-                replay_rss = allocated
-                where = "frames in GPU memory"
-            else:
-                where = f"{replay_rss / replay.num_transitions:.0f} B / transition resident"
-            # a batch sampled and on the training device, as the update receives it
-            sample, _ = timed(lambda: sample_to(replay, base.batch_size, device), max(args.repeats, 20), device)  # noqa: B023
-            memory_rows.append(
-                f"| {name} | {replay_device} | {replay.num_transitions} | {allocated / replay.capacity:.0f} | "
-                f"{replay_rss / 1e6:.0f} MB ({where}) | {base.batch_size} | {1000 * sample:.1f} |"
-            )
-            print(memory_rows[-1], flush=True)
-            replay = None  # freed before the next one is filled
+            replays.append((name, module, base, replay_device, replay, replay_rss))
+    for name, module, base, replay_device, replay, replay_rss in replays:
+        module.configure_torch(base)
+        allocated = module.ReplayBuffer.memory(replay.capacity, replay.frames.shape[1:], replay.actions.shape[1])
+        if replay_device == "cuda":
+            replay_rss = allocated
+            where = "frames in GPU memory"
+        else:
+            where = f"{replay_rss / replay.num_transitions:.0f} B / transition resident"
+        # a batch sampled and on the training device, as the update receives it
+        sample, _ = timed(lambda: sample_to(replay, base.batch_size, device), max(args.repeats, 20), device)  # noqa: B023
+        memory_rows.append(
+            f"| {name} | {replay_device} | {replay.num_transitions} | {allocated / replay.capacity:.0f} | "
+            f"{replay_rss / 1e6:.0f} MB ({where}) | {base.batch_size} | {1000 * sample:.1f} |"
+        )
+    replays.clear()  # the replays freed before the updates are timed
+    replay = None
     for name in args.scripts:
         module = load_script(name)
         base = module.resolve_args(module.Args(env_id=args.env_id, batch_size=args.batch_size))
