@@ -4,8 +4,9 @@
 
 Same weights (seed 0) and the same random batch for both. A setting of the whole process is both versions': the C
 allocator's that configure_torch makes from commit ece95c3 on (freed memory kept) applies to a version from before it
-too, so that change's own gain is timed by benchmarks/speed.py in separate processes (docs/speed.md). Prints a Markdown table of medians and the ratio, and
-appends it, with the commits, the command and the machine, to benchmarks/RESULTS.md."""
+too, so that change's own gain is timed by benchmarks/speed.py in separate processes (docs/speed.md). Prints a
+Markdown table of medians and the ratio, and appends it, with the commits, the command and the machine, to
+benchmarks/RESULTS.md."""
 
 import importlib.util
 import os
