@@ -111,30 +111,39 @@ def test_records_a_run_with_its_provenance_and_draws_the_figure(tiny_run, tmp_pa
 
 
 def test_the_figure_has_a_panel_for_each_task_agent_and_precision(tmp_path, monkeypatch):
-    """DrQ-v2 in fp32, DrQ-v2 in bf16 and TACO side by side, each panel with its own few legend entries; TACO's panel
-    also has the mean of our DrQ-v2 fp32 setting with the most seeds, to compare the two agents."""
+    """A grid: a row per task and precision, a column per agent, each panel with its own few legend entries (no panel
+    where no run is); TACO's panels also have the mean of our DrQ-v2 setting of their precision with the most seeds,
+    to compare the two agents."""
     record = load_record()
     learning = ROOT / "benchmarks" / "learning"
     names = ["drqv2_continuous_action__1__1795711990", "drqv2_continuous_action__1__1795705547"]
     names += ["drqv2_continuous_action__1__1796468670", "drqv2_continuous_action__2__1796468670"]  # 1223c7d, fp32
+    names += ["taco_continuous_action__1__1796283300"]
     for name in names:
         (tmp_path / f"{name}.csv").write_text((learning / f"cartpole_balance__{name}.csv").read_text())
-    (tmp_path / "taco.csv").write_text(
-        (learning / "cartpole_balance__taco_continuous_action__1__1796283300.csv").read_text()
-    )
     drawn = []
     monkeypatch.setattr(record.plot, "save_figure", lambda fig, path: drawn.append(fig))
     record.figure(record.Args(figure=True, out=str(tmp_path), frames=[10_000, 20_000]))
     (fig,) = drawn
-    titles = [ax.get_title() for ax in fig.axes]
-    assert titles == [f"cartpole_balance: {name}" for name in ["DrQ-v2, fp32", "DrQ-v2, --amp bf16", "TACO, fp32"]]
+    panels = [ax for ax in fig.axes if ax.get_visible()]
+    titles = [ax.get_title() for ax in panels]
+    assert titles == [f"cartpole_balance: {name}" for name in ["DrQ-v2, fp32", "TACO, fp32", "DrQ-v2, --amp bf16"]]
+    assert len(fig.axes) == 4  # TACO in bf16: no run, no panel
     # the published curve and the panel's runs (the two 1223c7d seeds share an entry); TACO's: our DrQ-v2 too
-    assert [len(ax.get_legend().get_texts()) for ax in fig.axes] == [3, 2, 3]
-    (ours,) = [line for line in fig.axes[2].get_lines() if line.get_label().startswith("DrQ-v2 fp32 (mean)")]
+    assert [len(ax.get_legend().get_texts()) for ax in panels] == [3, 3, 2]
+    (ours,) = [line for line in panels[1].get_lines() if line.get_label().startswith("DrQ-v2 fp32 (mean)")]
     assert ours.get_label().startswith("DrQ-v2 fp32 (mean), seeds 1, 2, 1223c7d")
-    seeds = [np.loadtxt(tmp_path / f"{name}.csv", delimiter=",", skiprows=1, usecols=(4, 5)) for name in names[2:]]
+    seeds = [np.loadtxt(tmp_path / f"{name}.csv", delimiter=",", skiprows=1, usecols=(4, 5)) for name in names[2:4]]
     assert list(ours.get_xdata()) == list(seeds[0][:, 0])
     np.testing.assert_allclose(ours.get_ydata(), (seeds[0][:, 1] + seeds[1][:, 1]) / 2)
+    # a TACO run in bf16 gets its panel, beside DrQ-v2 in bf16, not fp32
+    taco = (tmp_path / f"{names[-1]}.csv").read_text()
+    (tmp_path / "taco_bf16.csv").write_text(taco.replace("--batch-size 256", "--batch-size 256 --amp bf16"))
+    record.figure(record.Args(figure=True, out=str(tmp_path), frames=[10_000, 20_000]))
+    panels = [ax for ax in drawn[1].axes if ax.get_visible()]
+    assert panels[3].get_title() == "cartpole_balance: TACO, --amp bf16"
+    (ours,) = [line for line in panels[3].get_lines() if line.get_linestyle() == ":"]
+    assert ours.get_label().startswith("DrQ-v2 --amp bf16, seed 1, 4007bde")
 
 
 def test_a_run_folder_that_is_not_there_or_holds_runs_is_one_line(tmp_path):

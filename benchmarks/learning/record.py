@@ -5,11 +5,12 @@
 # started, the device, the CPU count and every flag that differs from the script's defaults for that task. Then
 #   python benchmarks/learning/record.py --figure
 # draws learning.png: each task's recorded runs over the published DrQ-v2 curves (mean and seed range), a panel for
-# each agent and precision (TACO's with the mean of our fp32 DrQ-v2 seeds too), and prints a table of the returns at
-# fixed frames for the README.
+# each agent and precision (TACO's with the mean of our DrQ-v2 seeds in its precision too), and prints a table of the
+# returns at fixed frames for the README.
 import contextlib
 import csv
 import glob
+import itertools
 import os
 import re
 import subprocess
@@ -165,11 +166,18 @@ def figure(args: Args):
     runs = read_records(args.out)
     if not runs:
         raise SystemExit(f"record.py: no CSV in {args.out}")
-    # one panel per task, agent and precision, each over the published DrQ-v2 curves: a few legend entries each
-    panels = sorted({(key[1], key[0], precision(key[3])) for key in runs}, key=lambda p: (*p[:2], p[2] != "fp32"))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.6), squeeze=False, sharey=True)
+    # a grid of panels, one per task and precision (rows) and agent (columns), each over the published DrQ-v2 curves
+    rows = sorted({(key[1], precision(key[3])) for key in runs}, key=lambda row: (row[0], row[1] != "fp32"))
+    agents = sorted({key[0] for key in runs}, key=lambda agent: agent != "drqv2_continuous_action")
+    fig, axes = plt.subplots(
+        len(rows), len(agents), figsize=(6 * len(agents), 5.6 * len(rows)), squeeze=False, sharey=True
+    )
+    fig.subplots_adjust(hspace=0.9, wspace=0.25)  # room for the legends below the panels
     labels = legend_labels(runs)
-    for ax, (task, agent, amp) in zip(axes.flat, panels):
+    for ax, ((task, amp), agent) in zip(axes.flat, itertools.product(rows, agents)):
+        if not any((key[0], key[1], precision(key[3])) == (agent, task, amp) for key in runs):
+            ax.set_visible(False)
+            continue
         colours = defaultdict(lambda: f"C{len(colours)}")  # noqa: B023 (each panel's own)
         reference = read_reference(os.path.join(ROOT, "reference", "drqv2_curves"), task)
         last = max(int(frames[-1]) for key, (frames, _) in runs.items() if key[1] == task)
@@ -177,16 +185,16 @@ def figure(args: Args):
             grid, mean, lowest, highest = plot.reference_band(reference, last)
             ax.fill_between(grid, lowest, highest, color="0.85")
             ax.plot(grid, mean, "--", color="0.4", label=f"DrQ-v2 published (mean and range of {len(reference)} seeds)")
-        if agent != "drqv2_continuous_action":  # beside another agent: our DrQ-v2, its most-seeded fp32 setting
+        if agent != "drqv2_continuous_action":  # beside another agent: our DrQ-v2 of the same precision, most seeds
             groups = defaultdict(dict)
             for (script, env_id, device, flags, seed, commit), curve in runs.items():
-                if (script, env_id, precision(flags)) == ("drqv2_continuous_action", task, "fp32"):
+                if (script, env_id, precision(flags)) == ("drqv2_continuous_action", task, amp):
                     groups[(device, flags, commit)][seed] = curve
             if groups:
                 (device, flags, commit), seeds = max(groups.items(), key=lambda group: len(group[1]))
                 frames = sorted(set.intersection(*(set(f.tolist()) for f, _ in seeds.values())))
                 mean = [np.mean([v[list(f).index(frame)] for f, v in seeds.values()]) for frame in frames]
-                name = "DrQ-v2 fp32 (mean)" if len(seeds) > 1 else "DrQ-v2 fp32"
+                name = f"DrQ-v2 {amp} (mean)" if len(seeds) > 1 else f"DrQ-v2 {amp}"
                 ax.plot(
                     frames, mean, ":", color="k", lw=1.5, label=run_label(name, sorted(seeds), commit, device, flags)
                 )
