@@ -115,8 +115,8 @@ def published_timed(agent, name: str, batch_size: int, device):
 def ours(name: str, batch_size: int, device, amp: str = "none"):
     module = load_script(name)
     args = module.resolve_args(tyro.cli(module.Args, args=["--env-id", "cartpole_balance", "--amp", amp]))
-    # as a run does; its setting of the C library's allocator is the process's: the published updates, all timed
-    # after this, get it too, so the ratio compares the two codes (that setting's own gain: docs/speed.md)
+    # as a run does; its settings of the C library's allocator and of cuDNN are the process's: the published updates,
+    # all timed after this, get them too, so the ratio compares the two codes (the allocator's own gain: docs/speed.md)
     module.configure_torch(args)
     agent = module.Agent((9, 84, 84), 1, args, device)
     batch = random_batch(module, batch_size, 1, device)
@@ -159,7 +159,8 @@ def main(args: Args):
     header += f"- updates: median of {args.repeats} rounds after a warm-up round, each round timing the published "
     header += f"update and ours (--amp {' / '.join(args.amp)}) in turn; one random batch of cartpole_balance's shapes, "
     header += "the published settings; the published agents' own code, from the clones named in the command; both with "
-    header += "freed memory kept for reuse, as the scripts set glibc's allocator\n\n"
+    header += "freed memory kept for reuse, as the scripts set glibc's allocator, and on a GPU cuDNN as they set it "
+    header += "(deterministic algorithms, tf32 convolutions: the process's settings)\n\n"
     table = "\n".join(rows) + "\n"
     report(header + table, args.results)
 
