@@ -85,7 +85,7 @@ class Args:
 
     # Speed options: off by default until a GPU learning run shows they do no harm (docs/speed.md)
     amp: Literal["none", "bf16"] = "none"
-    """`bf16`: forward passes in bfloat16 autocast (a CPU needs avx512_bf16); learned like fp32 on cartpole_balance"""
+    """`bf16`: forward passes in bfloat16 autocast (a CPU needs avx512_bf16); DrQ-v2 learned as in fp32 (README)"""
     compile: bool = False
     """if toggled, compiles the networks with torch.compile"""
     cudagraphs: bool = False

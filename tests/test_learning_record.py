@@ -136,14 +136,16 @@ def test_the_figure_has_a_panel_for_each_task_agent_and_precision(tmp_path, monk
     seeds = [np.loadtxt(tmp_path / f"{name}.csv", delimiter=",", skiprows=1, usecols=(4, 5)) for name in names[2:4]]
     assert list(ours.get_xdata()) == list(seeds[0][:, 0])
     np.testing.assert_allclose(ours.get_ydata(), (seeds[0][:, 1] + seeds[1][:, 1]) / 2)
-    # a TACO run in bf16 gets its panel, beside DrQ-v2 in bf16, not fp32
+    # a TACO run in bf16 gets its panel, beside DrQ-v2 in bf16 (its setting with the most seeds), not fp32
     taco = (tmp_path / f"{names[-1]}.csv").read_text()
     (tmp_path / "taco_bf16.csv").write_text(taco.replace("--batch-size 256", "--batch-size 256 --amp bf16"))
+    for name in ["drqv2_continuous_action__2__1796679929", "drqv2_continuous_action__3__1796686475"]:  # 189b5af
+        (tmp_path / f"{name}.csv").write_text((learning / f"cartpole_balance__{name}.csv").read_text())
     record.figure(record.Args(figure=True, out=str(tmp_path), frames=[10_000, 20_000]))
     panels = [ax for ax in drawn[1].axes if ax.get_visible()]
     assert panels[3].get_title() == "cartpole_balance: TACO, --amp bf16"
     (ours,) = [line for line in panels[3].get_lines() if line.get_linestyle() == ":"]
-    assert ours.get_label().startswith("DrQ-v2 --amp bf16, seed 1, 4007bde")
+    assert ours.get_label().startswith("DrQ-v2 --amp bf16 (mean), seeds 2, 3, 189b5af")
 
 
 def test_a_run_folder_that_is_not_there_or_holds_runs_is_one_line(tmp_path):

@@ -218,7 +218,7 @@ def test_freed_memory_is_reused_without_faulting_its_pages_in_anew(script):
         "libc.malloc.restype = ctypes.c_void_p\n"
         "libc.free.argtypes = [ctypes.c_void_p]\n"
         "def block_of_the_c_library():  # the heap's top once mapping is off: trimmed, unless configured not to be\n"
-        "    block = libc.malloc(2**28)  # 256 MB: above any threshold glibc raises by itself (64 MB at most)\n"
+        "    block = libc.malloc(2**28)  # 256 MB: above any trim threshold glibc sets by itself (64 MB at most)\n"
         "    ctypes.memset(block, 1, 2**28)\n"
         "    libc.free(block)\n"
         "def pages_faulted_by_a_block_like_one_freed():\n"
