@@ -54,7 +54,7 @@ def test_records_a_run_with_its_provenance_and_draws_the_figure(tiny_run, tmp_pa
     )
     assert drawn.returncode == 0, drawn.stderr[-3000:]
     assert (out / "learning.png").stat().st_size > 10_000
-    assert "| task | run | 120 | 240 | 40k |" in drawn.stdout, "frames under 1000 are named as they are"
+    assert "| task | runs | 120 | 240 | 40k |" in drawn.stdout, "frames under 1000 are named as they are"
     for commit in ["abc1234", "def5678"]:
         assert (
             f"| cartpole_balance | drqv2_continuous_action, seed 1, commit {commit}, NVIDIA H200, `--" in drawn.stdout
@@ -110,7 +110,7 @@ def test_records_a_run_with_its_provenance_and_draws_the_figure(tiny_run, tmp_pa
     assert weights[1] == pytest.approx([2 * weight for weight in weights[0]], rel=1e-4) and min(weights[0]) > 0
 
 
-def test_the_figure_has_a_panel_for_each_task_agent_and_precision(tmp_path, monkeypatch):
+def test_the_figure_has_a_panel_for_each_task_agent_and_precision(tmp_path, monkeypatch, capsys):
     """A grid: a row per task and precision, a column per agent, each panel with its own few legend entries (no panel
     where no run is); TACO's panels also have the mean of our DrQ-v2 setting of their precision with the most seeds,
     to compare the two agents."""
@@ -136,6 +136,11 @@ def test_the_figure_has_a_panel_for_each_task_agent_and_precision(tmp_path, monk
     seeds = [np.loadtxt(tmp_path / f"{name}.csv", delimiter=",", skiprows=1, usecols=(4, 5)) for name in names[2:4]]
     assert list(ours.get_xdata()) == list(seeds[0][:, 0])
     np.testing.assert_allclose(ours.get_ydata(), (seeds[0][:, 1] + seeds[1][:, 1]) / 2)
+    # the table: one commit's seeds of one setting share a row, each seed's return in turn
+    at = [" / ".join(f"{seed[list(seed[:, 0]).index(frame), 1]:.0f}" for seed in seeds) for frame in (10_000, 20_000)]
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if "seeds 1 / 2, commit 1223c7d" in line]
+    assert row.startswith("| cartpole_balance | drqv2_continuous_action, seeds 1 / 2, commit 1223c7d, CPU Intel")
+    assert row.endswith(" | " + " | ".join(at) + " |")
     # a TACO run in bf16 gets its panel, beside DrQ-v2 in bf16 (its setting with the most seeds), not fp32
     taco = (tmp_path / f"{names[-1]}.csv").read_text()
     (tmp_path / "taco_bf16.csv").write_text(taco.replace("--batch-size 256", "--batch-size 256 --amp bf16"))

@@ -6,7 +6,7 @@
 #   python benchmarks/learning/record.py --figure
 # draws learning.png: each task's recorded runs over the published DrQ-v2 curves (mean and seed range), a panel for
 # each agent and precision (TACO's with the mean of our DrQ-v2 seeds in its precision too), and prints a table of the
-# returns at fixed frames for the README.
+# returns at fixed frames for the README, a row per setting and commit with its seeds' returns in turn.
 import contextlib
 import csv
 import glob
@@ -241,18 +241,25 @@ def run_label(name: str, seeds: list, commit: str, device: str, flags: str) -> s
 
 
 def table(runs, frames) -> str:
-    """Markdown: each recorded run's return at fixed frames, and the published seeds' minimum, median and maximum at
-    the same frames."""
+    """Markdown: the returns at fixed frames of each setting's recorded runs (one commit's seeds of one setting share
+    a row, as "seed 1 / seed 2 / ..."), and the published seeds' minimum, median and maximum at the same frames."""
     lines = [
-        "| task | run | " + " | ".join(plot.format_frames(f) for f in frames) + " |",
+        "| task | runs | " + " | ".join(plot.format_frames(f) for f in frames) + " |",
         "|" + " --- |" * (2 + len(frames)),
     ]
     for task in sorted({key[1] for key in runs}):
-        for (script, env_id, device, flags, seed, commit), (run_frames, values) in sorted(runs.items()):
+        settings = defaultdict(dict)
+        for (script, env_id, device, flags, seed, commit), curve in sorted(runs.items()):
             if env_id == task:
-                cells = [f"{values[list(run_frames).index(f)]:.0f}" if f in run_frames else "" for f in frames]
-                name = f"{script}, seed {seed}, commit {commit}, {device}" + (f", `{flags}`" if flags else "")
-                lines.append(f"| {task} | {name} | " + " | ".join(cells) + " |")
+                settings[(script, commit, device, flags)][seed] = curve
+        for (script, commit, device, flags), seeds in settings.items():
+            cells = []
+            for frame in frames:  # "-" for a seed that has no evaluation there; nothing where none has
+                at = [f"{v[list(f).index(frame)]:.0f}" if frame in f else "-" for f, v in map(seeds.get, sorted(seeds))]
+                cells.append(" / ".join(at) if set(at) != {"-"} else "")
+            named = "seed " if len(seeds) == 1 else "seeds "
+            named = f"{script}, {named}{' / '.join(map(str, sorted(seeds)))}, commit {commit}, {device}"
+            lines.append(f"| {task} | {named}" + (f", `{flags}`" if flags else "") + " | " + " | ".join(cells) + " |")
         reference = read_reference(os.path.join(ROOT, "reference", "drqv2_curves"), task)
         cells = []
         for frame in frames:
